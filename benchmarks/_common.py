@@ -1,0 +1,402 @@
+"""Pieces the benchmark scripts share: result folders, the machine record, UNet builders, random erasure
+batches, one timed erasure step per variant, and demo-world erasure runs with their scores."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import statistics
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import reduce
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+PLAYERS = ["preserve", "forget"]
+
+SD15_UNET_CONFIG = dict(
+    # stable-diffusion-v1-5/unet/config.json, written out (random weights: no download needed)
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    only_cross_attention=False, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+    cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False,
+)
+SD15_TINY_UNET_CONFIG = {
+    # SD 1.5's block structure at a tiny width, for tests and CPU dry runs of the GPU script
+    **SD15_UNET_CONFIG, "sample_size": 8, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1,
+    "norm_num_groups": 8, "cross_attention_dim": 32,
+}
+SD15_SMALL_UNET_CONFIG = {
+    # SD 1.5's block structure at a fifth of its width (25M parameters), for quick memory comparisons
+    **SD15_UNET_CONFIG, "sample_size": 8, "block_out_channels": (64, 128, 256, 256), "layers_per_block": 1,
+}
+UNET_ARCHITECTURES = {"sd15": SD15_UNET_CONFIG, "sd15-small": SD15_SMALL_UNET_CONFIG, "sd15-tiny": SD15_TINY_UNET_CONFIG}
+TEXT_SEQUENCE_LENGTH = 77
+
+
+# ------------------------------------------------------------------------------------------ files
+def prepare_results_dir(path: str | Path, overwrite: bool) -> Path:
+    """Create ``path``; results already there are an error unless ``overwrite``."""
+    path = Path(path)
+    if (path / RESULTS_JSON).exists() and not overwrite:
+        raise FileExistsError(f"{path} already holds {RESULTS_JSON}; pass --overwrite to replace it or pick another --output-dir")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_figure_atomic(figure, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    figure.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ machine
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info() -> dict:
+    """What a result depends on: CPU/GPU, cores, memory, load, libraries, date (UTC), command line."""
+    versions = {}
+    for name in ("torch", "diffusers", "transformers", "peft", "accelerate"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "cpu": _cpu_model(),
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "libraries": versions,
+        "git_commit": _git_commit(),
+    }
+
+
+# ------------------------------------------------------------------------------------------ models
+def build_unet(architecture: str, seed: int = 0):
+    """A randomly initialised ``UNet2DConditionModel`` with one of :data:`UNET_ARCHITECTURES`' configs."""
+    from diffusers import UNet2DConditionModel
+
+    if architecture not in UNET_ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(UNET_ARCHITECTURES)}")
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**UNET_ARCHITECTURES[architecture])
+
+
+def load_unet(model: str, seed: int = 0):
+    """``sd15`` / ``sd15-small`` / ``sd15-tiny`` (random weights) or the UNet of a pipeline folder / ``munba-demo``."""
+    if model in UNET_ARCHITECTURES:
+        return build_unet(model, seed)
+    from munba_diffusion.diffusion.base_model import load_base_pipeline
+
+    return load_base_pipeline(model).unet
+
+
+def random_erasure_batch(unet, batch_size: int, latent_size: int, generator: torch.Generator):
+    """A two-player ``ErasureBatch`` of random x_t, timesteps and text contexts shaped for ``unet``, plus the
+    unconditional context. Timing and memory do not depend on the values."""
+    from munba_diffusion.diffusion.latents import LatentBatch
+    from munba_diffusion.diffusion.train import ErasureBatch
+
+    channels, dim = unet.config.in_channels, unet.config.cross_attention_dim
+
+    def latents() -> LatentBatch:
+        return LatentBatch(torch.zeros(batch_size, dtype=torch.long),
+                           torch.randn(batch_size, channels, latent_size, latent_size, generator=generator),
+                           torch.randint(0, 1000, (batch_size,), generator=generator))
+
+    def context() -> torch.Tensor:
+        return torch.randn(batch_size, TEXT_SEQUENCE_LENGTH, dim, generator=generator)
+
+    batch = ErasureBatch(forget=[(latents(), context(), context())], preserve=(latents(), context()))
+    return batch, torch.randn(1, TEXT_SEQUENCE_LENGTH, dim, generator=generator)
+
+
+# ------------------------------------------------------------------------------------------ step variants
+STEP_VARIANTS = ("nash", "sum", "sum_plain", "single_backward", "nash_split")
+"""How one erasure step turns the two losses into ``.grad`` (AdamW step and clipping in all):
+
+- ``nash`` / ``sum``: the trainer's path: ``erasure_losses`` (one frozen forward, one LoRA forward over both
+  players' rows), one ``autograd.grad`` per player, float64 Gram matrix, combiner weights;
+- ``sum_plain``: the same forwards and per-player ``autograd.grad``, gradients added, no Gram matrix, no weights;
+- ``single_backward``: the same forwards, ``(L_r + L_f).backward()``: an ordinary (non-bargained) step;
+- ``nash_split``: not what the trainer does: the same frozen forward, then one LoRA forward + ``autograd.grad``
+  per player on that player's rows only, so each backward covers half the batch (a possible optimisation).
+"""
+
+
+def erasure_step(variant: str, unet, batch, uncond, params: list[torch.nn.Parameter], optimizer,
+                 device: torch.device, dtype: torch.dtype = torch.float32, max_grad_norm: float = 1.0,
+                 autocast: bool = False) -> None:
+    """One optimizer step of ``variant`` (see :data:`STEP_VARIANTS`) on ``batch``."""
+    from munba_diffusion.bargaining import get_combiner
+    from munba_diffusion.diffusion.train import erasure_losses
+    from munba_diffusion.step import apply_player_gradients, clip_gradients_, player_gradients
+
+    if variant == "nash_split":
+        grads, losses = split_player_gradients(unet, batch, uncond, params, device, dtype, autocast)
+        apply_player_gradients(dict(zip(PLAYERS, grads)), params, get_combiner("nash"), losses=losses)
+        clip_gradients_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return
+    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+        losses = erasure_losses(unet, batch, uncond, "esd", 1.0, PLAYERS, device, dtype)
+    if variant == "single_backward":
+        sum(losses.values()).backward()
+    else:
+        grads = [player_gradients(losses[n], params, retain_graph=i < len(PLAYERS) - 1) for i, n in enumerate(PLAYERS)]
+        if variant == "sum_plain":
+            for p, *player_grads in zip(params, *grads):
+                p.grad = reduce(torch.add, player_grads)
+        elif variant in ("nash", "sum"):
+            apply_player_gradients(dict(zip(PLAYERS, grads)), params, get_combiner(variant),
+                                   losses={n: float(losses[n].detach()) for n in PLAYERS})
+        else:
+            raise ValueError(f"unknown step variant {variant!r}; choose one of {', '.join(STEP_VARIANTS)}")
+    clip_gradients_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def split_player_gradients(unet, batch, uncond, params, device: torch.device, dtype: torch.dtype, autocast: bool):
+    """The ``esd`` losses of :func:`erasure_losses` with one LoRA forward and backward per player (one graph alive
+    at a time); returns (per-player gradients in ``PLAYERS`` order, loss values)."""
+    from munba_diffusion.diffusion.lora import adapters_disabled
+    from munba_diffusion.diffusion.losses import esd_target, forget_loss, preservation_loss
+    from munba_diffusion.step import player_gradients
+
+    (lat, ctx, _), (plat, pctx) = batch.forget[0], batch.preserve
+    b = lat.latents.shape[0]
+
+    def run(x, t, c):
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            return unet(x.to(device, dtype), t.to(device), encoder_hidden_states=c.to(device, dtype)).sample
+
+    with torch.no_grad(), adapters_disabled(unet):
+        frozen = run(torch.cat([lat.latents, lat.latents, plat.latents]),
+                     torch.cat([lat.timesteps, lat.timesteps, plat.timesteps]),
+                     torch.cat([uncond.expand_as(ctx), ctx, pctx]))
+    l_r = preservation_loss(run(plat.latents, plat.timesteps, pctx), frozen[2 * b:])
+    g_r = player_gradients(l_r, params, retain_graph=False)
+    l_f = forget_loss(run(lat.latents, lat.timesteps, ctx), esd_target(frozen[:b], frozen[b:2 * b], 1.0))
+    g_f = player_gradients(l_f, params, retain_graph=False)
+    return [g_r, g_f], {"preserve": float(l_r.detach()), "forget": float(l_f.detach())}
+
+
+def quantiles(values: Sequence[float]) -> dict:
+    """Median, quartiles, min and count of ``values``."""
+    values = sorted(values)
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return {"median": statistics.median(values), "p25": q[0], "p75": q[2], "min": values[0], "n": len(values)}
+
+
+# ------------------------------------------------------------------------------------------ demo erasure runs
+@dataclass(frozen=True)
+class ErasureSettings:
+    """The erasure hyperparameters every method of a benchmark shares (no per-method tuning)."""
+
+    model: str = "munba-demo"
+    steps: int = 200
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    lora_target: str = "xattn"
+    rank: int = 4
+    sampler_steps: int = 25
+    pool_trajectories: int = 2
+    latent_source: str = "pool"
+    grid_steps: int = 10  # sampler steps of the trainer's before/after grid (not used by the scores)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How erased models are scored: the demo prompt set (or its first rows of each kind) and the sampler."""
+
+    prompts: str = "demo"
+    steps: int = 25
+    guidance_scale: float = 7.5
+    max_prompts: int | None = None
+
+
+def run_erasure(settings: ErasureSettings, concepts: Sequence[str], output_dir: Path, *, seed: int,
+                combiner: str, combiner_weights: list[float] | None = None, latent_source: str | None = None) -> dict:
+    """Train one erasure with the library's trainer (no final evaluation); returns its timing."""
+    from munba_diffusion.diffusion.lora import ErasureLoraConfig
+    from munba_diffusion.diffusion.train import ErasureTrainingConfig, train_erasure
+    from munba_diffusion.presets import resolve_concept
+
+    config = ErasureTrainingConfig(
+        pretrained_model_name_or_path=settings.model, concepts=[resolve_concept(c) for c in concepts],
+        output_dir=output_dir, combiner=combiner, combiner_weights=combiner_weights,
+        lora=ErasureLoraConfig(rank=settings.rank, target=settings.lora_target),
+        train_batch_size=settings.batch_size, max_train_steps=settings.steps, learning_rate=settings.learning_rate,
+        seed=seed, latent_source=latent_source or settings.latent_source,
+        pool_trajectories=settings.pool_trajectories, sampler_steps=settings.sampler_steps,
+        checkpointing_steps=0, validation_seeds=1, validation_inference_steps=settings.grid_steps, evaluate=False,
+        overwrite_output_dir=True,
+    )
+    train_erasure(config)
+    extra = json.loads((output_dir / "erasure_config.json").read_text())["extra"]
+    pool = float(extra["latent_pool_seconds"])
+    train = float(extra["train_seconds"])
+    log = [json.loads(line) for line in (output_dir / "logs" / "train_log.jsonl").read_text().splitlines() if line]
+    return {"setup_seconds": pool, "loop_seconds": train - pool, "step_seconds": (train - pool) / settings.steps,
+            "skipped_steps": sum(bool(r.get("skipped")) for r in log), "final_log": log[-1]}
+
+
+def eval_prompt_set(eval_settings: EvalSettings, work_dir: Path):
+    """The prompt set to score on; with ``max_prompts`` its first rows of each (shape, colour) pair, in order."""
+    from munba_diffusion.evaluation.prompt_sets import load_prompt_set
+    from munba_diffusion.presets import eval_prompts_path
+
+    path = eval_prompts_path(eval_settings.prompts) if not Path(eval_settings.prompts).is_file() else Path(eval_settings.prompts)
+    if eval_settings.max_prompts is None:
+        return load_prompt_set(path)
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    per_pair: dict[tuple[str, str], int] = {}
+    kept = []
+    for row in rows:
+        key = (row.get("shape", ""), row.get("colour", ""))
+        if per_pair.get(key, 0) < eval_settings.max_prompts:
+            per_pair[key] = per_pair.get(key, 0) + 1
+            kept.append(row)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    subset = work_dir / f"{path.stem}_first{eval_settings.max_prompts}.csv"
+    with open(subset, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    return load_prompt_set(subset)
+
+
+def generate_for_eval(model: str, eval_settings: EvalSettings, out_dir: Path, label: str) -> Path:
+    """Generate the evaluation prompt set with ``model``; returns the folder of images (with its manifest)."""
+    from munba_diffusion.evaluation.generate import (GenerationSettings, ModelSpec, generate_images, load_pipeline,
+                                                     model_protocol)
+
+    settings = GenerationSettings(num_inference_steps=eval_settings.steps, guidance_scale=eval_settings.guidance_scale,
+                                  batch_size=32)
+    spec = ModelSpec(model, label=label)
+    pipe = load_pipeline(spec, settings, torch.device("cpu"))
+    folder = out_dir / "images" / label
+    generate_images(pipe, eval_prompt_set(eval_settings, out_dir), folder, settings,
+                    model=model_protocol(spec, pipe), overwrite=True)
+    return folder
+
+
+def concept_scores(folder: Path, concepts: Sequence[str], judge=None) -> dict:
+    """Demo-world scores of a generated folder for one or several erased concepts at once.
+
+    Per concept: its concept rate and kept-attribute accuracy (``munba_diffusion.evaluation.demo``); over the rows
+    that ask for none of the concepts: other accuracy and judge FID against true renders.
+    """
+    from munba_diffusion.demo import COLOURS, SHAPES, load_demo_judge
+    from munba_diffusion.evaluation.demo import (concept_kind, demo_concept_scores, judge_frechet_distance,
+                                                 reference_renders)
+    from munba_diffusion.evaluation.manifest import collect_images, images_to_tensor, load_rgb, require_field
+
+    judge = judge or load_demo_judge()
+    entries = collect_images(folder)
+    shapes = require_field(entries, "shape", "the demo scores", every_row=False)
+    colours = require_field(entries, "colour", "the demo scores", every_row=False)
+    images = images_to_tensor([load_rgb(e.path) for e in entries])
+    with torch.no_grad():
+        judged = judge.classify(images)
+    judged_shapes = [SHAPES[i] for i in judged.shape.tolist()]
+    judged_colours = [COLOURS[i] for i in judged.colour.tolist()]
+    result: dict = {"num_images": len(entries), "concepts": {}}
+    asks = {"shape": shapes, "colour": colours}
+    for concept in concepts:
+        scores = demo_concept_scores(shapes, colours, judged_shapes, judged_colours, concept)
+        result["concepts"][concept] = {k: scores[k] for k in ("concept_rate", "kept_attribute_accuracy", "num_concept_images")}
+    other = [i for i in range(len(entries)) if all(asks[concept_kind(c)][i] != c for c in concepts)]
+    pick = lambda values: [values[i] for i in other]  # noqa: E731
+    result["num_other_images"] = len(other)
+    result["other_accuracy"] = demo_concept_scores(pick(shapes), pick(colours), pick(judged_shapes),
+                                                   pick(judged_colours), None)["other_accuracy"]
+    seeds = [int(entries[i].record["seed"]) for i in other]
+    reference = images_to_tensor(reference_renders(pick(shapes), pick(colours), seeds))
+    result["judge_fid_other"] = judge_frechet_distance(judge, images[other], reference)
+    return result
+
+
+def single_concept_scores(scores: dict, concept: str) -> dict:
+    """:func:`concept_scores` of one concept as a flat dict."""
+    return {**scores["concepts"][concept], **{k: v for k, v in scores.items() if k != "concepts"}}
+
+
+@contextmanager
+def work_folder(path: Path | None, prefix: str) -> Iterator[Path]:
+    """Scratch space for erased models and images: ``path`` (must be new or empty; kept) or a temporary
+    folder (deleted at the end)."""
+    if path is None:
+        with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+            yield Path(scratch)
+        return
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"--work-dir {path} is not empty; pass a new or empty folder")
+    path.mkdir(parents=True, exist_ok=True)
+    yield path

@@ -1,0 +1,302 @@
+"""Peak memory of one erasure step and storage per erased concept: our LoRA recipe vs the ESD way.
+
+- ``ours``: the trainer's step: one UNet with a LoRA adapter; the frozen teacher is the same UNet with adapters
+  disabled; per-player gradients, Nash weights, AdamW over the LoRA weights only.
+- ``esd``: ESD's recipe (Gandikota et al. 2023): a second full UNet copy as the frozen teacher, the trained layers
+  of the student fully fine-tuned (their gradients and AdamW states), one ``backward`` of the forget loss only
+  (ESD has no preservation term, so its step does less work than ours).
+- ``esd_two_players``: the ESD way with our preservation player added (one backward of ``L_r + L_f``): the same
+  work per step as ours, so the difference is only the teacher copy and full fine-tuning.
+- ``ours_split``: not what the trainer does: ``ours`` with one LoRA forward + backward per player, so only one
+  player's graph is alive at a time (``_common.split_player_gradients``; a possible optimisation).
+
+Each variant runs in a fresh subprocess: peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``) after two steps (so
+AdamW's states exist) minus the peak after the imports and a warm-up step of both variants on a 1.6M-parameter
+UNet (which moves lazy imports and library initialisation into the baseline). The same numbers are also given from parameter
+counts alone (weights + gradients + AdamW states, no activations) for every LoRA target set.
+Storage: the LoRA file is written and measured; the full UNet safetensors file of the ESD way is written too
+(``--no-write-unet``: computed from parameter counts x bytes instead).
+
+    python -m benchmarks.memory --architecture sd15 --output-dir benchmarks/results/memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks._common import (RESULTS_JSON, RESULTS_MD, RESULTS_ROOT, UNET_ARCHITECTURES, erasure_step,
+                                machine_info, markdown_table, prepare_results_dir, write_json_atomic,
+                                write_text_atomic)
+
+VARIANTS = ("ours", "esd", "esd_two_players", "ours_split")
+CHILD_MARKER = "MEMORY_RESULT "
+SAFETENSORS_HEADER_ALIGNMENT = 8
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def warm_up(target: str, rank: int) -> None:
+    """Run both variants' steps once on the 1.6M-parameter ``sd15-tiny`` UNet, so that lazy imports and library
+    initialisation (thread pools, oneDNN caches, code pages) land in the baseline, not in a variant's peak."""
+    import copy
+
+    from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
+
+    from benchmarks._common import build_unet, random_erasure_batch
+
+    unet = build_unet("sd15-tiny")
+    teacher = copy.deepcopy(unet).requires_grad_(False)
+    batch, uncond = random_erasure_batch(unet, 1, 8, torch.Generator().manual_seed(0))
+    params = trained_layer_parameters(unet.requires_grad_(False), target)
+    for p in params:
+        p.requires_grad_(True)
+    esd_step(unet, teacher, batch, uncond, params, torch.optim.AdamW(params), preserve=True)
+    params = add_erasure_lora(unet, ErasureLoraConfig(rank=rank, target=target))
+    for variant in ("nash", "nash_split"):
+        erasure_step(variant, unet, batch, uncond, params, torch.optim.AdamW(params), torch.device("cpu"))
+
+
+def esd_step(student, teacher, batch, uncond, params, optimizer, max_grad_norm: float = 1.0,
+             preserve: bool = False) -> None:
+    """ESD's step: the teacher copy gives eps(x_t, "") and eps(x_t, c_f); the student regresses onto the negative
+    guidance target; one backward; AdamW over the trained layers. ``preserve`` adds our preservation loss (the
+    teacher's prediction on the preserve batch) to the one backward."""
+    from munba_diffusion.diffusion.losses import esd_target, forget_loss, preservation_loss
+    from munba_diffusion.step import clip_gradients_
+
+    (lat, ctx, _), (plat, pctx) = batch.forget[0], batch.preserve
+    xs, ts, cs = [lat.latents, lat.latents], [lat.timesteps, lat.timesteps], [uncond.expand_as(ctx), ctx]
+    if preserve:
+        xs, ts, cs = xs + [plat.latents], ts + [plat.timesteps], cs + [pctx]
+    with torch.no_grad():
+        frozen = teacher(torch.cat(xs), torch.cat(ts), encoder_hidden_states=torch.cat(cs)).sample
+    b = lat.latents.shape[0]
+    if preserve:
+        student_eps = student(torch.cat([lat.latents, plat.latents]), torch.cat([lat.timesteps, plat.timesteps]),
+                              encoder_hidden_states=torch.cat([ctx, pctx])).sample
+    else:
+        student_eps = student(lat.latents, lat.timesteps, encoder_hidden_states=ctx).sample
+    loss = forget_loss(student_eps[:b], esd_target(frozen[:b], frozen[b:2 * b], 1.0))
+    if preserve:
+        loss = loss + preservation_loss(student_eps[b:], frozen[2 * b:])
+    loss.backward()
+    clip_gradients_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def trained_layer_parameters(unet, target: str) -> list[torch.nn.Parameter]:
+    """Weights and biases of the layers a target set names (what ESD fine-tunes fully)."""
+    from munba_diffusion.diffusion.lora import target_module_names
+
+    modules = dict(unet.named_modules())
+    return [p for name in target_module_names(unet, target) for p in modules[name].parameters(recurse=False)]
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def save_and_measure(state: dict[str, torch.Tensor], directory: Path, name: str) -> int:
+    from safetensors.torch import save_file
+
+    path = directory / name
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
+    size = path.stat().st_size
+    path.unlink()
+    return size
+
+
+def child(variant: str, architecture: str, target: str, rank: int, latent_size: int, steps: int,
+          write_unet: bool) -> dict:
+    """Build the variant, run ``steps`` steps, report peak RSS above the post-import baseline."""
+    from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora, lora_state_dict
+
+    from benchmarks._common import build_unet, random_erasure_batch
+
+    warm_up(target, rank)
+    baseline = peak_rss_bytes()
+    unet = build_unet(architecture)
+    batch, uncond = random_erasure_batch(unet, 1, latent_size, torch.Generator().manual_seed(0))
+    result: dict = {"variant": variant, "baseline_peak_rss_bytes": baseline,
+                    "unet_parameters": sum(p.numel() for p in unet.parameters())}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        if variant in ("ours", "ours_split"):
+            params = add_erasure_lora(unet, ErasureLoraConfig(rank=rank, target=target))
+            optimizer = torch.optim.AdamW(params, lr=1e-4)
+            for _ in range(steps):
+                erasure_step("nash" if variant == "ours" else "nash_split", unet, batch, uncond, params, optimizer,
+                             torch.device("cpu"))
+            result["peak_rss_bytes"] = peak_rss_bytes()
+            result["saved_bytes"] = save_and_measure(lora_state_dict(unet), Path(scratch), "lora.safetensors")
+            result["saved_what"] = "LoRA weights (safetensors, float32)"
+        else:
+            import copy
+
+            unet.requires_grad_(False)
+            teacher = copy.deepcopy(unet)
+            params = trained_layer_parameters(unet, target)
+            for p in params:
+                p.requires_grad_(True)
+            optimizer = torch.optim.AdamW(params, lr=1e-5)
+            for _ in range(steps):
+                esd_step(unet, teacher, batch, uncond, params, optimizer, preserve=variant == "esd_two_players")
+            result["peak_rss_bytes"] = peak_rss_bytes()
+            state = unet.state_dict()
+            if write_unet and variant == "esd":
+                result["saved_bytes"] = save_and_measure(state, Path(scratch), "unet.safetensors")
+                result["saved_what"] = "full UNet (safetensors, float32), written and measured"
+            else:
+                result["saved_bytes"] = tensor_bytes(state.values())
+                result["saved_what"] = "full UNet (float32), parameter count x 4 bytes (not written)"
+    result["trainable_parameters"] = sum(p.numel() for p in params)
+    result["seconds"] = time.perf_counter() - start
+    result["peak_minus_baseline_bytes"] = result["peak_rss_bytes"] - baseline
+    return result
+
+
+def analytic_bytes(architecture: str, targets: list[str], rank: int) -> dict:
+    """fp32 weights + gradients + AdamW states from parameter counts (no activations), per target set.
+
+    ours = UNet + LoRA x (1 weight + 2 per-player gradients + 1 combined gradient + 2 AdamW states);
+    esd  = 2 UNets + trained layers x (1 gradient + 2 AdamW states).
+    """
+    from diffusers import UNet2DConditionModel
+
+    from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**UNET_ARCHITECTURES[architecture])
+    total = sum(p.numel() for p in unet.parameters())
+    out = {}
+    for target in targets:
+        trained = sum(p.numel() for p in trained_layer_parameters(unet, target))
+        with torch.device("meta"):
+            lora_unet = UNet2DConditionModel(**UNET_ARCHITECTURES[architecture])
+        lora = sum(p.numel() for p in add_erasure_lora(lora_unet, ErasureLoraConfig(rank=rank, target=target)))
+        ours, esd = 4 * (total + 6 * lora), 4 * (2 * total + 3 * trained)
+        out[target] = {"unet_parameters": total, "trained_layer_parameters": trained, "lora_parameters": lora,
+                       "ours_bytes": ours, "esd_bytes": esd, "ratio": ours / esd,
+                       "lora_file_bytes": 4 * lora, "unet_file_bytes_fp32": 4 * total,
+                       "unet_file_bytes_fp16": 2 * total}
+    return out
+
+
+def run_child(args: argparse.Namespace, variant: str, target: str) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.memory", "--child", variant, "--architecture", args.architecture,
+           "--lora-target", target, "--rank", str(args.rank), "--latent-size", str(args.latent_size),
+           "--steps", str(args.steps), "--threads", str(args.threads)]
+    if not args.write_unet:
+        cmd.append("--no-write-unet")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(CHILD_MARKER)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"memory child {variant}/{target} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return json.loads(lines[-1][len(CHILD_MARKER):])
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+VARIANT_LABELS = {"ours": "ours (trainer)", "ours_split": "ours, one forward per player (suggested)",
+                  "esd": "ESD way (forget loss only)", "esd_two_players": "ESD way + preservation player"}
+
+
+def markdown(results: dict) -> str:
+    rows = []
+    for target, m in results["measured"].items():
+        for variant, r in m["runs"].items():
+            rows.append([target, VARIANT_LABELS[variant], f"{r['trainable_parameters'] / 1e6:.2f}M",
+                         gib(r["peak_minus_baseline_bytes"]), gib(r["peak_rss_bytes"])])
+    measured = markdown_table(["target", "variant", "trained params", "peak - baseline", "peak RSS"], rows)
+    measured += "\n" + "\n".join(f"- {target} {name.replace('_over_', ' / ')}: **{value:.3f}x**"
+                                  for target, m in results["measured"].items() for name, value in m["ratios"].items()) + "\n"
+    rows = [[t, f"{a['lora_parameters'] / 1e6:.2f}M", f"{a['trained_layer_parameters'] / 1e6:.1f}M",
+             gib(a["ours_bytes"]), gib(a["esd_bytes"]), f"{a['ratio']:.3f}x"] for t, a in results["analytic"].items()]
+    analytic = markdown_table(["target", "LoRA params", "ESD trained params", "ours (weights+grads+Adam)",
+                               "ESD way (weights+grads+Adam)", "ours / ESD"], rows)
+    rows = []
+    for target, m in results["measured"].items():
+        if "ours" not in m["runs"] or "esd" not in m["runs"]:
+            continue
+        o, e = m["runs"]["ours"], m["runs"]["esd"]
+        rows.append([target, f"{o['saved_bytes'] / 2**20:.2f} MiB ({o['saved_what']})",
+                     f"{gib(e['saved_bytes'])} ({e['saved_what']})", f"{e['saved_bytes'] / o['saved_bytes']:.0f}x"])
+    storage = markdown_table(["target", "ours per concept", "ESD way per concept", "ESD / ours"], rows)
+    s, mach = results["settings"], results["machine"]
+    return (f"# Peak memory of one erasure step and storage per concept ({s['architecture']}, latents "
+            f"1x4x{s['latent_size']}x{s['latent_size']} per player, LoRA rank {s['rank']}, CPU float32)\n\n"
+            f"Measured (fresh subprocess per variant, ru_maxrss after {s['steps']} steps minus after imports):\n\n"
+            f"{measured}\nFrom parameter counts (fp32, no activations):\n\n{analytic}\nStorage:\n\n{storage}\n"
+            f"{mach['cpu']}, {mach['nproc']} cores, {mach['memory_gib']} GiB, {mach['date_utc']}.\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--architecture", choices=list(UNET_ARCHITECTURES), default="sd15")
+    p.add_argument("--lora-targets", nargs="+", default=["xattn"],
+                   help="target sets measured in subprocesses (noxattn's ESD way needs ~17 GiB for sd15)")
+    p.add_argument("--analytic-targets", nargs="+", default=["xattn", "noxattn", "attn", "full"])
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--latent-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-write-unet", dest="write_unet", action="store_false",
+                   help="compute the full UNet file size from parameter counts instead of writing it")
+    p.add_argument("--output-dir", type=Path, default=RESULTS_ROOT / "memory")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--child", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--lora-target", default="xattn", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        result = child(args.child, args.architecture, args.lora_target, args.rank, args.latent_size, args.steps,
+                       args.write_unet)
+        print(CHILD_MARKER + json.dumps(result), flush=True)
+        return None
+    out = prepare_results_dir(args.output_dir, args.overwrite)
+    machine = machine_info()
+    measured = {}
+    for target in args.lora_targets:
+        runs = {variant: run_child(args, variant, target) for variant in args.variants}
+        delta = {v: r["peak_minus_baseline_bytes"] for v, r in runs.items()}
+        ratios = {f"{a}_over_{b}": delta[a] / delta[b] for a in ("ours", "ours_split") for b in ("esd", "esd_two_players")
+                  if a in delta and b in delta}
+        measured[target] = {"runs": runs, "ratios": ratios}
+    results = {"benchmark": "memory", "machine": machine,
+               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                            if k not in ("child", "lora_target")},
+               "measured": measured, "analytic": analytic_bytes(args.architecture, args.analytic_targets, args.rank)}
+    write_json_atomic(out / RESULTS_JSON, results)
+    write_text_atomic(out / RESULTS_MD, markdown(results))
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError, RuntimeError) as error:
+        sys.exit(f"memory: error: {error}")

@@ -1,0 +1,173 @@
+"""Time per erasure step: Nash bargaining vs a plain sum vs one ordinary backward pass.
+
+Every variant runs the trainer's forwards (``erasure_losses``: one frozen forward with adapters disabled, one
+LoRA forward) on the same random batch, then clips and takes an AdamW step; they differ only in how the two
+losses become ``.grad`` (``_common.STEP_VARIANTS``). Rounds interleave the variants in a shuffled order so that
+load from other processes hits them alike; we report medians over rounds and the median of per-round ratios.
+The Gram matrix + weights are also timed alone on fixed gradients (``gram_and_weights``), which is the whole
+difference between ``nash`` and ``sum_plain``.
+
+    python -m benchmarks.overhead --models munba-demo sd15 --output-dir benchmarks/results/overhead
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks._common import (PLAYERS, RESULTS_JSON, RESULTS_MD, RESULTS_ROOT, STEP_VARIANTS, erasure_step,
+                                load_unet, machine_info, markdown_table, prepare_results_dir, quantiles,
+                                random_erasure_batch, write_json_atomic, write_text_atomic)
+
+
+def time_variants(unet, params, batch, uncond, rounds: int, warmup: int, seed: int) -> dict[str, list[float]]:
+    """Seconds per step of each variant, ``rounds`` interleaved rounds after ``warmup`` untimed ones."""
+    device = torch.device("cpu")
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    order = list(STEP_VARIANTS)
+    shuffle = random.Random(seed)
+    times: dict[str, list[float]] = {v: [] for v in order}
+    for r in range(warmup + rounds):
+        shuffle.shuffle(order)
+        for variant in order:
+            start = time.perf_counter()
+            erasure_step(variant, unet, batch, uncond, params, optimizer, device)
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                times[variant].append(elapsed)
+    return times
+
+
+def time_gram_and_weights(unet, params, batch, uncond, repeats: int) -> dict:
+    """Seconds of ``apply_player_gradients(nash)`` vs adding the same per-player gradients (no Gram)."""
+    from munba_diffusion.bargaining import get_combiner
+    from munba_diffusion.diffusion.train import erasure_losses
+    from munba_diffusion.step import apply_player_gradients, player_gradients
+
+    losses = erasure_losses(unet, batch, uncond, "esd", 1.0, PLAYERS, torch.device("cpu"), torch.float32)
+    grads = [player_gradients(losses[n], params, retain_graph=i == 0) for i, n in enumerate(PLAYERS)]
+    values = {n: float(losses[n].detach()) for n in PLAYERS}
+    nash = get_combiner("nash")
+    bargained, added = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        apply_player_gradients(dict(zip(PLAYERS, grads)), params, nash, losses=values)
+        bargained.append(time.perf_counter() - start)
+        for p in params:
+            p.grad = None
+        start = time.perf_counter()
+        for p, g_r, g_f in zip(params, *grads):
+            p.grad = g_r + g_f
+        added.append(time.perf_counter() - start)
+        for p in params:
+            p.grad = None
+    return {"nash_apply_seconds": quantiles(bargained), "plain_add_seconds": quantiles(added),
+            "gram_and_weights_seconds": statistics.median(bargained) - statistics.median(added)}
+
+
+def benchmark_model(model: str, *, latent_size: int | None, batch_size: int, rank: int, target: str,
+                    rounds: int, warmup: int, seed: int) -> dict:
+    from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
+
+    unet = load_unet(model, seed)
+    latent_size = latent_size or unet.config.sample_size
+    params = add_erasure_lora(unet, ErasureLoraConfig(rank=rank, target=target))
+    batch, uncond = random_erasure_batch(unet, batch_size, latent_size, torch.Generator().manual_seed(seed))
+    times = time_variants(unet, params, batch, uncond, rounds, warmup, seed)
+    stats = {v: quantiles(t) for v, t in times.items()}
+
+    def paired(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    return {
+        "model": model,
+        "unet_parameters": sum(p.numel() for p in unet.parameters()) - sum(p.numel() for p in params),
+        "lora_parameters": sum(p.numel() for p in params),
+        "lora": {"rank": rank, "target": target},
+        "latent_size": latent_size,
+        "batch_size_per_player": batch_size,
+        "seconds_per_step": stats,
+        "ratios": {
+            "nash_over_sum_plain": stats["nash"]["median"] / stats["sum_plain"]["median"],
+            "nash_over_sum_plain_paired": paired("nash", "sum_plain"),
+            "nash_over_sum": stats["nash"]["median"] / stats["sum"]["median"],
+            "nash_over_single_backward": stats["nash"]["median"] / stats["single_backward"]["median"],
+            "nash_over_single_backward_paired": paired("nash", "single_backward"),
+            "sum_plain_over_single_backward": stats["sum_plain"]["median"] / stats["single_backward"]["median"],
+            "nash_split_over_single_backward": stats["nash_split"]["median"] / stats["single_backward"]["median"],
+        },
+        "gram_and_weights": time_gram_and_weights(unet, params, batch, uncond, repeats=max(5, rounds)),
+    }
+
+
+def markdown(results: dict) -> str:
+    header = ["model", "latents", "nash s/step", "sum (plain) s/step", "single backward s/step",
+              "nash / sum", "nash / single backward", "Gram + weights alone", "nash, split forwards / single backward"]
+    rows = []
+    for r in results["models"]:
+        s, q = r["seconds_per_step"], r["ratios"]
+        gram = r["gram_and_weights"]["gram_and_weights_seconds"]
+        rows.append([
+            f"{r['model']} ({r['unet_parameters'] / 1e6:.1f}M, LoRA {r['lora']['target']} r{r['lora']['rank']}: "
+            f"{r['lora_parameters'] / 1e6:.2f}M)",
+            f"{r['batch_size_per_player']}x4x{r['latent_size']}x{r['latent_size']}",
+            f"{s['nash']['median']:.3f}", f"{s['sum_plain']['median']:.3f}", f"{s['single_backward']['median']:.3f}",
+            f"{q['nash_over_sum_plain']:.3f}x (paired {q['nash_over_sum_plain_paired']:.3f}x)",
+            f"{q['nash_over_single_backward']:.3f}x",
+            f"{gram * 1e3:.2f} ms = {gram / s['sum_plain']['median'] * 100:.2f}% of a step",
+            f"{q['nash_split_over_single_backward']:.3f}x",
+        ])
+    m = results["machine"]
+    return (f"# Erasure step time: nash vs sum\n\n{markdown_table(header, rows)}\n"
+            f"Medians over {results['settings']['rounds']} interleaved rounds; {m['cpu']}, {m['nproc']} cores, "
+            f"{m['torch_threads']} torch thread(s), load average at start {m['load_average_1_5_15']}, "
+            f"{m['date_utc']}.\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["munba-demo", "sd15"],
+                   help="munba-demo, a pipeline folder, sd15 (SD 1.5's UNet config, random weights) or sd15-tiny")
+    p.add_argument("--latent-size", type=int, default=16,
+                   help="latent height/width of the sd15 architectures (a pipeline uses its own size)")
+    p.add_argument("--batch-size", type=int, default=1, help="x_t per player")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--lora-target", default="xattn")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", type=Path, default=RESULTS_ROOT / "overhead")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --output-dir")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = prepare_results_dir(args.output_dir, args.overwrite)
+    machine = machine_info()
+    models = [benchmark_model(m, latent_size=args.latent_size if m.startswith("sd15") else None,
+                              batch_size=args.batch_size, rank=args.rank, target=args.lora_target,
+                              rounds=args.rounds, warmup=args.warmup, seed=args.seed) for m in args.models]
+    machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results = {"benchmark": "overhead", "machine": machine, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "variants": list(STEP_VARIANTS), "models": models}
+    write_json_atomic(out / RESULTS_JSON, results)
+    write_text_atomic(out / RESULTS_MD, markdown(results))
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as error:
+        sys.exit(f"overhead: error: {error}")

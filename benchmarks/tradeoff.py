@@ -1,0 +1,295 @@
+"""Forgetting vs preserving on the demo world: every combiner at the same settings, several seeds.
+
+Each run erases ``--concept`` from the demo model with the library's trainer; only the combiner (and its fixed
+weights) changes between methods, never the learning rate, steps, batch, LoRA or seed list. Each erased model
+generates the demo prompt set and the demo judge scores it: concept rate (share of the concept's prompts judged
+as the concept, lower = erased), other accuracy (share of the other prompts judged right on shape and colour,
+higher = kept) and the judge FID of the other prompts' images against true renders (lower = kept).
+
+Methods: ``nash`` (MUNBa), ``sum`` with forget weight 0.1 / 1 / 10 (preserve weight 1), ``normalized``,
+``mgda``, ``pcgrad``, and ``forget_only`` (sum with weights 0, 1). Two concepts at once (K = 3 players:
+preserve + one forgetting player per concept): ``nash`` (iterative Nash bargaining) vs ``sum``.
+
+Runs are written one JSON file each into ``<output-dir>/runs/``; ``--resume`` skips the runs already there, so a
+long run that was stopped can go on. The summary is ``results.json``, ``results.md`` and ``pareto.png``.
+
+    python -m benchmarks.tradeoff --seeds 0 1 2 --output-dir benchmarks/results/tradeoff
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks._common import (RESULTS_JSON, RESULTS_MD, RESULTS_ROOT, ErasureSettings, EvalSettings,
+                                concept_scores, generate_for_eval, machine_info, markdown_table, run_erasure,
+                                save_figure_atomic, single_concept_scores, work_folder, write_json_atomic, write_text_atomic)
+
+METHODS: dict[str, tuple[str, list[float] | None]] = {
+    # name -> (combiner, fixed weights [preserve, forget])
+    "nash": ("nash", None),
+    "sum_f0.1": ("sum", [1.0, 0.1]),
+    "sum_f1": ("sum", [1.0, 1.0]),
+    "sum_f10": ("sum", [1.0, 10.0]),
+    "normalized": ("normalized", None),
+    "mgda": ("mgda", None),
+    "pcgrad": ("pcgrad", None),
+    "forget_only": ("sum", [0.0, 1.0]),
+}
+TWO_CONCEPT_METHODS: dict[str, tuple[str, list[float] | None]] = {"nash": ("nash", None), "sum": ("sum", None)}
+METRICS = ("concept_rate", "kept_attribute_accuracy", "other_accuracy", "judge_fid_other", "step_seconds")
+
+
+def run_name(method: str, seed: int, two_concepts: bool) -> str:
+    return f"{'two_concepts-' if two_concepts else ''}{method}-seed{seed}"
+
+
+def score_run(model: str, concepts: list[str], evaluation: EvalSettings, work: Path, label: str) -> dict:
+    return concept_scores(generate_for_eval(model, evaluation, work / "eval", label), concepts)
+
+
+def one_run(settings: ErasureSettings, evaluation: EvalSettings, concepts: list[str], method: str,
+            spec: tuple[str, list[float] | None], seed: int, work: Path) -> dict:
+    """Erase, score, delete the erased model; return the run's record."""
+    combiner, weights = spec
+    if weights is not None and len(concepts) > 1:
+        weights = [weights[0]] + [weights[1]] * len(concepts)
+    model_dir = work / run_name(method, seed, len(concepts) > 1)
+    start = time.time()
+    timing = run_erasure(settings, concepts, model_dir, seed=seed, combiner=combiner, combiner_weights=weights)
+    scores = score_run(str(model_dir), concepts, evaluation, work, model_dir.name)
+    record = {"method": method, "combiner": combiner, "combiner_weights": weights, "seed": seed, "concepts": concepts,
+              **timing, "wall_seconds": time.time() - start, "scores": scores}
+    shutil.rmtree(model_dir, ignore_errors=True)
+    shutil.rmtree(work / "eval" / "images" / model_dir.name, ignore_errors=True)
+    return record
+
+
+def mean_std(values: list[float | None]) -> dict:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def flat_metrics(record: dict, concept: str) -> dict:
+    s = record["scores"]
+    return {"concept_rate": s["concepts"][concept]["concept_rate"],
+            "kept_attribute_accuracy": s["concepts"][concept]["kept_attribute_accuracy"],
+            "other_accuracy": s["other_accuracy"], "judge_fid_other": s["judge_fid_other"],
+            "step_seconds": record.get("step_seconds")}
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> dict[str, list[str]]:
+    """For each method, the methods whose mean point dominates it (concept rate <= and other accuracy >=, one
+    strictly); an empty list = on the front."""
+    dominated_by = {}
+    for name, (rate, acc) in points.items():
+        dominated_by[name] = [o for o, (r, a) in points.items()
+                              if o != name and r <= rate and a >= acc and (r < rate or a > acc)]
+    return dominated_by
+
+
+def summarise(records: list[dict], original: dict, concept: str, two_concepts: list[str]) -> dict:
+    single = {}
+    for method in dict.fromkeys(r["method"] for r in records if len(r["concepts"]) == 1):
+        runs = [flat_metrics(r, concept) for r in records if r["method"] == method and len(r["concepts"]) == 1]
+        single[method] = {m: mean_std([run[m] for run in runs]) for m in METRICS}
+        single[method]["seeds"] = [r["seed"] for r in records if r["method"] == method and len(r["concepts"]) == 1]
+    points = {m: (v["concept_rate"]["mean"], v["other_accuracy"]["mean"]) for m, v in single.items()}
+    dominated = pareto_front(points)
+    multi = {}
+    for method in dict.fromkeys(r["method"] for r in records if len(r["concepts"]) > 1):
+        runs = [r for r in records if r["method"] == method and len(r["concepts"]) > 1]
+        entry = {f"concept_rate/{c}": mean_std([r["scores"]["concepts"][c]["concept_rate"] for r in runs])
+                 for c in two_concepts}
+        entry["other_accuracy"] = mean_std([r["scores"]["other_accuracy"] for r in runs])
+        entry["judge_fid_other"] = mean_std([r["scores"]["judge_fid_other"] for r in runs])
+        entry["step_seconds"] = mean_std([r["step_seconds"] for r in runs])
+        entry["seeds"] = [r["seed"] for r in runs]
+        multi[method] = entry
+    return {"single_concept": single, "dominated_by": dominated,
+            "nash_on_front": "nash" in dominated and not dominated["nash"],
+            "two_concepts": multi, "original": original}
+
+
+def fmt(stat: dict, digits: int = 3) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    s = results["summary"]
+    concept = results["settings"]["concept"]
+    o = s["original"]["single"]
+    rows = [["original (no erasure)", f"{o['concept_rate']:.3f}", f"{o['kept_attribute_accuracy']:.3f}",
+             f"{o['other_accuracy']:.3f}", f"{o['judge_fid_other']:.2f}", "-", "-"]]
+    for method, v in s["single_concept"].items():
+        rows.append([f"**{method}**" if method == "nash" else method, fmt(v["concept_rate"]),
+                     fmt(v["kept_attribute_accuracy"]), fmt(v["other_accuracy"]), fmt(v["judge_fid_other"], 2),
+                     fmt(v["step_seconds"]), ", ".join(s["dominated_by"][method]) or "on the front"])
+    single = markdown_table([f"method", f"concept rate ({concept}) ↓", "kept attribute acc ↑", "other accuracy ↑",
+                             "judge FID (other) ↓", "s/step", "dominated by (means)"], rows)
+    text = (f"# Forgetting vs preserving on the demo world: erasing '{concept}'\n\n"
+            f"Mean ± std over seeds {results['settings']['seeds']} (sample std); same settings for every method: "
+            f"{json.dumps(results['settings']['erasure'])}.\n\n{single}\n![Pareto plot](pareto.png)\n")
+    if s["two_concepts"]:
+        two = results["settings"]["two_concepts"]
+        o2 = s["original"]["two"]
+        rows = [["original"] + [f"{o2['concepts'][c]['concept_rate']:.3f}" for c in two]
+                + [f"{o2['other_accuracy']:.3f}", f"{o2['judge_fid_other']:.2f}", "-"]]
+        for method, v in s["two_concepts"].items():
+            rows.append([method] + [fmt(v[f"concept_rate/{c}"]) for c in two]
+                        + [fmt(v["other_accuracy"]), fmt(v["judge_fid_other"], 2), fmt(v["step_seconds"])])
+        text += (f"\n## Two concepts at once ({' + '.join(two)}; 3 players)\n\n"
+                 + markdown_table(["method"] + [f"concept rate ({c}) ↓" for c in two]
+                                  + ["other accuracy (neither) ↑", "judge FID (neither) ↓", "s/step"], rows))
+    m = results["machine"]
+    text += (f"\n{m['cpu']}, {m['nproc']} cores, {m['torch_threads']} torch thread(s), started {m['date_utc']}, "
+             f"finished {results['finished_utc']}.\n")
+    return text
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = results["summary"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, (metric, label) in zip(axes, [("other_accuracy", "other-concept accuracy (higher = kept)"),
+                                          ("judge_fid_other", "judge FID on other prompts (lower = kept)")]):
+        for i, (method, v) in enumerate(s["single_concept"].items()):
+            x, y = v["concept_rate"], v[metric]
+            if x["mean"] is None or y["mean"] is None:
+                continue
+            nash = method == "nash"
+            ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="*" if nash else "o",
+                        markersize=14 if nash else 7, capsize=3, color="crimson" if nash else f"C{i % 10}",
+                        label=method, zorder=3 if nash else 2)
+        o = s["original"]["single"]
+        ax.scatter([o["concept_rate"]], [o[metric]], marker="x", color="black", label="original", zorder=3)
+        if metric == "other_accuracy":
+            front = sorted((v["concept_rate"]["mean"], v["other_accuracy"]["mean"])
+                           for m, v in s["single_concept"].items() if not s["dominated_by"][m])
+            ax.plot(*zip(*front), "--", color="gray", linewidth=1, label="Pareto front (means)")
+        ax.set_xlabel(f"concept rate of '{results['settings']['concept']}' (lower = erased)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"demo world, {len(results['settings']['seeds'])} seeds, mean ± std, "
+                 f"{results['settings']['erasure']['steps']} steps each")
+    fig.tight_layout()
+    save_figure_atomic(fig, path)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d, e = ErasureSettings(), EvalSettings()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--concept", default="circle")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--two-concepts", nargs="*", default=["circle", "red"],
+                   help="erase these together with each of --two-concept-methods (none: skip)")
+    p.add_argument("--two-concept-methods", nargs="*", default=list(TWO_CONCEPT_METHODS), choices=list(TWO_CONCEPT_METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--lora-target", default=d.lora_target)
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--sampler-steps", type=int, default=d.sampler_steps)
+    p.add_argument("--pool-trajectories", type=int, default=d.pool_trajectories)
+    p.add_argument("--grid-steps", type=int, default=d.grid_steps, help="sampler steps of each run's before/after grid")
+    p.add_argument("--eval-prompts", default=e.prompts)
+    p.add_argument("--eval-steps", type=int, default=e.steps)
+    p.add_argument("--eval-guidance", type=float, default=e.guidance_scale)
+    p.add_argument("--max-eval-prompts", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work-dir", type=Path, default=None, help="new or empty scratch folder (default: temporary)")
+    p.add_argument("--output-dir", type=Path, default=RESULTS_ROOT / "tradeoff")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="keep the runs already in --output-dir/runs and do the rest")
+    g.add_argument("--overwrite", action="store_true", help="discard earlier results in --output-dir")
+    return p.parse_args(argv)
+
+
+def prepare(out: Path, resume: bool, overwrite: bool) -> Path:
+    runs = out / "runs"
+    if runs.is_dir() and any(runs.iterdir()) and not (resume or overwrite):
+        raise FileExistsError(f"{out} holds earlier runs; pass --resume to continue them or --overwrite to start over")
+    if overwrite:
+        for f in runs.glob("*.json") if runs.is_dir() else []:
+            f.unlink()
+        for name in (RESULTS_JSON, RESULTS_MD, "pareto.png"):
+            (out / name).unlink(missing_ok=True)
+    runs.mkdir(parents=True, exist_ok=True)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    runs_dir = prepare(args.output_dir, args.resume, args.overwrite)
+    machine = machine_info()
+    settings = ErasureSettings(model=args.model, steps=args.steps, batch_size=args.batch_size,
+                               learning_rate=args.learning_rate, lora_target=args.lora_target, rank=args.rank,
+                               sampler_steps=args.sampler_steps, pool_trajectories=args.pool_trajectories,
+                               grid_steps=args.grid_steps)
+    evaluation = EvalSettings(prompts=args.eval_prompts, steps=args.eval_steps, guidance_scale=args.eval_guidance,
+                              max_prompts=args.max_eval_prompts)
+    config = {"erasure": asdict(settings), "evaluation": asdict(evaluation)}
+    config_path = runs_dir.parent / "settings.json"
+    if config_path.exists() and args.resume and json.loads(config_path.read_text()) != config:
+        raise ValueError(f"--resume with other settings than {config_path}; use the same ones or --overwrite")
+    write_json_atomic(config_path, config)
+    jobs = [(m, METHODS[m], s, [args.concept]) for s in args.seeds for m in args.methods]
+    if len(args.two_concepts) > 1:
+        jobs += [(m, TWO_CONCEPT_METHODS[m], s, list(args.two_concepts)) for s in args.seeds for m in args.two_concept_methods]
+    with work_folder(args.work_dir, "munba-tradeoff-") as work:
+        original_path = runs_dir / "original.json"
+        if not original_path.exists():
+            folder = generate_for_eval(args.model, evaluation, work / "eval", "original")
+            original = {"single": concept_scores(folder, [args.concept]),
+                        "two": concept_scores(folder, list(args.two_concepts)) if len(args.two_concepts) > 1 else None}
+            write_json_atomic(original_path, original)
+        for method, spec, seed, concepts in tqdm(jobs, desc="tradeoff runs"):
+            path = runs_dir / f"{run_name(method, seed, len(concepts) > 1)}.json"
+            if path.exists():
+                continue
+            write_json_atomic(path, one_run(settings, evaluation, concepts, method, spec, seed, work))
+    original = json.loads(original_path.read_text())
+    records = [json.loads((runs_dir / f"{run_name(m, s, len(c) > 1)}.json").read_text()) for m, _, s, c in jobs]
+    summary = summarise(records, original, args.concept, list(args.two_concepts))
+    summary["original"] = {"single": single_concept_scores(original["single"], args.concept),
+                           "two": original["two"]}
+    results = {"benchmark": "tradeoff", "machine": machine, "finished_utc": machine_info()["date_utc"],
+               "settings": {"concept": args.concept, "seeds": args.seeds, "methods": {m: METHODS[m] for m in args.methods},
+                            "two_concepts": args.two_concepts, "threads": args.threads, **config},
+               "summary": summary}
+    write_json_atomic(args.output_dir / RESULTS_JSON, results)
+    plot(results, args.output_dir / "pareto.png")
+    write_text_atomic(args.output_dir / RESULTS_MD, markdown(results))
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as error:
+        sys.exit(f"tradeoff: error: {error}")

@@ -1,0 +1,21 @@
+"""munba-diffusion: MUNBa (Machine Unlearning via Nash Bargaining) for diffusers.
+
+The bargaining core lives in :mod:`munba_diffusion.bargaining` and :mod:`munba_diffusion.step`; concept erasure
+for Stable Diffusion in :mod:`munba_diffusion.diffusion`; classifier and CLIP unlearning in
+:mod:`munba_diffusion.classifiers`; evaluators in :mod:`munba_diffusion.evaluation`; the bundled demo world in
+:mod:`munba_diffusion.demo`. ``MunbaPipeline`` is the custom diffusers pipeline (``pipelines/munba.py``).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["MunbaPipeline", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported lazily: the pipeline pulls in diffusers and transformers, which the classifier tools do not need.
+    if name == "MunbaPipeline":
+        from .pipelines.munba import MunbaPipeline
+
+        return MunbaPipeline
+    raise AttributeError(f"module 'munba_diffusion' has no attribute {name!r}")

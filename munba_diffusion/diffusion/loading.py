@@ -1,0 +1,62 @@
+"""Load an erased model folder as a MunbaPipeline, with one-line errors for folders that cannot work."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from diffusers import DiffusionPipeline
+
+from munba_diffusion.pipelines.munba import LORA_WEIGHT_NAME, PIPELINE_FILE_NAME, MunbaPipeline
+
+
+def load_erased_pipeline(
+    path_or_repo_id: str | os.PathLike, *, trust_remote_code: bool = False, **kwargs: Any
+) -> MunbaPipeline:
+    """Load an erased model (folder or Hub repo) as a MunbaPipeline.
+
+    By default the installed MunbaPipeline class loads it and no code from the folder runs. With
+    `trust_remote_code=True` the folder's own munba.py is used, as `DiffusionPipeline.from_pretrained(...,
+    custom_pipeline="munba", trust_remote_code=True)` does. `kwargs` go to `from_pretrained` (torch_dtype, ...).
+    Local folders are checked first, so a wrong folder fails at once with what to do.
+    """
+    path = Path(path_or_repo_id)
+    if path.exists() or path.is_absolute() or str(path_or_repo_id).startswith(".") or len(path.parts) > 2:
+        check_erased_model_folder(path, need_pipeline_file=trust_remote_code)
+    if trust_remote_code:
+        custom_pipeline = Path(PIPELINE_FILE_NAME).stem
+        return DiffusionPipeline.from_pretrained(
+            str(path_or_repo_id), custom_pipeline=custom_pipeline, trust_remote_code=True, **kwargs
+        )
+    return MunbaPipeline.from_pretrained(str(path_or_repo_id), **kwargs)
+
+
+def check_erased_model_folder(path: str | os.PathLike, *, need_pipeline_file: bool = False) -> Path:
+    """Raise a one-line error naming the fix unless `path` is an erased model folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder; pass the erased model folder (the trainer's --output_dir).")
+    if not (path / "model_index.json").is_file():
+        if (path / LORA_WEIGHT_NAME).is_file():
+            raise FileNotFoundError(
+                f"{path} holds only a LoRA (no model_index.json); load the base model and add it: "
+                f"MunbaPipeline.from_pretrained(base).load_erasure('{path}')."
+            )
+        raise FileNotFoundError(
+            f"{path} is not a diffusers pipeline folder (no model_index.json); pass the folder the trainer wrote "
+            "(its --output_dir)."
+        )
+    model_index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    if not model_index.get("erasure"):
+        raise ValueError(
+            f"{path} is a pipeline without an erasure (no \"erasure\" in model_index.json); load it with "
+            "MunbaPipeline.from_pretrained(path) and add one with load_erasure(lora_folder)."
+        )
+    if need_pipeline_file and not (path / PIPELINE_FILE_NAME).is_file():
+        raise FileNotFoundError(
+            f"{path} has no {PIPELINE_FILE_NAME}; load it with MunbaPipeline.from_pretrained('{path}') or copy "
+            f"pipelines/{PIPELINE_FILE_NAME} into it."
+        )
+    return path

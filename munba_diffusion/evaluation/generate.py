@@ -1,0 +1,317 @@
+"""Generation harness: a pipeline and a prompt set -> one PNG per prompt row plus a JSONL manifest.
+
+Each image has its own seed (a CPU ``torch.Generator`` per image, so an image does not depend on its batch, its
+process or the device). Runs are resumable: an image counts as made when the manifest lists it and its file
+exists; PNGs and manifests are written atomically, so a run that is interrupted and restarted ends with the same
+files, none twice. Work is split across processes with ``accelerate.PartialState``; each process appends to its
+own manifest part, and the main process merges the parts into ``manifest.jsonl`` at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from itertools import groupby
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .manifest import MANIFEST_NAME, read_manifest, write_jsonl_atomic, write_text_atomic
+from .prompt_sets import PromptRecord, PromptSet
+
+RUN_CONFIG_NAME = "generation.json"
+LORA_SEPARATOR = "::"
+_PART_GLOB = "manifest.part-*.jsonl"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to evaluate: a diffusers folder or Hub id (``munba-demo`` included), optionally with a LoRA file."""
+
+    path: str
+    lora: str | None = None
+    label: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        """``"PATH"`` or ``"BASE::LORA_FILE"`` (a base model plus a diffusers-format LoRA ``.safetensors``)."""
+        path, _, lora = text.partition(LORA_SEPARATOR)
+        if not path or (LORA_SEPARATOR in text and not lora):
+            raise ValueError(f"bad model spec {text!r}; use PATH or BASE{LORA_SEPARATOR}LORA_FILE")
+        return cls(path, lora or None)
+
+    @property
+    def name(self) -> str:
+        """A short label for tables and folder names."""
+        if self.label:
+            return self.label
+        name = Path(self.path.rstrip("/")).name or self.path
+        return f"{name}+{Path(self.lora).stem}" if self.lora else name
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How images are made (the protocol a report states).
+
+    ``resolution`` None means the pipeline's native size (unet sample size x VAE scale: 512 for SD 1.x, 32 for the
+    demo). ``scheduler`` None keeps the pipeline's own; otherwise a diffusers scheduler class name
+    (e.g. ``"DDIMScheduler"``) built from the pipeline's scheduler config. ``use_prompt_settings`` takes guidance
+    and size from the prompt set's columns where a row has them (I2P's ``sd_guidance_scale``, ...).
+    """
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    resolution: int | None = None
+    batch_size: int = 4
+    scheduler: str | None = None
+    dtype: str = "float32"
+    use_prompt_settings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(_DTYPES)}")
+        if self.num_inference_steps < 1 or self.batch_size < 1:
+            raise ValueError("num_inference_steps and batch_size must be at least 1")
+
+
+def process_state() -> PartialState:
+    """accelerate's process state; honours ``accelerate launch --cpu`` (ACCELERATE_USE_CPU) as Accelerator does."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_pipeline(spec: ModelSpec, settings: GenerationSettings, device: str | torch.device):
+    """Load the pipeline of ``spec`` with the safety checker off (the field's protocol), LoRA and scheduler applied."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    from ..demo import resolve_model_path
+
+    path = resolve_model_path(spec.path)
+    try:
+        config = DiffusionPipeline.load_config(path)
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise FileNotFoundError(
+            f"cannot load model {spec.path!r} ({reason}); pass a diffusers folder, a cached Hub id or 'munba-demo'"
+        ) from None
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in config else {}
+    if settings.dtype != "float32":
+        kwargs["torch_dtype"] = _DTYPES[settings.dtype]
+    pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    if spec.lora is not None:
+        lora = Path(spec.lora)
+        if not lora.is_file():
+            raise FileNotFoundError(
+                f"LoRA file {lora} not found; pass BASE{LORA_SEPARATOR}path/to/pytorch_lora_weights.safetensors"
+            )
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    if settings.scheduler is not None:
+        scheduler_class = getattr(diffusers, settings.scheduler, None)
+        if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
+            raise ValueError(
+                f"unknown scheduler {settings.scheduler!r}; give a diffusers scheduler class name such as DDIMScheduler"
+            )
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def model_protocol(spec: ModelSpec, pipe) -> dict:
+    """What a report states about a model."""
+    from ..demo import resolve_model_path
+
+    return {
+        "label": spec.name,
+        "model": spec.path,
+        "resolved_path": str(resolve_model_path(spec.path)),
+        "lora": spec.lora,
+        "lora_sha256": file_sha256(spec.lora) if spec.lora else None,
+        "pipeline_class": type(pipe).__name__,
+        "scheduler": type(pipe.scheduler).__name__,
+    }
+
+
+def native_resolution(pipe) -> int:
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def image_settings(record: PromptRecord, settings: GenerationSettings, default_size: int) -> tuple[float, int, int]:
+    """(guidance, height, width) for one record."""
+    guidance, size = settings.guidance_scale, settings.resolution or default_size
+    height = width = size
+    if settings.use_prompt_settings:
+        guidance = record.guidance_scale if record.guidance_scale is not None else guidance
+        height, width = record.height or height, record.width or width
+    return guidance, height, width
+
+
+def image_file_name(record: PromptRecord) -> str:
+    return f"{record.index:05d}_{record.seed}.png"
+
+
+def save_png_atomic(image: Image.Image, path: Path) -> None:
+    """Write a PNG to a temporary file beside ``path`` and move it into place."""
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=".munba-", suffix=".tmp", delete=False)
+    with handle:
+        image.save(handle, format="PNG")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
+
+
+def _append_line(path: Path, record: dict) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _existing_records(output_dir: Path) -> list[dict]:
+    """Manifest records of images that exist (merged manifest and leftover parts of an interrupted run)."""
+    by_file: dict[str, dict] = {}
+    for path in [output_dir / MANIFEST_NAME, *sorted(output_dir.glob(_PART_GLOB))]:
+        if path.is_file():
+            by_file.update({r["file"]: r for r in read_manifest(path)})
+    return [r for r in by_file.values() if (output_dir / r["file"]).is_file()]
+
+
+def _clear_generation(output_dir: Path) -> None:
+    """Remove what an earlier generation wrote here (its listed images, manifests, run config), nothing else."""
+    for record in _existing_records(output_dir):
+        (output_dir / record["file"]).unlink(missing_ok=True)
+    for path in [output_dir / MANIFEST_NAME, output_dir / RUN_CONFIG_NAME, *output_dir.glob(_PART_GLOB)]:
+        path.unlink(missing_ok=True)
+
+
+def _prepare_output(output_dir: Path, run_config: dict, overwrite: bool) -> None:
+    """Check the folder holds the same run (or clear it when ``overwrite``), then merge what is already made."""
+    config_path = output_dir / RUN_CONFIG_NAME
+    if config_path.is_file():
+        previous = json.loads(config_path.read_text(encoding="utf-8"))
+        if previous != run_config:
+            if not overwrite:
+                changed = sorted(k for k in run_config if previous.get(k) != run_config[k])
+                raise FileExistsError(
+                    f"{output_dir} holds images of another run (differs in {', '.join(changed)}); "
+                    "pass --overwrite (overwrite=True) to replace them"
+                )
+            _clear_generation(output_dir)
+    elif any(output_dir.iterdir()):
+        raise FileExistsError(
+            f"{output_dir} is not empty and has no {RUN_CONFIG_NAME}; generate into a new or empty folder"
+        )
+    for leftover in output_dir.glob(".munba-*.tmp"):
+        leftover.unlink()
+    write_jsonl_atomic(output_dir / MANIFEST_NAME, sorted(_existing_records(output_dir), key=lambda r: r["index"]))
+    for part in output_dir.glob(_PART_GLOB):
+        part.unlink()
+    write_text_atomic(config_path, json.dumps(run_config, indent=2, sort_keys=True) + "\n")
+
+
+def generate_images(
+    pipe,
+    prompt_set: PromptSet,
+    output_dir: str | Path,
+    settings: GenerationSettings,
+    *,
+    model: dict,
+    overwrite: bool = False,
+) -> Path:
+    """Make one image per record of ``prompt_set`` into ``output_dir``; return the path of ``manifest.jsonl``.
+
+    ``model`` is the model's protocol dict (see :func:`model_protocol`); it is written into every manifest line
+    and into ``generation.json``, which ties the folder to one (model, prompt set, settings) run.
+    """
+    state = process_state()
+    output_dir = Path(output_dir)
+    default_size = native_resolution(pipe)
+    image_settings_only = {
+        k: v for k, v in asdict(settings).items() if k != "batch_size"
+    }  # batching never changes an image
+    run_config = {"model": model, "prompt_set": prompt_set.protocol(), "settings": image_settings_only}
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _prepare_output(output_dir, run_config, overwrite)
+    state.wait_for_everyone()
+    done = {r["file"] for r in read_manifest(output_dir / MANIFEST_NAME)}
+    pending = [r for r in prompt_set.records if image_file_name(r) not in done]
+
+    part = output_dir / f"manifest.part-{state.process_index}.jsonl"
+    with state.split_between_processes(pending) as mine:
+        progress = tqdm(total=len(mine), desc=f"generating {model['label']}", disable=not state.is_local_main_process)
+        for key, group in groupby(mine, key=lambda r: image_settings(r, settings, default_size)):
+            group = list(group)
+            for start in range(0, len(group), settings.batch_size):
+                _generate_batch(
+                    pipe, group[start : start + settings.batch_size], key, settings, output_dir, part, model
+                )
+                progress.update(len(group[start : start + settings.batch_size]))
+        progress.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        write_jsonl_atomic(output_dir / MANIFEST_NAME, sorted(_existing_records(output_dir), key=lambda r: r["index"]))
+        for path in output_dir.glob(_PART_GLOB):
+            path.unlink()
+    state.wait_for_everyone()
+    return output_dir / MANIFEST_NAME
+
+
+def _generate_batch(
+    pipe,
+    records: Sequence[PromptRecord],
+    image_key: tuple[float, int, int],
+    settings: GenerationSettings,
+    output_dir: Path,
+    part: Path,
+    model: dict,
+) -> None:
+    guidance, height, width = image_key
+    generators = [torch.Generator("cpu").manual_seed(r.seed) for r in records]
+    images = pipe(
+        prompt=[r.prompt for r in records],
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=guidance,
+        height=height,
+        width=width,
+        generator=generators,
+        output_type="pil",
+    ).images
+    for record, image in zip(records, images):
+        name = image_file_name(record)
+        save_png_atomic(image, output_dir / name)
+        _append_line(
+            part,
+            {
+                "index": record.index,
+                "file": name,
+                "prompt": record.prompt,
+                "seed": record.seed,
+                "model": model["label"],
+                "extra": dict(record.extra),
+                "settings": {
+                    "num_inference_steps": settings.num_inference_steps,
+                    "guidance_scale": guidance,
+                    "height": height,
+                    "width": width,
+                    "scheduler": model["scheduler"],
+                    "dtype": settings.dtype,
+                },
+            },
+        )

@@ -1,0 +1,186 @@
+"""Evaluation reports: ``report.json`` (machines), ``report.md`` (people) and a comparison grid PNG.
+
+The Markdown states the full protocol next to the numbers (models, prompt set and its sha256, seeds, scheduler,
+steps, guidance, resolution, detector version, threshold and classes, library versions), because numbers from
+different harnesses are not comparable otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import textwrap
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .manifest import MANIFEST_NAME, read_manifest, write_text_atomic
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+GRID_PNG = "grid.png"
+LIBRARIES = (
+    "munba-diffusion",
+    "torch",
+    "torchvision",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "peft",
+    "nudenet",
+    "clean-fid",
+    "onnxruntime",
+    "numpy",
+    "pillow",
+)
+
+# (metric, key in its result, column title, kind): kind "rate" prints as a percentage.
+HEADLINE_COLUMNS: tuple[tuple[str, str, str, str], ...] = (
+    ("nudenet", "nudity_rate", "Nudity rate", "rate"),
+    ("nudenet", "total_detections", "Exposed detections", "count"),
+    ("nudenet", "attack_success_rate", "Attack success", "rate"),
+    ("objects", "unlearning_accuracy", "UA (erased class)", "rate"),
+    ("objects", "other_accuracy", "Acc. other classes", "rate"),
+    ("objects", "accuracy", "Accuracy", "rate"),
+    ("demo", "concept_rate", "Concept rate", "rate"),
+    ("demo", "kept_attribute_accuracy", "Kept-attribute acc.", "rate"),
+    ("demo", "other_accuracy", "Acc. other prompts", "rate"),
+    ("demo", "judge_fid_other", "Judge FID", "float"),
+    ("demo", "clip_score_concept", "Demo CLIP (concept)", "float"),
+    ("demo", "clip_score_other", "Demo CLIP (other)", "float"),
+    ("fid", "fid", "FID", "float"),
+    ("clip", "clip_score", "CLIP score", "float"),
+)
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def format_value(value: object, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "rate":
+        return f"{100 * float(value):.1f}%"
+    if kind == "float":
+        return f"{float(value):.2f}"
+    return str(value)
+
+
+def results_table(results: Mapping[str, Mapping[str, Mapping]]) -> str:
+    """The headline Markdown table: one row per model, one column per headline number any model has."""
+    columns = [c for c in HEADLINE_COLUMNS if any(c[1] in m.get(c[0], {}) for m in results.values())]
+    lines = ["| Model | " + " | ".join(c[2] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, metrics in results.items():
+        cells = [format_value(metrics.get(metric, {}).get(key), kind) for metric, key, _, kind in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _flatten(prefix: str, value: object) -> list[tuple[str, object]]:
+    if isinstance(value, Mapping):
+        return [item for k, v in value.items() for item in _flatten(f"{prefix}.{k}" if prefix else str(k), v)]
+    if isinstance(value, (list, tuple)):
+        return []  # lists (file names, class lists) live in report.json
+    return [(prefix, value)]
+
+
+def model_table(metrics: Mapping[str, Mapping]) -> str:
+    """Every scalar a model's metrics returned, one row each (nested keys joined with dots)."""
+    lines = ["| Metric | Value |", "|---|---|"]
+    for name, values in metrics.items():
+        for key, value in _flatten(name, values):
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            lines.append(f"| {key} | {shown} |")
+    return "\n".join(lines)
+
+
+def _bullets(value: object, indent: int = 0) -> list[str]:
+    pad = "  " * indent
+    if isinstance(value, Mapping):
+        lines = []
+        for k, v in value.items():
+            if isinstance(v, (Mapping, list)) and v:
+                lines += [f"{pad}- {k}:", *_bullets(v, indent + 1)]
+            else:
+                lines.append(f"{pad}- {k}: {v}")
+        return lines
+    if isinstance(value, list):
+        return [f"{pad}- {', '.join(map(str, value))}"]
+    return [f"{pad}- {value}"]
+
+
+def report_markdown(report: Mapping) -> str:
+    """``report.md``: headline table, one table per model, then the protocol."""
+    parts = ["# Evaluation report", "", results_table(report["results"]), ""]
+    for label, metrics in report["results"].items():
+        parts += [f"## {label}", "", model_table(metrics), ""]
+    parts += ["## Protocol", "", *_bullets(report["protocol"]), ""]
+    return "\n".join(parts)
+
+
+def check_no_report(output_dir: Path, overwrite: bool) -> None:
+    if (output_dir / REPORT_JSON).exists() and not overwrite:
+        raise FileExistsError(f"{output_dir / REPORT_JSON} exists; pass --overwrite (overwrite=True) to replace it")
+
+
+def write_report(output_dir: Path, report: Mapping, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` atomically (refusing to replace a report unless ``overwrite``)."""
+    check_no_report(output_dir, overwrite)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(output_dir / REPORT_JSON, json.dumps(report, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(output_dir / REPORT_MD, report_markdown(report))
+    return output_dir / REPORT_JSON, output_dir / REPORT_MD
+
+
+def comparison_grid(
+    manifests: Mapping[str, str | Path],
+    output: str | Path,
+    *,
+    max_prompts: int = 6,
+    cell_size: int = 192,
+    caption_width: int = 220,
+) -> Path:
+    """A PNG with one row per prompt (same prompt and seed in every column) and one column per model.
+
+    Rows are spread evenly over the images all models have; images are resized to ``cell_size`` (nearest
+    neighbour when enlarging, so small demo images stay sharp).
+    """
+    manifests = {label: Path(p) / MANIFEST_NAME if Path(p).is_dir() else Path(p) for label, p in manifests.items()}
+    records = {label: {r["index"]: r for r in read_manifest(path)} for label, path in manifests.items()}
+    common = sorted(set.intersection(*(set(r) for r in records.values()))) if records else []
+    if not common:
+        raise ValueError("the models share no generated image; generate the same prompt set for each")
+    step = max(1, len(common) // max_prompts)
+    rows = common[::step][:max_prompts]
+    font = ImageFont.load_default()
+    header, gap = 28, 4
+    pitch = cell_size + gap
+    grid = Image.new("RGB", (caption_width + pitch * len(records), header + pitch * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, label in enumerate(records):
+        draw.text((caption_width + column * pitch + 4, 8), label[: cell_size // 6], fill="black", font=font)
+    for row, index in enumerate(rows):
+        top = header + row * pitch
+        first = next(iter(records.values()))[index]
+        caption = textwrap.fill(f"{first['prompt']} (seed {first['seed']})", width=caption_width // 7)
+        draw.multiline_text((4, top + 4), caption, fill="black", font=font)
+        for column, (label, by_index) in enumerate(records.items()):
+            with Image.open(manifests[label].parent / by_index[index]["file"]) as image:
+                resample = Image.Resampling.NEAREST if image.width < cell_size else Image.Resampling.LANCZOS
+                grid.paste(
+                    image.convert("RGB").resize((cell_size, cell_size), resample), (caption_width + column * pitch, top)
+                )
+    output = Path(output)
+    tmp = output.with_name(f".munba-{output.name}.tmp")
+    grid.save(tmp, format="PNG")
+    tmp.replace(output)
+    return output

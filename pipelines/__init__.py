@@ -1,0 +1,1 @@
+"""The self-contained MunbaPipeline file (also copied into every erased model folder)."""

@@ -1,0 +1,1 @@
+"""Concept presets and prompt sets (data; see README.md in this folder)."""

@@ -1,0 +1,88 @@
+"""The bundled demo world: renders, judge, CLIP and text-to-image model really know the concepts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from munba_diffusion.clip_features import clip_image_embeddings, clip_text_embeddings
+from munba_diffusion.demo import (COLOURS, SHAPES, WEIGHTS_DIR, canonical_caption, demo_clip_path, demo_pipeline_path,
+                                  load_demo_judge, render_scene, resolve_model_path)
+from munba_diffusion.demo.world import SHAPE_NAMES, caption, scenes_to_tensor
+
+
+def _renders(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    shapes = rng.integers(len(SHAPES), size=n)
+    colours = rng.integers(len(COLOURS), size=n)
+    images = [render_scene(rng, SHAPES[s], COLOURS[c]) for s, c in zip(shapes, colours)]
+    return torch.from_numpy(scenes_to_tensor(images)), torch.from_numpy(shapes), torch.from_numpy(colours)
+
+
+def test_rendering_is_deterministic_and_varied():
+    a = np.asarray(render_scene(np.random.default_rng(5), "circle", "red"))
+    b = np.asarray(render_scene(np.random.default_rng(5), "circle", "red"))
+    c = np.asarray(render_scene(np.random.default_rng(6), "circle", "red"))
+    assert a.shape == (32, 32, 3) and (a == b).all() and not (a == c).all()
+    with pytest.raises(ValueError, match="unknown shape 'hexagon'"):
+        render_scene(np.random.default_rng(0), "hexagon", "red")
+
+
+def test_captions_use_every_name_of_a_concept():
+    rng = np.random.default_rng(0)
+    texts = " | ".join(caption(rng, "circle", "blue") for _ in range(300))
+    for name in SHAPE_NAMES["circle"]:
+        assert name in texts
+    assert all(len(SHAPE_NAMES[s]) >= 3 for s in SHAPES)
+
+
+def test_judge_is_right_on_fresh_renders():
+    images, shapes, colours = _renders(400, seed=12345)
+    out = load_demo_judge().classify(images)
+    assert (out.shape == shapes).float().mean() >= 0.99
+    assert (out.colour == colours).float().mean() >= 0.99
+
+
+def test_clip_zero_shot_knows_shapes_and_colours():
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(demo_clip_path()).eval()
+    processor = CLIPProcessor.from_pretrained(demo_clip_path())
+    images, shapes, colours = _renders(200, seed=999)
+    pixels = processor(images=list(images.permute(0, 2, 3, 1).numpy()), return_tensors="pt", do_rescale=False).pixel_values
+    with torch.no_grad():
+        img = F.normalize(clip_image_embeddings(model, pixels), dim=-1)
+        for names, labels in ((SHAPES, shapes), (COLOURS, colours)):
+            prompts = [canonical_caption(n, None) if names is SHAPES else canonical_caption(None, n) for n in names]
+            tok = processor.tokenizer(prompts, padding=True, return_tensors="pt")
+            txt = F.normalize(clip_text_embeddings(model, tok.input_ids, tok.attention_mask), dim=-1)
+            assert ((img @ txt.T).argmax(-1) == labels).float().mean() >= 0.85
+
+
+def test_bundled_pipeline_draws_what_it_is_asked(monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model_path("munba-demo") == str(demo_pipeline_path())
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_model_path("munba-demo"))
+    pipe.set_progress_bar_config(disable=True)
+    combos = [(s, c) for s in SHAPES for c in COLOURS]
+    images = pipe([canonical_caption(s, c) for s, c in combos], num_inference_steps=20, guidance_scale=4.0,
+                  generator=[torch.Generator().manual_seed(100 + i) for i in range(len(combos))], output_type="pt").images
+    assert images.shape == (16, 3, 32, 32)
+    out = load_demo_judge().classify(images)
+    correct = [(SHAPES[int(s)], COLOURS[int(c)]) == combo for s, c, combo in zip(out.shape, out.colour, combos)]
+    assert sum(correct) / len(combos) >= 0.85
+
+
+def test_bundled_files_are_safetensors_and_small():
+    files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".safetensors"}]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    assert sum(p.stat().st_size for p in files) < 20 * 2**20
+    recipe = json.loads((WEIGHTS_DIR / "training_metrics.json").read_text())
+    assert {"clip", "judge", "vae", "unet"} <= set(recipe)

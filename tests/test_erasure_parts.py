@@ -1,0 +1,131 @@
+"""Unit tests of the erasure building blocks: presets, LoRA target sets, losses, the trajectory pool."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from munba_diffusion.diffusion.latents import SamplerSettings, TrajectoryPool, ddim_trajectory
+from munba_diffusion.diffusion.lora import ErasureLoraConfig, adapters_disabled, add_erasure_lora, target_module_names
+from munba_diffusion.diffusion.losses import esd_target, forget_loss
+from munba_diffusion.diffusion.train import preserve_prompts_of
+from munba_diffusion.presets import list_presets, load_preset, resolve_concept
+from tests.tiny_sd import build_tiny_sd_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_sd_pipeline(seed=0)
+
+
+def test_bundled_presets_cover_the_required_concepts():
+    names = set(list_presets())
+    imagenette = {"tench", "english-springer", "cassette-player", "chain-saw", "church", "french-horn",
+                  "garbage-truck", "gas-pump", "golf-ball", "parachute"}
+    assert {"nudity", "van-gogh", "circle", "square", "triangle", "cross", "red"} <= names
+    assert imagenette <= names
+    for name in names:
+        preset = load_preset(name)
+        assert preset.forget_prompts and preset.preserve_prompts, name
+        assert not set(preset.forget_prompts) & set(preset.preserve_prompts), name
+
+
+def test_demo_shape_preset_holds_out_a_synonym():
+    circle = load_preset("circle")
+    assert any("disc" in p for p in circle.forget_prompts)
+    assert not any("round shape" in p for p in circle.forget_prompts)  # kept for concept-level evaluation
+    assert not any("circle" in p or "disc" in p for p in circle.preserve_prompts)
+
+
+def test_free_text_and_yaml_concepts(tmp_path):
+    text = resolve_concept("text:a teddy bear")
+    assert text.forget_prompts[0] == "a teddy bear" and text.source == "text"
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nforget: [a thing]\npreserve: [another thing]\nanchor: an object\n")
+    mine = resolve_concept(str(path))
+    assert mine.anchor_prompts == ("an object",)
+    path.write_text("name: broken\n")
+    with pytest.raises(ValueError, match="not a concept preset"):
+        resolve_concept(str(path))
+
+
+def test_preserve_prompts_of_several_concepts_drops_what_another_forgets():
+    circle, square = load_preset("circle"), load_preset("square")
+    preserve = preserve_prompts_of([circle, square])
+    assert "a red square" not in preserve and "a red circle" not in preserve
+    assert "a red triangle" in preserve
+
+
+@pytest.mark.parametrize("target,inside,outside", [
+    ("xattn", ["attn2.to_k"], ["attn1.", "resnets", "time_embedding"]),
+    ("attn", ["attn1.to_q", "attn2.to_v"], ["resnets", "proj_in"]),
+    ("noxattn", ["attn1.to_q", "resnets"], ["attn2.", "time_embedding"]),
+    ("full", ["attn2.to_k", "resnets", "time_embedding"], []),
+])
+def test_lora_target_sets(pipe, target, inside, outside):
+    names = target_module_names(pipe.unet, target)
+    for part in inside:
+        assert any(part in n for n in names), (target, part)
+    for part in outside:
+        assert not any(part in n for n in names), (target, part)
+
+
+def test_lora_starts_as_identity_and_adapters_disabled_is_the_frozen_model():
+    pipe = build_tiny_sd_pipeline(seed=1)
+    unet = pipe.unet
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 8, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        original = unet(x, t, ctx).sample
+    params = add_erasure_lora(unet, ErasureLoraConfig(rank=2, target="attn"))
+    assert params and all(p.requires_grad and p.dtype == torch.float32 for p in params)
+    assert not any(p.requires_grad for n, p in unet.named_parameters() if "lora" not in n)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, ctx).sample, original)  # B = 0 at init
+        for p in params:
+            p.add_(0.1 * torch.randn_like(p))
+        changed = unet(x, t, ctx).sample
+        with adapters_disabled(unet):
+            frozen = unet(x, t, ctx).sample
+    assert (changed - original).abs().max() > 1e-4
+    torch.testing.assert_close(frozen, original, rtol=0, atol=0)
+    assert all(p.requires_grad for p in params)  # re-enabled afterwards
+
+
+def test_unknown_target_set_is_a_one_line_error():
+    with pytest.raises(ValueError, match="choose one of xattn, noxattn, attn, full"):
+        ErasureLoraConfig(target="everything")
+
+
+def test_esd_target_is_negative_guidance():
+    uncond, concept = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 1.0])
+    torch.testing.assert_close(esd_target(uncond, concept, eta=1.0), torch.tensor([-1.0, 3.0]))
+    torch.testing.assert_close(esd_target(uncond, concept, eta=0.0), uncond)
+    student = torch.zeros(2, requires_grad=True)
+    loss = forget_loss(student, esd_target(uncond, concept, 1.0))
+    loss.backward()
+    torch.testing.assert_close(student.grad, torch.tensor([1.0, -3.0]))  # d/ds mean((s - target)^2)
+
+
+def test_trajectory_pool_holds_the_sampler_states(pipe):
+    from diffusers import DDIMScheduler
+
+    unet = pipe.unet
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    settings = SamplerSettings(steps=4, guidance_scale=3.0, latent_shape=(4, 16, 16))
+    contexts = torch.randn(3, 8, unet.config.cross_attention_dim)
+    uncond = torch.zeros(1, 8, unet.config.cross_attention_dim)
+
+    def denoise(x, t, ctx):
+        return unet(x, t, encoder_hidden_states=ctx).sample
+
+    pool = TrajectoryPool.build(denoise, scheduler, contexts, uncond, settings, per_prompt=2,
+                                generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
+                                dtype=torch.float32, batch_size=4)
+    assert pool.latents.shape == (3, 2, 4, 4, 16, 16)
+    assert pool.timesteps.tolist() == [int(t) for t in scheduler.timesteps]
+    # the pool's trajectory of prompt 1 equals a direct DDIM run from the same noise
+    noise = torch.randn((6, 4, 16, 16), generator=torch.Generator().manual_seed(0))[2:3]
+    direct, _ = ddim_trajectory(denoise, scheduler, noise, contexts[1:2], uncond, settings)
+    torch.testing.assert_close(pool.latents[1, 0], direct[:, 0], rtol=1e-4, atol=1e-5)
+    batch = pool.sample(5, torch.Generator().manual_seed(1))
+    assert batch.latents.shape == (5, 4, 16, 16) and set(batch.timesteps.tolist()) <= set(pool.timesteps.tolist())

@@ -1,0 +1,178 @@
+"""train_erase.py end to end: accelerate launch, checkpoints, kill + resume, the saved folder, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import train_erase
+from munba_diffusion.demo import DEMO_MODEL_NAME
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--sampler_steps", "5", "--pool_trajectories", "1", "--validation_inference_steps", "4",
+        "--validation_seeds", "1", "--no_evaluation", "--train_batch_size", "2"]
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _launch(args: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "train_erase.py"), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _lora(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "erased"
+    proc = _launch(["--pretrained_model_name_or_path", DEMO_MODEL_NAME, "--concept", "circle", "--output_dir", str(out),
+                    "--max_train_steps", "8", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", *FAST])
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    return out
+
+
+def test_checkpoints_are_pruned_to_the_limit(uninterrupted):
+    names = sorted(p.name for p in (uninterrupted / "checkpoints").iterdir())
+    assert names == ["checkpoint-4", "checkpoint-6"]  # 2, 4, 6 written; the limit keeps the last two
+    assert (uninterrupted / "checkpoints" / "checkpoint-6" / "erasure_lora.safetensors").is_file()
+
+
+def test_step_log_records_the_bargaining(uninterrupted):
+    records = [json.loads(line) for line in (uninterrupted / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    late = records[-1]
+    for key in ("weight/preserve", "weight/forget", "cos_phi", "loss/preserve", "loss/forget",
+                "utility/preserve", "utility/forget"):
+        assert key in late
+    ok = [r for r in records if r["status"] == "ok"]
+    assert ok, "every step hit a degenerate case"
+    # Nash bargaining: |d|^2 = 2 and both utilities positive whenever the solution exists
+    assert all(abs(r["direction_norm"] - 2 ** 0.5) < 1e-6 for r in ok)
+    assert all(r["utility/preserve"] > 0 and r["utility/forget"] > 0 for r in ok)
+
+
+def test_kill_and_resume_latest_gives_the_same_lora(uninterrupted, tmp_path):
+    out = tmp_path / "erased"
+    args = ["--pretrained_model_name_or_path", DEMO_MODEL_NAME, "--concept", "circle", "--output_dir", str(out),
+            "--max_train_steps", "8", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", *FAST]
+    proc = _launch(args)
+    first = out / "checkpoints" / "checkpoint-2"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    os.system(f"pkill -9 -f {out}")  # accelerate's child process
+    assert not (out / "model_index.json").exists(), "the run finished before it could be killed"
+    assert first.exists()
+
+    resumed = _launch([*args, "--resume_from_checkpoint", "latest"])
+    log, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, log[-3000:]
+    a, b = _lora(uninterrupted), _lora(out)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # each step logged once
+
+
+def test_saved_folder_loads_three_ways_and_matches_base_plus_lora(uninterrupted):
+    from diffusers import DiffusionPipeline
+
+    from munba_diffusion import MunbaPipeline
+
+    def image(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(3),
+                    output_type="pt").images
+
+    plain = image(DiffusionPipeline.from_pretrained(uninterrupted))
+    custom = image(DiffusionPipeline.from_pretrained(uninterrupted, custom_pipeline="munba", trust_remote_code=True))
+    installed_pipe = MunbaPipeline.from_pretrained(uninterrupted)
+    installed = image(installed_pipe)
+    base_plus_lora = image(MunbaPipeline.from_pretrained(_demo()).load_erasure(str(uninterrupted)))
+    torch.testing.assert_close(plain, custom, rtol=0, atol=0)
+    torch.testing.assert_close(plain, installed, rtol=0, atol=0)
+    torch.testing.assert_close(plain, base_plus_lora, rtol=0, atol=2e-3)
+    assert installed_pipe.erased_concepts == ["circle"]
+    base = image(MunbaPipeline.from_pretrained(_demo()))
+    assert (base - plain).abs().max() > 1e-3, "the erasure changed nothing"
+
+
+def _demo() -> str:
+    from munba_diffusion.demo import resolve_model_path
+
+    return resolve_model_path(DEMO_MODEL_NAME)
+
+
+def test_model_card_names_base_model_and_concept(uninterrupted):
+    text = (uninterrupted / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "text-to-image"
+    assert "concept-erasure" in meta["tags"]
+    assert "circle" in text and DEMO_MODEL_NAME in text
+    config = json.loads((uninterrupted / "erasure_config.json").read_text())
+    assert config["base_model"] == DEMO_MODEL_NAME and config["combiner"] == "nash"
+    assert [c["name"] for c in config["concepts"]] == ["circle"]
+    assert (uninterrupted / "images" / "before_after.png").is_file()
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def _error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        train_erase.main(argv)
+    message = str(info.value.code) if not isinstance(info.value.code, int) else capsys.readouterr().err
+    assert "\n" not in message.strip(), message
+    return message
+
+
+def test_unknown_preset_names_the_choices(tmp_path, capsys):
+    message = _error(["--concept", "cirlce", "--output_dir", str(tmp_path / "o")], capsys)
+    assert "unknown concept 'cirlce'" in message and "did you mean circle" in message
+
+
+def test_empty_prompt_file(tmp_path, capsys):
+    empty = tmp_path / "forget.txt"
+    empty.write_text("# only a comment\n\n")
+    message = _error(["--concept", "circle", "--forget_prompts_file", str(empty), "--output_dir", str(tmp_path / "o"),
+                      "--pretrained_model_name_or_path", DEMO_MODEL_NAME], capsys)
+    assert "holds no prompts" in message
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path, capsys):
+    (tmp_path / "notapipe").mkdir()
+    message = _error(["--concept", "circle", "--pretrained_model_name_or_path", str(tmp_path / "notapipe"),
+                      "--output_dir", str(tmp_path / "o")], capsys)
+    assert "not a diffusers pipeline folder" in message
+
+
+def test_offline_hub_id_says_how_to_proceed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = _error(["--concept", "nudity", "--output_dir", str(tmp_path / "o")], capsys)
+    assert "offline" in message and DEMO_MODEL_NAME in message and "CompVis/stable-diffusion-v1-4" in message
+
+
+def test_output_folder_with_results_is_not_overwritten(uninterrupted, tmp_path, capsys):
+    before = (uninterrupted / "pytorch_lora_weights.safetensors").read_bytes()
+    message = _error(["--concept", "circle", "--pretrained_model_name_or_path", DEMO_MODEL_NAME,
+                      "--output_dir", str(uninterrupted)], capsys)
+    assert "--overwrite_output_dir" in message
+    assert (uninterrupted / "pytorch_lora_weights.safetensors").read_bytes() == before
