@@ -3,13 +3,14 @@ batches, one timed erasure step per variant, and demo-world erasure runs with th
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
-import tempfile
 import statistics
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -43,7 +44,9 @@ SD15_SMALL_UNET_CONFIG = {
     # SD 1.5's block structure at a fifth of its width (25M parameters), for quick memory comparisons
     **SD15_UNET_CONFIG, "sample_size": 8, "block_out_channels": (64, 128, 256, 256), "layers_per_block": 1,
 }
-UNET_ARCHITECTURES = {"sd15": SD15_UNET_CONFIG, "sd15-small": SD15_SMALL_UNET_CONFIG, "sd15-tiny": SD15_TINY_UNET_CONFIG}
+UNET_ARCHITECTURES = {
+    "sd15": SD15_UNET_CONFIG, "sd15-small": SD15_SMALL_UNET_CONFIG, "sd15-tiny": SD15_TINY_UNET_CONFIG,
+}
 TEXT_SEQUENCE_LENGTH = 77
 
 
@@ -52,7 +55,8 @@ def prepare_results_dir(path: str | Path, overwrite: bool) -> Path:
     """Create ``path``; results already there are an error unless ``overwrite``."""
     path = Path(path)
     if (path / RESULTS_JSON).exists() and not overwrite:
-        raise FileExistsError(f"{path} already holds {RESULTS_JSON}; pass --overwrite to replace it or pick another --output-dir")
+        raise FileExistsError(f"{path} already holds {RESULTS_JSON}; pass --overwrite to replace it or pick another "
+                              "--output-dir")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -185,35 +189,40 @@ STEP_VARIANTS = ("nash", "sum", "sum_plain", "single_backward", "nash_split")
 """
 
 
-def erasure_step(variant: str, unet, batch, uncond, params: list[torch.nn.Parameter], optimizer,
-                 device: torch.device, dtype: torch.dtype = torch.float32, max_grad_norm: float = 1.0,
-                 autocast: bool = False) -> None:
-    """One optimizer step of ``variant`` (see :data:`STEP_VARIANTS`) on ``batch``."""
+def erasure_gradients(variant: str, unet, batch, uncond, params: list[torch.nn.Parameter], device: torch.device,
+                      dtype: torch.dtype = torch.float32, autocast: bool = False) -> None:
+    """Write the update direction of ``variant`` (see :data:`STEP_VARIANTS`) on ``batch`` into ``params``' ``.grad``."""
     from munba_diffusion.bargaining import get_combiner
     from munba_diffusion.diffusion.train import erasure_losses
-    from munba_diffusion.step import apply_player_gradients, clip_gradients_, player_gradients
+    from munba_diffusion.step import apply_player_gradients, player_gradients
 
+    if variant not in STEP_VARIANTS:
+        raise ValueError(f"unknown step variant {variant!r}; choose one of {', '.join(STEP_VARIANTS)}")
     if variant == "nash_split":
-        grads, losses = split_player_gradients(unet, batch, uncond, params, device, dtype, autocast)
-        apply_player_gradients(dict(zip(PLAYERS, grads)), params, get_combiner("nash"), losses=losses)
-        clip_gradients_(params, max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grads, values = split_player_gradients(unet, batch, uncond, params, device, dtype, autocast)
+        apply_player_gradients(dict(zip(PLAYERS, grads)), params, get_combiner("nash"), losses=values)
         return
     with torch.autocast(device.type, dtype=dtype, enabled=autocast):
         losses = erasure_losses(unet, batch, uncond, "esd", 1.0, PLAYERS, device, dtype)
     if variant == "single_backward":
         sum(losses.values()).backward()
+        return
+    grads = [player_gradients(losses[n], params, retain_graph=i < len(PLAYERS) - 1) for i, n in enumerate(PLAYERS)]
+    if variant == "sum_plain":
+        for p, *player_grads in zip(params, *grads):
+            p.grad = reduce(torch.add, player_grads)
     else:
-        grads = [player_gradients(losses[n], params, retain_graph=i < len(PLAYERS) - 1) for i, n in enumerate(PLAYERS)]
-        if variant == "sum_plain":
-            for p, *player_grads in zip(params, *grads):
-                p.grad = reduce(torch.add, player_grads)
-        elif variant in ("nash", "sum"):
-            apply_player_gradients(dict(zip(PLAYERS, grads)), params, get_combiner(variant),
-                                   losses={n: float(losses[n].detach()) for n in PLAYERS})
-        else:
-            raise ValueError(f"unknown step variant {variant!r}; choose one of {', '.join(STEP_VARIANTS)}")
+        apply_player_gradients(dict(zip(PLAYERS, grads)), params, get_combiner(variant),
+                               losses={n: float(losses[n].detach()) for n in PLAYERS})
+
+
+def erasure_step(variant: str, unet, batch, uncond, params: list[torch.nn.Parameter], optimizer,
+                 device: torch.device, dtype: torch.dtype = torch.float32, max_grad_norm: float = 1.0,
+                 autocast: bool = False) -> None:
+    """One optimizer step of ``variant``: its gradients, clipping of ``params`` to ``max_grad_norm``, AdamW."""
+    from munba_diffusion.step import clip_gradients_
+
+    erasure_gradients(variant, unet, batch, uncond, params, device, dtype, autocast)
     clip_gradients_(params, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -309,11 +318,10 @@ def eval_prompt_set(eval_settings: EvalSettings, work_dir: Path):
     from munba_diffusion.evaluation.prompt_sets import load_prompt_set
     from munba_diffusion.presets import eval_prompts_path
 
-    path = eval_prompts_path(eval_settings.prompts) if not Path(eval_settings.prompts).is_file() else Path(eval_settings.prompts)
+    given = Path(eval_settings.prompts)
+    path = given if given.is_file() else eval_prompts_path(eval_settings.prompts)
     if eval_settings.max_prompts is None:
         return load_prompt_set(path)
-    import csv
-
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     per_pair: dict[tuple[str, str], int] = {}
@@ -371,7 +379,8 @@ def concept_scores(folder: Path, concepts: Sequence[str], judge=None) -> dict:
     asks = {"shape": shapes, "colour": colours}
     for concept in concepts:
         scores = demo_concept_scores(shapes, colours, judged_shapes, judged_colours, concept)
-        result["concepts"][concept] = {k: scores[k] for k in ("concept_rate", "kept_attribute_accuracy", "num_concept_images")}
+        keys = ("concept_rate", "kept_attribute_accuracy", "num_concept_images")
+        result["concepts"][concept] = {k: scores[k] for k in keys}
     other = [i for i in range(len(entries)) if all(asks[concept_kind(c)][i] != c for c in concepts)]
     pick = lambda values: [values[i] for i in other]  # noqa: E731
     result["num_other_images"] = len(other)

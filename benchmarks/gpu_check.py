@@ -76,11 +76,11 @@ def time_steps(variant: str, unet, batch, uncond, params, device, dtype, steps: 
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     reset_peak(device)
     for _ in range(warmup):
-        erasure_step(variant, unet, batch, uncond, params, optimizer, device, dtype, autocast=True)
+        erasure_step(variant, unet, batch, uncond, params, optimizer, device, dtype, autocast=dtype != torch.float32)
     synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        erasure_step(variant, unet, batch, uncond, params, optimizer, device, dtype, autocast=True)
+        erasure_step(variant, unet, batch, uncond, params, optimizer, device, dtype, autocast=dtype != torch.float32)
     synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     del optimizer
@@ -103,7 +103,7 @@ def esd_peak(architecture: str, batch, uncond, device, dtype, steps: int) -> dic
     synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        with torch.autocast(device.type, dtype=dtype):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             esd_step(student, teacher, batch, uncond, params, optimizer, preserve=True)
     synchronize(device)
     result = {"seconds_per_step": (time.perf_counter() - start) / steps, "peak_bytes": peak_bytes(device),
@@ -133,7 +133,8 @@ def markdown(results: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--tiny", action="store_true", help="SD 1.5's block structure at a tiny width, 8x8 latents (dry run)")
+    p.add_argument("--tiny", action="store_true",
+                   help="SD 1.5's block structure at a tiny width, 8x8 latents (dry run)")
     p.add_argument("--latent-size", type=int, default=None, help="default 64 (512 px), 8 with --tiny")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
@@ -143,6 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-esd", dest="esd", action="store_false", help="skip the ESD way's memory measurement")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--output-dir", type=Path, default=RESULTS_ROOT / "gpu_check")
     p.add_argument("--overwrite", action="store_true")
     return p.parse_args(argv)
@@ -154,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     from benchmarks._common import prepare_results_dir
 
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device is visible; run on a GPU machine or pass --device cpu --tiny for a dry run")
@@ -167,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     unet = build_unet(architecture).to(device, dtype)
     params = add_erasure_lora(unet, ErasureLoraConfig(rank=4, target="xattn"))
     print(f"built {architecture} ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M parameters) in "
-          f"{time.time() - start:.0f} s; attention backends {backends}" + (f" (skipped: {skipped}, not importable)" if skipped else ""),
+          f"{time.time() - start:.0f} s; attention backends {backends}"
+          + (f" (skipped: {skipped}, not importable)" if skipped else ""),
           flush=True)
     rows, esd_rows = [], []
     batches = {b: move_batch(*random_erasure_batch(unet, b, latent_size, torch.Generator().manual_seed(0)), device)

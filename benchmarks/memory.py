@@ -12,8 +12,8 @@
 
 Each variant runs in a fresh subprocess: peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``) after two steps (so
 AdamW's states exist) minus the peak after the imports and a warm-up step of both variants on a 1.6M-parameter
-UNet (which moves lazy imports and library initialisation into the baseline). The same numbers are also given from parameter
-counts alone (weights + gradients + AdamW states, no activations) for every LoRA target set.
+UNet (which moves lazy imports and library initialisation into the baseline). The same numbers are also given
+from parameter counts alone (weights + gradients + AdamW states, no activations) for every LoRA target set.
 Storage: the LoRA file is written and measured; the full UNet safetensors file of the ESD way is written too
 (``--no-write-unet``: computed from parameter counts x bytes instead).
 
@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from benchmarks._common import (RESULTS_JSON, RESULTS_MD, RESULTS_ROOT, UNET_ARCHITECTURES, erasure_step,
-                                machine_info, markdown_table, prepare_results_dir, write_json_atomic,
-                                write_text_atomic)
+                                machine_info, markdown_table, prepare_results_dir, save_figure_atomic,
+                                write_json_atomic, write_text_atomic)
 
 VARIANTS = ("ours", "esd", "esd_two_players", "ours_split")
 CHILD_MARKER = "MEMORY_RESULT "
@@ -196,19 +196,37 @@ def analytic_bytes(architecture: str, targets: list[str], rank: int) -> dict:
     return out
 
 
-def run_child(args: argparse.Namespace, variant: str, target: str) -> dict:
+def child_command(args: argparse.Namespace, variant: str, target: str) -> list[str]:
     cmd = [sys.executable, "-m", "benchmarks.memory", "--child", variant, "--architecture", args.architecture,
            "--lora-target", target, "--rank", str(args.rank), "--latent-size", str(args.latent_size),
            "--steps", str(args.steps), "--threads", str(args.threads)]
     if not args.write_unet:
         cmd.append("--no-write-unet")
+    return cmd
+
+
+def run_children(args: argparse.Namespace, target: str) -> dict[str, dict]:
+    """Each variant in its own process: one after the other, or all at once with ``--parallel`` (peak RSS is
+    per process, so running them together changes only the wall time)."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(root)}
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith(CHILD_MARKER)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"memory child {variant}/{target} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return json.loads(lines[-1][len(CHILD_MARKER):])
+
+    def start(variant: str) -> subprocess.Popen:
+        return subprocess.Popen(child_command(args, variant, target), cwd=root, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def finish(variant: str, proc: subprocess.Popen) -> dict:
+        stdout, stderr = proc.communicate()
+        lines = [line for line in stdout.splitlines() if line.startswith(CHILD_MARKER)]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"memory child {variant}/{target} failed (exit {proc.returncode}): "
+                               f"{stderr.strip()[-2000:]}")
+        return json.loads(lines[-1][len(CHILD_MARKER):])
+
+    if args.parallel:
+        procs = {variant: start(variant) for variant in args.variants}
+        return {variant: finish(variant, proc) for variant, proc in procs.items()}
+    return {variant: finish(variant, start(variant)) for variant in args.variants}
 
 
 def gib(n: float) -> str:
@@ -226,8 +244,9 @@ def markdown(results: dict) -> str:
             rows.append([target, VARIANT_LABELS[variant], f"{r['trainable_parameters'] / 1e6:.2f}M",
                          gib(r["peak_minus_baseline_bytes"]), gib(r["peak_rss_bytes"])])
     measured = markdown_table(["target", "variant", "trained params", "peak - baseline", "peak RSS"], rows)
-    measured += "\n" + "\n".join(f"- {target} {name.replace('_over_', ' / ')}: **{value:.3f}x**"
-                                  for target, m in results["measured"].items() for name, value in m["ratios"].items()) + "\n"
+    ratios = [f"- {target} {name.replace('_over_', ' / ')}: **{value:.3f}x**"
+              for target, m in results["measured"].items() for name, value in m["ratios"].items()]
+    measured += "\n" + "\n".join(ratios) + "\n"
     rows = [[t, f"{a['lora_parameters'] / 1e6:.2f}M", f"{a['trained_layer_parameters'] / 1e6:.1f}M",
              gib(a["ours_bytes"]), gib(a["esd_bytes"]), f"{a['ratio']:.3f}x"] for t, a in results["analytic"].items()]
     analytic = markdown_table(["target", "LoRA params", "ESD trained params", "ours (weights+grads+Adam)",
@@ -245,7 +264,40 @@ def markdown(results: dict) -> str:
             f"1x4x{s['latent_size']}x{s['latent_size']} per player, LoRA rank {s['rank']}, CPU float32)\n\n"
             f"Measured (fresh subprocess per variant, ru_maxrss after {s['steps']} steps minus after imports):\n\n"
             f"{measured}\nFrom parameter counts (fp32, no activations):\n\n{analytic}\nStorage:\n\n{storage}\n"
-            f"{mach['cpu']}, {mach['nproc']} cores, {mach['memory_gib']} GiB, {mach['date_utc']}.\n")
+            f"{mach['cpu']}, {mach['nproc']} cores, {mach['memory_gib']} GiB, {mach['date_utc']}.\n\n"
+            "![memory](memory.png)\n")
+
+
+def plot(results: dict, path: Path) -> None:
+    """Peak RSS above the baseline per variant (measured) and weights + gradients + AdamW per target set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for target, m in results["measured"].items():
+        names = list(m["runs"])
+        values = [m["runs"][v]["peak_minus_baseline_bytes"] / 2**30 for v in names]
+        bars = left.bar([VARIANT_LABELS[v].replace(" (", "\n(") for v in names], values,
+                        color=["crimson" if v.startswith("ours") else "tab:gray" for v in names])
+        left.bar_label(bars, fmt="%.2f GiB", fontsize=8)
+        left.set_title(f"measured peak RSS - baseline ({target}, {results['settings']['architecture']})", fontsize=10)
+    left.tick_params(axis="x", labelsize=7)
+    left.set_ylabel("GiB")
+    targets = list(results["analytic"])
+    x = range(len(targets))
+    right.bar([i - 0.2 for i in x], [results["analytic"][t]["ours_bytes"] / 2**30 for t in targets], width=0.4,
+              label="ours (LoRA)", color="crimson")
+    right.bar([i + 0.2 for i in x], [results["analytic"][t]["esd_bytes"] / 2**30 for t in targets], width=0.4,
+              label="ESD way", color="tab:gray")
+    right.set_xticks(list(x), targets)
+    right.set_ylabel("GiB (fp32 weights + gradients + AdamW)")
+    right.set_title("from parameter counts, per LoRA target set", fontsize=10)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure_atomic(fig, path)
+    plt.close(fig)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -258,6 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latent-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--parallel", action="store_true", help="run the variants' processes at the same time")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-write-unet", dest="write_unet", action="store_false",
                    help="compute the full UNet file size from parameter counts instead of writing it")
@@ -280,16 +333,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     machine = machine_info()
     measured = {}
     for target in args.lora_targets:
-        runs = {variant: run_child(args, variant, target) for variant in args.variants}
+        runs = run_children(args, target)
         delta = {v: r["peak_minus_baseline_bytes"] for v, r in runs.items()}
-        ratios = {f"{a}_over_{b}": delta[a] / delta[b] for a in ("ours", "ours_split") for b in ("esd", "esd_two_players")
-                  if a in delta and b in delta}
+        ratios = {f"{a}_over_{b}": delta[a] / delta[b] for a in ("ours", "ours_split")
+                  for b in ("esd", "esd_two_players") if a in delta and b in delta}
         measured[target] = {"runs": runs, "ratios": ratios}
     results = {"benchmark": "memory", "machine": machine,
                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                             if k not in ("child", "lora_target")},
                "measured": measured, "analytic": analytic_bytes(args.architecture, args.analytic_targets, args.rank)}
     write_json_atomic(out / RESULTS_JSON, results)
+    plot(results, out / "memory.png")
     write_text_atomic(out / RESULTS_MD, markdown(results))
     print(markdown(results))
     return results

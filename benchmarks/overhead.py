@@ -24,7 +24,7 @@ import torch
 
 from benchmarks._common import (PLAYERS, RESULTS_JSON, RESULTS_MD, RESULTS_ROOT, STEP_VARIANTS, erasure_step,
                                 load_unet, machine_info, markdown_table, prepare_results_dir, quantiles,
-                                random_erasure_batch, write_json_atomic, write_text_atomic)
+                                random_erasure_batch, save_figure_atomic, write_json_atomic, write_text_atomic)
 
 
 def time_variants(unet, params, batch, uncond, rounds: int, warmup: int, seed: int) -> dict[str, list[float]]:
@@ -107,6 +107,38 @@ def benchmark_model(model: str, *, latent_size: int | None, batch_size: int, ran
     }
 
 
+VARIANT_LABELS = {"nash": "nash", "sum": "sum (trainer path)", "sum_plain": "sum (no Gram)",
+                  "single_backward": "single backward", "nash_split": "nash, split forwards"}
+
+
+def plot(results: dict, path: Path) -> None:
+    """Median seconds per step of every variant (bars) with the interquartile range, one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = results["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        stats = model["seconds_per_step"]
+        names = [v for v in STEP_VARIANTS if v in stats]
+        med = [stats[v]["median"] for v in names]
+        err = [[stats[v]["median"] - stats[v]["p25"] for v in names],
+               [stats[v]["p75"] - stats[v]["median"] for v in names]]
+        bars = ax.bar([VARIANT_LABELS[v] for v in names], med, yerr=err, capsize=3,
+                      color=["crimson" if v == "nash" else "tab:gray" for v in names])
+        ax.bar_label(bars, labels=[f"{m / med[names.index('sum_plain')]:.3f}x" for m in med], fontsize=8)
+        ax.set_ylabel("seconds per step (median, IQR)")
+        ax.set_title(f"{Path(model['model']).name}: latents {model['batch_size_per_player']}x4x{model['latent_size']}"
+                     f"x{model['latent_size']}", fontsize=10)
+        ax.tick_params(axis="x", labelsize=8, rotation=20)
+    fig.suptitle("erasure step time; labels: ratio to sum (no Gram)", fontsize=10)
+    fig.tight_layout()
+    save_figure_atomic(fig, path)
+    plt.close(fig)
+
+
 def markdown(results: dict) -> str:
     header = ["model", "latents", "nash s/step", "sum (plain) s/step", "single backward s/step",
               "nash / sum", "nash / single backward", "Gram + weights alone", "nash, split forwards / single backward"]
@@ -128,7 +160,7 @@ def markdown(results: dict) -> str:
     return (f"# Erasure step time: nash vs sum\n\n{markdown_table(header, rows)}\n"
             f"Medians over {results['settings']['rounds']} interleaved rounds; {m['cpu']}, {m['nproc']} cores, "
             f"{m['torch_threads']} torch thread(s), load average at start {m['load_average_1_5_15']}, "
-            f"{m['date_utc']}.\n")
+            f"{m['date_utc']}.\n\n![step time](overhead.png)\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -158,9 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
                               batch_size=args.batch_size, rank=args.rank, target=args.lora_target,
                               rounds=args.rounds, warmup=args.warmup, seed=args.seed) for m in args.models]
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    results = {"benchmark": "overhead", "machine": machine, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    results = {"benchmark": "overhead", "machine": machine, "settings": settings,
                "variants": list(STEP_VARIANTS), "models": models}
     write_json_atomic(out / RESULTS_JSON, results)
+    plot(results, out / "overhead.png")
     write_text_atomic(out / RESULTS_MD, markdown(results))
     print(markdown(results))
     return results

@@ -40,8 +40,9 @@ def plot(results: dict, path: Path) -> None:
     bars = left.bar(labels, values, color=["tab:blue", "tab:cyan", "tab:orange"])
     left.bar_label(bars, fmt="%.3f s")
     left.set_ylabel("seconds per training step")
-    left.set_title(f"{results['settings']['erasure']['steps']} steps, batch {results['settings']['erasure']['batch_size']}"
-                   f" per player: fresh / pool = {results['speedup_loop']:.1f}x")
+    erasure = results["settings"]["erasure"]
+    left.set_title(f"{erasure['steps']} steps, batch {erasure['batch_size']} per player: "
+                   f"fresh / pool = {results['speedup_loop']:.1f}x")
     left.tick_params(axis="x", labelsize=8)
     names = ["original", "pool", "fresh"]
     rates = [results["original"]["concept_rate"]] + [runs[s]["scores"]["concept_rate"] for s in SOURCES]
@@ -74,7 +75,8 @@ def markdown(results: dict) -> str:
     return (f"# Trajectory pool vs fresh trajectories ({results['settings']['erasure']['model']}, "
             f"'{results['settings']['concept']}')\n\n{table}\n"
             f"fresh / pool per step: {results['speedup_loop']:.2f}x (loop only), "
-            f"{results['speedup_amortised']:.2f}x (pool build amortised over {results['settings']['erasure']['steps']} steps).\n\n"
+            f"{results['speedup_amortised']:.2f}x (pool build amortised over "
+            f"{results['settings']['erasure']['steps']} steps).\n\n"
             f"{m['cpu']}, {m['nproc']} cores, {m['torch_threads']} torch thread(s), load average at start "
             f"{m['load_average_1_5_15']}, {m['date_utc']}.\n\n![pool vs fresh](sampling.png)\n")
 
@@ -95,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-prompts", default=e.prompts, help="bundled prompt set name or CSV with shape/colour columns")
     p.add_argument("--eval-steps", type=int, default=e.steps)
     p.add_argument("--eval-guidance", type=float, default=e.guidance_scale)
-    p.add_argument("--max-eval-prompts", type=int, default=None, help="score only the first N prompts of each (shape, colour)")
+    p.add_argument("--max-eval-prompts", type=int, default=None,
+                   help="score only the first N prompts of each (shape, colour)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work-dir", type=Path, default=None,
                    help="new or empty folder that keeps the erased models and images (default: a temporary folder)")
@@ -128,8 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     amortised = pool["step_seconds"] + pool["setup_seconds"] / args.steps
     results = {
         "benchmark": "sampling", "machine": machine,
-        "settings": {"concept": args.concept, "seed": args.seed, "erasure": asdict(settings), "evaluation": asdict(evaluation),
-                     "combiner": "nash", "threads": args.threads},
+        "settings": {"concept": args.concept, "seed": args.seed, "erasure": asdict(settings),
+                     "evaluation": asdict(evaluation), "combiner": "nash", "threads": args.threads},
         "original": single_concept_scores(original, args.concept), "runs": runs,
         "pool_step_seconds_amortised": amortised,
         "speedup_loop": fresh["step_seconds"] / pool["step_seconds"],

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from benchmarks._common import (RESULTS_JSON, RESULTS_MD, RESULTS_ROOT, ErasureSettings, EvalSettings,
                                 concept_scores, generate_for_eval, machine_info, markdown_table, run_erasure,
-                                save_figure_atomic, single_concept_scores, work_folder, write_json_atomic, write_text_atomic)
+                                save_figure_atomic, single_concept_scores, work_folder, write_json_atomic,
+                                write_text_atomic)
 
 METHODS: dict[str, tuple[str, list[float] | None]] = {
     # name -> (combiner, fixed weights [preserve, forget])
@@ -140,7 +141,7 @@ def markdown(results: dict) -> str:
         rows.append([f"**{method}**" if method == "nash" else method, fmt(v["concept_rate"]),
                      fmt(v["kept_attribute_accuracy"]), fmt(v["other_accuracy"]), fmt(v["judge_fid_other"], 2),
                      fmt(v["step_seconds"]), ", ".join(s["dominated_by"][method]) or "on the front"])
-    single = markdown_table([f"method", f"concept rate ({concept}) ↓", "kept attribute acc ↑", "other accuracy ↑",
+    single = markdown_table(["method", f"concept rate ({concept}) ↓", "kept attribute acc ↑", "other accuracy ↑",
                              "judge FID (other) ↓", "s/step", "dominated by (means)"], rows)
     text = (f"# Forgetting vs preserving on the demo world: erasing '{concept}'\n\n"
             f"Mean ± std over seeds {results['settings']['seeds']} (sample std); same settings for every method: "
@@ -205,7 +206,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--two-concepts", nargs="*", default=["circle", "red"],
                    help="erase these together with each of --two-concept-methods (none: skip)")
-    p.add_argument("--two-concept-methods", nargs="*", default=list(TWO_CONCEPT_METHODS), choices=list(TWO_CONCEPT_METHODS))
+    p.add_argument("--two-concept-methods", nargs="*", default=list(TWO_CONCEPT_METHODS),
+                   choices=list(TWO_CONCEPT_METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -259,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_json_atomic(config_path, config)
     jobs = [(m, METHODS[m], s, [args.concept]) for s in args.seeds for m in args.methods]
     if len(args.two_concepts) > 1:
-        jobs += [(m, TWO_CONCEPT_METHODS[m], s, list(args.two_concepts)) for s in args.seeds for m in args.two_concept_methods]
+        jobs += [(m, TWO_CONCEPT_METHODS[m], s, list(args.two_concepts))
+                 for s in args.seeds for m in args.two_concept_methods]
     with work_folder(args.work_dir, "munba-tradeoff-") as work:
         original_path = runs_dir / "original.json"
         if not original_path.exists():
@@ -278,7 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary["original"] = {"single": single_concept_scores(original["single"], args.concept),
                            "two": original["two"]}
     results = {"benchmark": "tradeoff", "machine": machine, "finished_utc": machine_info()["date_utc"],
-               "settings": {"concept": args.concept, "seeds": args.seeds, "methods": {m: METHODS[m] for m in args.methods},
+               "settings": {"concept": args.concept, "seeds": args.seeds,
+                            "methods": {m: METHODS[m] for m in args.methods},
                             "two_concepts": args.two_concepts, "threads": args.threads, **config},
                "summary": summary}
     write_json_atomic(args.output_dir / RESULTS_JSON, results)

@@ -232,6 +232,6 @@ def test_benchmark_on_an_image_folder_writes_reports(demo, tmp_path, monkeypatch
     paths = write_results(results, out)
     assert json.loads(paths[0].read_text())["protocol"]["forget"] == ["round shape"]
     table = paths[1].read_text()
-    assert "| munba |" in table and "Held-out acc (" in table and "munba acceptance" in table
+    assert "| munba (nash) |" in table and "Held-out acc (" in table and "munba acceptance" in table
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_results(results, out)

@@ -346,12 +346,12 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         "",
     ]
     titles = ("Forget acc ↓", "Retain acc", heldout_title, "Time (s)")
+    row_names = {"original": "Original (no unlearning)", "munba": f"munba ({unlearn['combiner']})"}
     for setting, methods in summary.items():
         lines += [f"## Trained: {setting}", "", "| Method | " + " | ".join(titles) + " |", "|---" * 5 + "|"]
         for method, cells in methods.items():
-            name = "Original (no unlearning)" if method == "original" else method
-            lines.append(f"| {name} | " + " | ".join(_format(cells.get(c), 1 if c == "time_s" else 2)
-                                                     for c in REPORT_COLUMNS) + " |")
+            cells_text = [_format(cells.get(c), 1 if c == "time_s" else 2) for c in REPORT_COLUMNS]
+            lines.append(f"| {row_names.get(method, method)} | " + " | ".join(cells_text) + " |")
         if "munba" in methods:
             checks = acceptance(methods, "munba", protocol["chance_acc"])
             verdicts = ", ".join(f"{name} {'yes' if passed else 'NO'}" for name, passed in checks.items())

@@ -196,7 +196,9 @@ def erasure_losses(unet, batch: ErasureBatch, uncond: torch.Tensor, loss: str, e
 class ErasureData:
     """Text contexts and latent sources of every player; draws one micro-batch per call."""
 
-    def __init__(self, forget_sources, forget_contexts, anchor_contexts, preserve_source, preserve_contexts):
+    def __init__(self, forget_sources, forget_contexts, anchor_contexts, preserve_source, preserve_contexts,
+                 uncond: torch.Tensor):
+        self.uncond = uncond  # the empty prompt's context
         self.forget_sources, self.forget_contexts = forget_sources, forget_contexts
         self.anchor_contexts = anchor_contexts
         self.preserve_source, self.preserve_contexts = preserve_source, preserve_contexts
@@ -266,9 +268,7 @@ def build_erasure_data(config: ErasureTrainingConfig, pipe, unet, device, dtype,
     forget_sources = [source(ctx, config.forget_image_dir, f"pool: {c.name}")
                       for c, ctx in zip(config.concepts, forget_ctx)]
     preserve_source = source(preserve_ctx, config.preserve_image_dir, "pool: preserve")
-    data = ErasureData(forget_sources, forget_ctx, anchor_ctx, preserve_source, preserve_ctx)
-    data.uncond = uncond
-    return data
+    return ErasureData(forget_sources, forget_ctx, anchor_ctx, preserve_source, preserve_ctx, uncond)
 
 
 # ------------------------------------------------------------------------------------------ the loop

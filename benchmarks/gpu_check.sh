@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One-GPU check (H100/H200, no network): erasure steps/s and peak GPU memory of SD 1.5's UNet architecture at
+# 512 px (64x64 latents), bf16, batch 1 and 4 per player, nash vs sum vs one backward, SDPA vs xformers (when it
+# imports), plus the ESD way's peak memory. Random weights: nothing is downloaded. Finishes in a few minutes.
+#
+#   bash benchmarks/gpu_check.sh                       # writes benchmarks/results/gpu_check/ (or $OUT when set)
+#   bash benchmarks/gpu_check.sh --batch-sizes 1       # extra arguments go to python -m benchmarks.gpu_check
+#
+# Python packages the GPU image may lack (diffusers, often) can travel as wheels in .whl/ at the repository
+# root (pip download --no-deps --only-binary=:all: diffusers==<version> -d .whl); they are installed into
+# /tmp/site first. A dry run of the Python part on a CPU: python -m benchmarks.gpu_check --device cpu --tiny
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+PYTHON=${PYTHON:-python3}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # munba_diffusion and benchmarks from this checkout
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi: not available"
+"$PYTHON" - <<'EOF'
+import importlib, sys
+missing = []
+for name in ("torch", "diffusers", "transformers", "peft", "yaml", "safetensors"):
+    try:
+        module = importlib.import_module(name)
+        print(f"{name} {getattr(module, '__version__', '?')}")
+    except Exception as error:  # report every missing package at once
+        missing.append(f"{name} ({error.__class__.__name__}: {error})")
+if missing:
+    sys.exit("gpu_check.sh: missing " + "; ".join(missing) + ": put their wheels in .whl/ (see the top of this script)")
+EOF
+
+OUTPUT_DIR=${OUT:-benchmarks/results/gpu_check}
+timeout 570 "$PYTHON" -m benchmarks.gpu_check --output-dir "$OUTPUT_DIR" "$@"

@@ -1,0 +1,158 @@
+"""The benchmark scripts at tiny sizes, so that they cannot silently rot; plus the pieces whose correctness the
+benchmarks' conclusions rest on (the step variants compute the directions they claim, the Pareto test)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import gpu_check, memory, overhead, run_all, sampling, tradeoff
+from benchmarks._common import (STEP_VARIANTS, build_unet, erasure_gradients, random_erasure_batch)
+from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
+from tests.tiny_sd import save_tiny_sd
+
+TINY_ERASURE = ["--steps", "4", "--batch-size", "1", "--sampler-steps", "3", "--pool-trajectories", "1",
+                "--grid-steps", "1", "--eval-steps", "2", "--max-eval-prompts", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory) -> str:
+    return str(save_tiny_sd(tmp_path_factory.mktemp("tiny") / "tiny-sd"))
+
+
+def _results(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ step variants
+def _gradients(variant: str, unet, batch, uncond, params) -> list[torch.Tensor]:
+    for p in params:
+        p.grad = None
+    erasure_gradients(variant, unet, batch, uncond, params, torch.device("cpu"))
+    return [p.grad.clone() for p in params]
+
+
+def test_step_variants_compute_the_directions_they_claim():
+    unet = build_unet("sd15-tiny")
+    params = add_erasure_lora(unet, ErasureLoraConfig(rank=2))
+    with torch.no_grad():  # move off the zero LoRA so that the preservation gradient is not ~0
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    batch, uncond = random_erasure_batch(unet, 2, 8, torch.Generator().manual_seed(0))
+    grads = {v: _gradients(v, unet, batch, uncond, params) for v in STEP_VARIANTS}
+    for a, b in zip(grads["sum_plain"], grads["single_backward"]):  # both = g_r + g_f
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(grads["sum"], grads["sum_plain"]):  # the trainer's sum path = plain addition
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(grads["nash_split"], grads["nash"]):  # one forward per player gives the same Nash step
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    flat = {v: torch.cat([g.flatten() for g in gs]).double() for v, gs in grads.items()}
+    assert torch.linalg.vector_norm(flat["nash"]).item() == pytest.approx(2**0.5, rel=1e-4)  # |d|^2 = 2
+    cos = torch.nn.functional.cosine_similarity(flat["nash"], flat["sum_plain"], dim=0).item()
+    assert cos < 0.999  # Nash re-weights the players: not just a rescaled sum
+    with pytest.raises(ValueError, match="unknown step variant"):
+        erasure_gradients("mean", unet, batch, uncond, params, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------ scripts
+def test_overhead_writes_ratios_for_each_model(tiny_sd, tmp_path):
+    out = tmp_path / "overhead"
+    overhead.main(["--models", tiny_sd, "sd15-tiny", "--latent-size", "8", "--rounds", "2", "--warmup", "0",
+                   "--output-dir", str(out)])
+    results = _results(out)
+    assert [m["model"] for m in results["models"]] == [tiny_sd, "sd15-tiny"]
+    for model in results["models"]:
+        assert set(model["seconds_per_step"]) == set(STEP_VARIANTS)
+        assert all(s["median"] > 0 and s["n"] == 2 for s in model["seconds_per_step"].values())
+        assert all(r > 0 for r in model["ratios"].values())
+        assert model["lora_parameters"] > 0 and model["unet_parameters"] > 100 * model["lora_parameters"]
+    assert results["models"][1]["latent_size"] == 8 and results["machine"]["nproc"] >= 1
+    assert "nash / sum" in (out / "results.md").read_text()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        overhead.main(["--models", "sd15-tiny", "--output-dir", str(out)])
+
+
+def test_memory_esd_way_needs_more_than_lora(tmp_path):
+    out = tmp_path / "memory"
+    memory.main(["--architecture", "sd15-small", "--latent-size", "8", "--variants", "ours", "esd", "--parallel",
+                 "--analytic-targets", "xattn", "noxattn", "--output-dir", str(out)])
+    results = _results(out)
+    runs = results["measured"]["xattn"]["runs"]
+    ours, esd = runs["ours"], runs["esd"]
+    # the ESD way holds a second 25M-parameter UNet (~100 MB): a gap far above allocator noise
+    assert esd["peak_minus_baseline_bytes"] > ours["peak_minus_baseline_bytes"] + 50 * 2**20
+    assert 0 < results["measured"]["xattn"]["ratios"]["ours_over_esd"] < 1
+    assert esd["saved_bytes"] > 50 * ours["saved_bytes"] > 0
+    assert esd["trainable_parameters"] > 10 * ours["trainable_parameters"]
+    analytic = results["analytic"]
+    assert analytic["noxattn"]["ratio"] < analytic["xattn"]["ratio"] < 1
+    assert analytic["xattn"]["unet_file_bytes_fp32"] == 2 * analytic["xattn"]["unet_file_bytes_fp16"]
+
+
+def test_sampling_reports_both_sources(tiny_sd, tmp_path):
+    out = tmp_path / "sampling"
+    sampling.main(["--model", tiny_sd, *TINY_ERASURE, "--output-dir", str(out)])
+    results = _results(out)
+    pool, fresh = results["runs"]["pool"], results["runs"]["fresh"]
+    assert pool["setup_seconds"] > 0 and pool["step_seconds"] > 0 and fresh["step_seconds"] > 0
+    assert results["speedup_loop"] > 0 and results["speedup_amortised"] > 0
+    assert results["pool_step_seconds_amortised"] > pool["step_seconds"]
+    for scores in (results["original"], pool["scores"], fresh["scores"]):
+        assert 0 <= scores["concept_rate"] <= 1 and 0 <= scores["other_accuracy"] <= 1
+        assert scores["num_concept_images"] == 4 and scores["num_images"] == 16  # first prompt of each pair
+    assert (out / "sampling.png").stat().st_size > 0
+
+
+def test_tradeoff_runs_resumes_and_summarises(tiny_sd, tmp_path):
+    out = tmp_path / "tradeoff"
+    args = ["--model", tiny_sd, *TINY_ERASURE, "--methods", "nash", "forget_only", "--seeds", "0",
+            "--two-concept-methods", "nash", "--output-dir", str(out)]
+    tradeoff.main(args)
+    runs = sorted(p.name for p in (out / "runs").glob("*.json"))
+    assert runs == ["forget_only-seed0.json", "nash-seed0.json", "original.json", "two_concepts-nash-seed0.json"]
+    results = _results(out)
+    summary = results["summary"]
+    assert set(summary["single_concept"]) == {"nash", "forget_only"}
+    assert summary["single_concept"]["nash"]["concept_rate"]["n"] == 1
+    assert set(summary["two_concepts"]["nash"]) >= {"concept_rate/circle", "concept_rate/red", "other_accuracy"}
+    assert isinstance(summary["nash_on_front"], bool)
+    assert json.loads((out / "runs" / "forget_only-seed0.json").read_text())["combiner_weights"] == [0.0, 1.0]
+    assert (out / "pareto.png").stat().st_size > 0
+    with pytest.raises(FileExistsError, match="--resume"):
+        tradeoff.main(args)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    tradeoff.main([*args, "--resume"])  # every run is there: nothing is trained again
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps
+    with pytest.raises(ValueError, match="other settings"):
+        tradeoff.main([*args, "--resume", "--learning-rate", "0.5"])
+
+
+def test_pareto_front_marks_dominated_methods():
+    points = {"a": (0.1, 0.9), "b": (0.2, 0.8), "c": (0.05, 0.5), "d": (0.1, 0.9)}
+    dominated = tradeoff.pareto_front(points)
+    assert dominated == {"a": [], "b": ["a", "d"], "c": [], "d": []}  # equal points do not dominate each other
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    out = tmp_path / "gpu"
+    gpu_check.main(["--device", "cpu", "--tiny", "--dtype", "fp32", "--batch-sizes", "1", "--steps", "1",
+                    "--warmup", "0", "--variants", "nash", "sum_plain", "--attention", "sdpa", "--threads", "1",
+                    "--output-dir", str(out)])
+    results = _results(out)
+    assert [(r["batch_size"], r["variant"]) for r in results["rows"]] == [(1, "nash"), (1, "sum_plain")]
+    assert all(r["steps_per_second"] > 0 and r["peak_bytes"] is None for r in results["rows"])
+    assert results["esd_way"][0]["trainable_parameters"] > 0
+    assert results["settings"]["resolution"] == 64
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
+    assert "python3" in script and "-m benchmarks.gpu_check" in script
+
+
+def test_run_all_lists_every_benchmark(capsys):
+    assert run_all.main(["--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("overhead", "memory", "sampling", "tradeoff"):
+        assert f"-m benchmarks.{name}" in printed
+    assert "munba_diffusion.classifiers.cli" in printed
