@@ -123,7 +123,7 @@ def machine_info() -> dict:
             versions[name] = None
     return {
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["python", *getattr(sys, "orig_argv", sys.argv)[1:]]),
         "cpu": _cpu_model(),
         "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gib": _memory_gib(),
@@ -310,7 +310,14 @@ def run_erasure(settings: ErasureSettings, concepts: Sequence[str], output_dir: 
     train = float(extra["train_seconds"])
     log = [json.loads(line) for line in (output_dir / "logs" / "train_log.jsonl").read_text().splitlines() if line]
     return {"setup_seconds": pool, "loop_seconds": train - pool, "step_seconds": (train - pool) / settings.steps,
-            "skipped_steps": sum(bool(r.get("skipped")) for r in log), "final_log": log[-1]}
+            "skipped_steps": sum(bool(r.get("skipped")) for r in log), "final_log": log[-1],
+            "saved_bytes": {"lora_file": (output_dir / "pytorch_lora_weights.safetensors").stat().st_size,
+                            "unet_folder": folder_bytes(output_dir / "unet"),
+                            "output_folder": folder_bytes(output_dir)}}
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def eval_prompt_set(eval_settings: EvalSettings, work_dir: Path):

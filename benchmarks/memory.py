@@ -37,7 +37,7 @@ from benchmarks._common import (RESULTS_JSON, RESULTS_MD, RESULTS_ROOT, UNET_ARC
                                 machine_info, markdown_table, prepare_results_dir, save_figure_atomic,
                                 write_json_atomic, write_text_atomic)
 
-VARIANTS = ("ours", "esd", "esd_two_players", "ours_split")
+VARIANTS = ("ours", "ours_split", "esd", "esd_two_players")
 CHILD_MARKER = "MEMORY_RESULT "
 SAFETENSORS_HEADER_ALIGNMENT = 8
 
@@ -237,6 +237,10 @@ VARIANT_LABELS = {"ours": "ours (trainer)", "ours_split": "ours, one forward per
                   "esd": "ESD way (forget loss only)", "esd_two_players": "ESD way + preservation player"}
 
 
+PLOT_LABELS = {"ours": "ours\n(trainer)", "ours_split": "ours, one\nforward/player", "esd": "ESD way\n(forget only)",
+               "esd_two_players": "ESD way\n+ preserve"}
+
+
 def markdown(results: dict) -> str:
     rows = []
     for target, m in results["measured"].items():
@@ -279,7 +283,7 @@ def plot(results: dict, path: Path) -> None:
     for target, m in results["measured"].items():
         names = list(m["runs"])
         values = [m["runs"][v]["peak_minus_baseline_bytes"] / 2**30 for v in names]
-        bars = left.bar([VARIANT_LABELS[v].replace(" (", "\n(") for v in names], values,
+        bars = left.bar([PLOT_LABELS[v] for v in names], values,
                         color=["crimson" if v.startswith("ours") else "tab:gray" for v in names])
         left.bar_label(bars, fmt="%.2f GiB", fontsize=8)
         left.set_title(f"measured peak RSS - baseline ({target}, {results['settings']['architecture']})", fontsize=10)

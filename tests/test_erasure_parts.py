@@ -129,3 +129,51 @@ def test_trajectory_pool_holds_the_sampler_states(pipe):
     torch.testing.assert_close(pool.latents[1, 0], direct[:, 0], rtol=1e-4, atol=1e-5)
     batch = pool.sample(5, torch.Generator().manual_seed(1))
     assert batch.latents.shape == (5, 4, 16, 16) and set(batch.timesteps.tolist()) <= set(pool.timesteps.tolist())
+
+
+def _sd14_layout(path):
+    """A tiny folder laid out like CompVis/stable-diffusion-v1-4: safety checker and feature extractor included."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    pipe = build_tiny_sd_pipeline(seed=0)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16), projection_dim=16))
+    pipe.safety_checker, pipe.feature_extractor = checker, CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                             crop_size={"height": 32, "width": 32})
+    pipe.register_modules(safety_checker=checker, feature_extractor=pipe.feature_extractor)
+    pipe.register_to_config(requires_safety_checker=True)
+    pipe.save_pretrained(path)
+    return path
+
+
+def test_sd14_layout_goes_through_the_real_loading_path(tmp_path):
+    import json
+
+    from munba_diffusion.diffusion.base_model import load_base_pipeline
+
+    folder = _sd14_layout(tmp_path / "sd-v1-4")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["safety_checker"][1] == "StableDiffusionSafetyChecker" and (folder / "safety_checker").is_dir()
+    pipe = load_base_pipeline(str(folder))
+    assert pipe.safety_checker is None  # the field's protocol: generation without the safety checker
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+
+
+def test_erasure_runs_on_the_sd14_layout(tmp_path):
+    import json
+
+    import train_erase
+
+    folder = _sd14_layout(tmp_path / "sd-v1-4")
+    out = tmp_path / "erased"
+    train_erase.main(["--pretrained_model_name_or_path", str(folder), "--concept", "text:a red circle",
+                      "--output_dir", str(out), "--max_train_steps", "2", "--sampler_steps", "3",
+                      "--pool_trajectories", "1", "--validation_inference_steps", "2", "--validation_seeds", "1",
+                      "--lora_target", "noxattn"])
+    config = json.loads((out / "erasure_config.json").read_text())
+    assert config["base_model"] == str(folder) and config["lora"]["preset"] == "noxattn"
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"

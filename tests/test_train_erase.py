@@ -21,6 +21,8 @@ from munba_diffusion.demo import DEMO_MODEL_NAME
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--sampler_steps", "5", "--pool_trajectories", "1", "--validation_inference_steps", "4",
         "--validation_seeds", "1", "--no_evaluation", "--train_batch_size", "2"]
+DEMO_ERASURE = ["--lora_target", "attn", "--rank", "4", "--learning_rate", "1e-3", "--sampler_guidance_scale", "4",
+                "--validation_guidance_scale", "4"]
 
 
 def _env() -> dict:
@@ -31,7 +33,9 @@ def _launch(args: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(ROOT / "train_erase.py"), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # its own process group, so that a kill reaches accelerate's training child too
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 def _lora(folder: Path) -> dict[str, torch.Tensor]:
@@ -77,9 +81,8 @@ def test_kill_and_resume_latest_gives_the_same_lora(uninterrupted, tmp_path):
     deadline = time.time() + 300
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
-    os.system(f"pkill -9 -f {out}")  # accelerate's child process
     assert not (out / "model_index.json").exists(), "the run finished before it could be killed"
     assert first.exists()
 
@@ -176,3 +179,59 @@ def test_output_folder_with_results_is_not_overwritten(uninterrupted, tmp_path, 
                       "--output_dir", str(uninterrupted)], capsys)
     assert "--overwrite_output_dir" in message
     assert (uninterrupted / "pytorch_lora_weights.safetensors").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------- multi-concept
+def _concept_rates(folder: str, prompts: list[tuple[str, str, str]]) -> dict[str, float]:
+    """Share of each concept's prompts that the demo judge still sees as that concept."""
+    from diffusers import StableDiffusionPipeline
+
+    from munba_diffusion.demo import COLOURS, SHAPES, load_demo_judge
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    texts = [p for p, _, _ in prompts]
+    images = pipe(texts, num_inference_steps=20, guidance_scale=4.0, output_type="pt",
+                  generator=[torch.Generator().manual_seed(50 + i) for i in range(len(texts))]).images
+    out = load_demo_judge().classify(images)
+    hits: dict[str, list[bool]] = {}
+    for (_, kind, concept), s, c in zip(prompts, out.shape.tolist(), out.colour.tolist()):
+        judged = SHAPES[s] if kind == "shape" else COLOURS[c]
+        hits.setdefault(concept, []).append(judged == concept)
+    return {k: sum(v) / len(v) for k, v in hits.items()}
+
+
+def test_two_concepts_at_once_lower_both_rates(tmp_path):
+    out = tmp_path / "no-circle-no-red"
+    train_erase.main(["--pretrained_model_name_or_path", DEMO_MODEL_NAME, "--concept", "circle", "--concept", "red",
+                      "--output_dir", str(out), *DEMO_ERASURE, "--max_train_steps", "120", *FAST])
+    config = json.loads((out / "erasure_config.json").read_text())
+    assert config["extra"]["players"] == ["preserve", "forget:circle", "forget:red"]
+    records = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert all(len([k for k in r if k.startswith("weight/")]) == 3 for r in records)
+    prompts = [(f"a {c} circle", "shape", "circle") for c in ("green", "blue", "yellow")] * 2
+    prompts += [(f"a red {s}", "colour", "red") for s in ("square", "triangle", "cross")] * 2
+    before, after = _concept_rates(_demo(), prompts), _concept_rates(str(out), prompts)
+    assert after["circle"] < before["circle"] - 0.3, (before, after)
+    assert after["red"] < before["red"] - 0.3, (before, after)
+
+
+def test_erasure_scale_on_the_demo_output(uninterrupted):
+    from munba_diffusion import MunbaPipeline
+
+    def image(pipe, scale=None):
+        pipe.set_progress_bar_config(disable=True)
+        if scale is not None:
+            pipe.erasure_scale = scale
+        return pipe("a blue circle", num_inference_steps=4, generator=torch.Generator().manual_seed(8),
+                    output_type="pt").images
+
+    base = image(MunbaPipeline.from_pretrained(_demo()))
+    with_lora = MunbaPipeline.from_pretrained(_demo()).load_erasure(str(uninterrupted))
+    fused = MunbaPipeline.from_pretrained(uninterrupted)
+    torch.testing.assert_close(image(with_lora, 0.0), base, rtol=0, atol=0)  # adapters off: exactly the base
+    torch.testing.assert_close(image(fused, 0.0), base, rtol=0, atol=2e-3)  # fused minus the LoRA
+    torch.testing.assert_close(image(with_lora, 1.0), image(fused, 1.0), rtol=0, atol=2e-3)
+    half = image(fused, 0.5)
+    assert (half - base).abs().max() > 1e-4 and (half - image(fused, 1.0)).abs().max() > 1e-4
+    assert fused.erased_concepts == with_lora.erased_concepts == ["circle"]

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .export import export_erased_model, push_erased_model_to_hub, rewrite_model_card
-from .lora import ADAPTER_NAME, adapters_disabled, target_module_names
+from .lora import ADAPTER_NAME, adapters_disabled
 
 logger = logging.getLogger(__name__)
 GRID_CELL = 160

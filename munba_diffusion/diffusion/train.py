@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..bargaining import get_combiner
 from ..presets import ConceptPreset
-from ..step import StepDiagnostics, apply_player_gradients, clip_gradients_, player_gradients
+from ..step import apply_player_gradients, clip_gradients_, player_gradients
 from .latents import (FreshTrajectories, LatentBatch, NoisedImages, SamplerSettings, TrajectoryPool,
                       encode_image_folder)
 from .base_model import load_base_pipeline
