@@ -90,7 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
     p.add_argument("--lora-target", default=d.lora_target)
-    p.add_argument("--sampler-steps", type=int, default=d.sampler_steps)
+    p.add_argument("--sampler-steps", type=int, default=d.sampler_steps,
+                   help="DDIM steps of the frozen model's sampler")
+    p.add_argument("--sampler-guidance", type=float, default=d.sampler_guidance_scale)
     p.add_argument("--pool-trajectories", type=int, default=d.pool_trajectories)
     p.add_argument("--grid-steps", type=int, default=d.grid_steps, help="sampler steps of each run's before/after grid")
     p.add_argument("--seed", type=int, default=0)
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     machine = machine_info()
     settings = ErasureSettings(model=args.model, steps=args.steps, batch_size=args.batch_size,
                                learning_rate=args.learning_rate, lora_target=args.lora_target,
-                               sampler_steps=args.sampler_steps, pool_trajectories=args.pool_trajectories,
+                               sampler_steps=args.sampler_steps, sampler_guidance_scale=args.sampler_guidance,
+                               pool_trajectories=args.pool_trajectories,
                                grid_steps=args.grid_steps)
     evaluation = EvalSettings(prompts=args.eval_prompts, steps=args.eval_steps, guidance_scale=args.eval_guidance,
                               max_prompts=args.max_eval_prompts)

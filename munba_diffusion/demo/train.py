@@ -231,9 +231,16 @@ def _scheduler_config() -> dict:
                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 
 
+def demo_scheduler():
+    """The shipped sampler: Euler ancestral (its fresh noise per step draws crisper shapes than DDIM here)."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    return EulerAncestralDiscreteScheduler.from_config(_scheduler_config())
+
+
 def assemble_pipeline(out: Path, unet):
     """A StableDiffusionPipeline from the trained parts (text encoder = the CLIP's text tower)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
     from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel
 
     clip = CLIPModel.from_pretrained(out / "clip")
@@ -241,9 +248,19 @@ def assemble_pipeline(out: Path, unet):
     text_encoder.load_state_dict(clip.text_model.state_dict())
     return StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(out / "pipeline" / "vae"), text_encoder=text_encoder.eval(),
-        tokenizer=load_tokenizer(out / "clip"), unet=unet, scheduler=DDIMScheduler(**_scheduler_config()),
+        tokenizer=load_tokenizer(out / "clip"), unet=unet, scheduler=demo_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def save_demo_pipeline(pipe, directory: Path) -> None:
+    """Save with the UNet's weights stored in float16 (half the package size; diffusers loads them as float32)."""
+    unet = pipe.unet
+    pipe.unet = copy.deepcopy(unet).to(torch.float16)
+    try:
+        pipe.save_pretrained(directory, safe_serialization=True)
+    finally:
+        pipe.unet = unet
 
 
 def judge_pipeline(pipe, judge, seeds_per_caption: int = 2, steps: int = 25, guidance: float = 4.0) -> dict:
@@ -311,11 +328,11 @@ def train_unet(out: Path, seed: int, steps: int, batch: int = 32) -> None:
         if (step + 1) % 500 == 0:
             pipe = assemble_pipeline(out, ema)
             pipe.set_progress_bar_config(disable=True)
-            pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+            save_demo_pipeline(pipe, out / "pipeline")
             logger.info("unet step %d judged %s", step + 1, judge_pipeline(pipe, judge, seeds_per_caption=1))
     pipe = assemble_pipeline(out, ema)
     pipe.set_progress_bar_config(disable=True)
-    pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+    save_demo_pipeline(pipe, out / "pipeline")
     metrics = judge_pipeline(pipe, judge, seeds_per_caption=4)
     metrics.update(steps=steps, batch_size=batch, seed=seed, train_seconds=round(time.time() - start),
                    parameters=sum(p.numel() for p in ema.parameters()))
