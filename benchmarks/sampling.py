@@ -52,7 +52,7 @@ def plot(results: dict, path: Path) -> None:
     right.bar([i + 0.2 for i in x], others, width=0.4, label="other accuracy (higher = kept)")
     right.set_xticks(list(x), names)
     right.set_ylim(0, 1.05)
-    right.legend(fontsize=8, loc="lower right")
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     right.set_title(f"erasing '{results['settings']['concept']}' (demo judge)")
     fig.tight_layout()
     save_figure_atomic(fig, path)

@@ -202,18 +202,18 @@ def _concept_rates(folder: str, prompts: list[tuple[str, str, str]]) -> dict[str
 
 
 def test_two_concepts_at_once_lower_both_rates(tmp_path):
-    out = tmp_path / "no-circle-no-red"
-    train_erase.main(["--pretrained_model_name_or_path", DEMO_MODEL_NAME, "--concept", "circle", "--concept", "red",
+    out = tmp_path / "no-red-no-blue"
+    train_erase.main(["--pretrained_model_name_or_path", DEMO_MODEL_NAME, "--concept", "red", "--concept", "blue",
                       "--output_dir", str(out), *DEMO_ERASURE, "--max_train_steps", "120", *FAST])
     config = json.loads((out / "erasure_config.json").read_text())
-    assert config["extra"]["players"] == ["preserve", "forget:circle", "forget:red"]
+    assert config["extra"]["players"] == ["preserve", "forget:red", "forget:blue"]
     records = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert all(len([k for k in r if k.startswith("weight/")]) == 3 for r in records)
-    prompts = [(f"a {c} circle", "shape", "circle") for c in ("green", "blue", "yellow")] * 2
-    prompts += [(f"a red {s}", "colour", "red") for s in ("square", "triangle", "cross")] * 2
+    prompts = [(f"a red {s}", "colour", "red") for s in ("circle", "square", "triangle")] * 2
+    prompts += [(f"a blue {s}", "colour", "blue") for s in ("circle", "square", "cross")] * 2
     before, after = _concept_rates(_demo(), prompts), _concept_rates(str(out), prompts)
-    assert after["circle"] < before["circle"] - 0.3, (before, after)
     assert after["red"] < before["red"] - 0.3, (before, after)
+    assert after["blue"] < before["blue"] - 0.3, (before, after)
 
 
 def test_erasure_scale_on_the_demo_output(uninterrupted):

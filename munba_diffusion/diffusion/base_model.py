@@ -43,4 +43,5 @@ def load_base_pipeline(name_or_path: str, *, revision: str | None = None, varian
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise OSError(f"could not load {name_or_path!r} ({first}); check the id/revision and your connection, or "
                       f"pass a local diffusers folder or {DEMO_MODEL_NAME}") from None
-    return pipe.to(dtype=torch_dtype)  # cast after loading: the load-time dtype keyword was renamed across versions
+    # cast after loading: the load-time dtype keyword was renamed across diffusers versions
+    return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
