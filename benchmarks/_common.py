@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from functools import reduce
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -69,6 +69,25 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_results(out: Path, results: dict, markdown: Callable[[dict], str],
+                  plot: Callable[[dict, Path], None] | None = None, plot_name: str = "") -> None:
+    """Write ``results.json``, the plot (if any) and ``results.md`` into ``out``; print the Markdown."""
+    write_json_atomic(out / RESULTS_JSON, results)
+    if plot is not None:
+        plot(results, out / plot_name)
+    text = markdown(results)
+    write_text_atomic(out / RESULTS_MD, text)
+    print(text)
+
+
+def run_script(main: Callable[[], object], name: str) -> None:
+    """Run a benchmark's ``main``; bad input and missing files end it with a one-line error."""
+    try:
+        main()
+    except (ValueError, OSError, RuntimeError) as error:
+        sys.exit(f"{name}: error: {error}")
 
 
 def save_figure_atomic(figure, path: Path) -> None:
@@ -177,15 +196,13 @@ def random_erasure_batch(unet, batch_size: int, latent_size: int, generator: tor
 
 
 # ------------------------------------------------------------------------------------------ step variants
-STEP_VARIANTS = ("nash", "sum", "sum_plain", "single_backward", "nash_split")
+STEP_VARIANTS = ("nash", "sum", "sum_plain", "single_backward")
 """How one erasure step turns the two losses into ``.grad`` (AdamW step and clipping in all):
 
-- ``nash`` / ``sum``: the trainer's path: ``erasure_losses`` (one frozen forward, one LoRA forward over both
-  players' rows), one ``autograd.grad`` per player, float64 Gram matrix, combiner weights;
+- ``nash`` / ``sum``: the trainer's path (``erasure_player_gradients``: one frozen forward, then one LoRA
+  forward + ``autograd.grad`` per player on that player's rows), float64 Gram matrix, combiner weights;
 - ``sum_plain``: the same forwards and per-player ``autograd.grad``, gradients added, no Gram matrix, no weights;
-- ``single_backward``: the same forwards, ``(L_r + L_f).backward()``: an ordinary (non-bargained) step;
-- ``nash_split``: not what the trainer does: the same frozen forward, then one LoRA forward + ``autograd.grad``
-  per player on that player's rows only, so each backward covers half the batch (a possible optimisation).
+- ``single_backward``: the same forwards, then ``(L_r + L_f).backward()``: an ordinary (non-bargained) step.
 """
 
 
@@ -193,27 +210,32 @@ def erasure_gradients(variant: str, unet, batch, uncond, params: list[torch.nn.P
                       dtype: torch.dtype = torch.float32, autocast: bool = False) -> None:
     """Write the update direction of ``variant`` (see :data:`STEP_VARIANTS`) on ``batch`` into ``params``' ``.grad``."""
     from munba_diffusion.bargaining import get_combiner
-    from munba_diffusion.diffusion.train import erasure_losses
-    from munba_diffusion.step import apply_player_gradients, player_gradients
+    from munba_diffusion.diffusion.train import (
+        erasure_player_gradients,
+        frozen_targets,
+        player_loss,
+    )
+    from munba_diffusion.step import apply_player_gradients
 
     if variant not in STEP_VARIANTS:
         raise ValueError(f"unknown step variant {variant!r}; choose one of {', '.join(STEP_VARIANTS)}")
-    if variant == "nash_split":
-        grads, values = split_player_gradients(unet, batch, uncond, params, device, dtype, autocast)
-        apply_player_gradients(dict(zip(PLAYERS, grads)), params, get_combiner("nash"), losses=values)
-        return
-    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-        losses = erasure_losses(unet, batch, uncond, "esd", 1.0, PLAYERS, device, dtype)
+
+    def autocast_context():
+        return torch.autocast(device.type, dtype=dtype, enabled=autocast)
+
     if variant == "single_backward":
-        sum(losses.values()).backward()
+        with autocast_context():
+            targets = frozen_targets(unet, batch, uncond, "esd", 1.0, PLAYERS, device, dtype)
+            total = sum(player_loss(unet, batch, n, PLAYERS, targets[n], device, dtype) for n in PLAYERS)
+        total.backward()
         return
-    grads = [player_gradients(losses[n], params, retain_graph=i < len(PLAYERS) - 1) for i, n in enumerate(PLAYERS)]
+    grads, values = erasure_player_gradients(unet, batch, uncond, "esd", 1.0, PLAYERS, params, device, dtype,
+                                             autocast=autocast_context)
     if variant == "sum_plain":
         for p, *player_grads in zip(params, *grads):
             p.grad = reduce(torch.add, player_grads)
     else:
-        apply_player_gradients(dict(zip(PLAYERS, grads)), params, get_combiner(variant),
-                               losses={n: float(losses[n].detach()) for n in PLAYERS})
+        apply_player_gradients(dict(zip(PLAYERS, grads)), params, get_combiner(variant), losses=values)
 
 
 def erasure_step(variant: str, unet, batch, uncond, params: list[torch.nn.Parameter], optimizer,
@@ -226,31 +248,6 @@ def erasure_step(variant: str, unet, batch, uncond, params: list[torch.nn.Parame
     clip_gradients_(params, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def split_player_gradients(unet, batch, uncond, params, device: torch.device, dtype: torch.dtype, autocast: bool):
-    """The ``esd`` losses of :func:`erasure_losses` with one LoRA forward and backward per player (one graph alive
-    at a time); returns (per-player gradients in ``PLAYERS`` order, loss values)."""
-    from munba_diffusion.diffusion.lora import adapters_disabled
-    from munba_diffusion.diffusion.losses import esd_target, forget_loss, preservation_loss
-    from munba_diffusion.step import player_gradients
-
-    (lat, ctx, _), (plat, pctx) = batch.forget[0], batch.preserve
-    b = lat.latents.shape[0]
-
-    def run(x, t, c):
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            return unet(x.to(device, dtype), t.to(device), encoder_hidden_states=c.to(device, dtype)).sample
-
-    with torch.no_grad(), adapters_disabled(unet):
-        frozen = run(torch.cat([lat.latents, lat.latents, plat.latents]),
-                     torch.cat([lat.timesteps, lat.timesteps, plat.timesteps]),
-                     torch.cat([uncond.expand_as(ctx), ctx, pctx]))
-    l_r = preservation_loss(run(plat.latents, plat.timesteps, pctx), frozen[2 * b:])
-    g_r = player_gradients(l_r, params, retain_graph=False)
-    l_f = forget_loss(run(lat.latents, lat.timesteps, ctx), esd_target(frozen[:b], frozen[b:2 * b], 1.0))
-    g_f = player_gradients(l_f, params, retain_graph=False)
-    return [g_r, g_f], {"preserve": float(l_r.detach()), "forget": float(l_f.detach())}
 
 
 def quantiles(values: Sequence[float]) -> dict:
@@ -353,8 +350,13 @@ def eval_prompt_set(eval_settings: EvalSettings, work_dir: Path):
 
 def generate_for_eval(model: str, eval_settings: EvalSettings, out_dir: Path, label: str) -> Path:
     """Generate the evaluation prompt set with ``model``; returns the folder of images (with its manifest)."""
-    from munba_diffusion.evaluation.generate import (GenerationSettings, ModelSpec, generate_images, load_pipeline,
-                                                     model_protocol)
+    from munba_diffusion.evaluation.generate import (
+        GenerationSettings,
+        ModelSpec,
+        generate_images,
+        load_pipeline,
+        model_protocol,
+    )
 
     settings = GenerationSettings(num_inference_steps=eval_settings.steps, guidance_scale=eval_settings.guidance_scale,
                                   batch_size=32)
@@ -373,9 +375,18 @@ def concept_scores(folder: Path, concepts: Sequence[str], judge=None) -> dict:
     that ask for none of the concepts: other accuracy and judge FID against true renders.
     """
     from munba_diffusion.demo import COLOURS, SHAPES, load_demo_judge
-    from munba_diffusion.evaluation.demo import (concept_kind, demo_concept_scores, judge_frechet_distance,
-                                                 reference_renders)
-    from munba_diffusion.evaluation.manifest import collect_images, images_to_tensor, load_rgb, require_field
+    from munba_diffusion.evaluation.demo import (
+        concept_kind,
+        demo_concept_scores,
+        judge_frechet_distance,
+        reference_renders,
+    )
+    from munba_diffusion.evaluation.manifest import (
+        collect_images,
+        images_to_tensor,
+        load_rgb,
+        require_field,
+    )
 
     judge = judge or load_demo_judge()
     entries = collect_images(folder)

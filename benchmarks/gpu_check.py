@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from benchmarks._common import (RESULTS_JSON, RESULTS_MD, RESULTS_ROOT, build_unet, erasure_step, machine_info,
-                                markdown_table, random_erasure_batch, write_json_atomic, write_text_atomic)
+from benchmarks._common import (RESULTS_ROOT, build_unet, erasure_step, machine_info, markdown_table,
+                                random_erasure_batch, run_script, write_results)
 
-VARIANTS = ("nash", "sum_plain", "single_backward", "nash_split")
+VARIANTS = ("nash", "sum_plain", "single_backward")
 
 
 def move_batch(batch, uncond, device: torch.device):
@@ -151,9 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
-
     from benchmarks._common import prepare_results_dir
+    from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
 
     args = parse_args(argv)
     if args.threads:
@@ -197,14 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
                             "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup, "device": str(device),
                             "attention_skipped": skipped, "lora": {"rank": 4, "target": "xattn"}},
                "rows": rows, "esd_way": esd_rows, "total_seconds": time.time() - start}
-    write_json_atomic(out / RESULTS_JSON, results)
-    write_text_atomic(out / RESULTS_MD, markdown(results))
-    print(markdown(results))
+    write_results(out, results, markdown)
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, RuntimeError) as error:
-        sys.exit(f"gpu_check: error: {error}")
+    run_script(main, "gpu_check")

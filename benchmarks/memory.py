@@ -1,14 +1,13 @@
 """Peak memory of one erasure step and storage per erased concept: our LoRA recipe vs the ESD way.
 
 - ``ours``: the trainer's step: one UNet with a LoRA adapter; the frozen teacher is the same UNet with adapters
-  disabled; per-player gradients, Nash weights, AdamW over the LoRA weights only.
+  disabled; one LoRA forward + gradient per player (one player's graph alive at a time), Nash weights, AdamW
+  over the LoRA weights only.
 - ``esd``: ESD's recipe (Gandikota et al. 2023): a second full UNet copy as the frozen teacher, the trained layers
   of the student fully fine-tuned (their gradients and AdamW states), one ``backward`` of the forget loss only
   (ESD has no preservation term, so its step does less work than ours).
 - ``esd_two_players``: the ESD way with our preservation player added (one backward of ``L_r + L_f``): the same
   work per step as ours, so the difference is only the teacher copy and full fine-tuning.
-- ``ours_split``: not what the trainer does: ``ours`` with one LoRA forward + backward per player, so only one
-  player's graph is alive at a time (``_common.split_player_gradients``; a possible optimisation).
 
 Each variant runs in a fresh subprocess: peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``) after two steps (so
 AdamW's states exist) minus the peak after the imports and a warm-up step of both variants on a 1.6M-parameter
@@ -33,11 +32,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import (RESULTS_JSON, RESULTS_MD, RESULTS_ROOT, UNET_ARCHITECTURES, erasure_step,
-                                machine_info, markdown_table, prepare_results_dir, save_figure_atomic,
-                                write_json_atomic, write_text_atomic)
+from benchmarks._common import (RESULTS_ROOT, UNET_ARCHITECTURES, erasure_step, machine_info, markdown_table,
+                                prepare_results_dir, run_script, save_figure_atomic, write_results)
 
-VARIANTS = ("ours", "ours_split", "esd", "esd_two_players")
+VARIANTS = ("ours", "esd", "esd_two_players")
 CHILD_MARKER = "MEMORY_RESULT "
 SAFETENSORS_HEADER_ALIGNMENT = 8
 
@@ -53,9 +51,8 @@ def warm_up(target: str, rank: int) -> None:
     initialisation (thread pools, oneDNN caches, code pages) land in the baseline, not in a variant's peak."""
     import copy
 
-    from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
-
     from benchmarks._common import build_unet, random_erasure_batch
+    from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
 
     unet = build_unet("sd15-tiny")
     teacher = copy.deepcopy(unet).requires_grad_(False)
@@ -65,8 +62,7 @@ def warm_up(target: str, rank: int) -> None:
         p.requires_grad_(True)
     esd_step(unet, teacher, batch, uncond, params, torch.optim.AdamW(params), preserve=True)
     params = add_erasure_lora(unet, ErasureLoraConfig(rank=rank, target=target))
-    for variant in ("nash", "nash_split"):
-        erasure_step(variant, unet, batch, uncond, params, torch.optim.AdamW(params), torch.device("cpu"))
+    erasure_step("nash", unet, batch, uncond, params, torch.optim.AdamW(params), torch.device("cpu"))
 
 
 def esd_step(student, teacher, batch, uncond, params, optimizer, max_grad_norm: float = 1.0,
@@ -74,7 +70,11 @@ def esd_step(student, teacher, batch, uncond, params, optimizer, max_grad_norm: 
     """ESD's step: the teacher copy gives eps(x_t, "") and eps(x_t, c_f); the student regresses onto the negative
     guidance target; one backward; AdamW over the trained layers. ``preserve`` adds our preservation loss (the
     teacher's prediction on the preserve batch) to the one backward."""
-    from munba_diffusion.diffusion.losses import esd_target, forget_loss, preservation_loss
+    from munba_diffusion.diffusion.losses import (
+        esd_target,
+        forget_loss,
+        preservation_loss,
+    )
     from munba_diffusion.step import clip_gradients_
 
     (lat, ctx, _), (plat, pctx) = batch.forget[0], batch.preserve
@@ -123,9 +123,12 @@ def save_and_measure(state: dict[str, torch.Tensor], directory: Path, name: str)
 def child(variant: str, architecture: str, target: str, rank: int, latent_size: int, steps: int,
           write_unet: bool) -> dict:
     """Build the variant, run ``steps`` steps, report peak RSS above the post-import baseline."""
-    from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora, lora_state_dict
-
     from benchmarks._common import build_unet, random_erasure_batch
+    from munba_diffusion.diffusion.lora import (
+        ErasureLoraConfig,
+        add_erasure_lora,
+        lora_state_dict,
+    )
 
     warm_up(target, rank)
     baseline = peak_rss_bytes()
@@ -135,12 +138,11 @@ def child(variant: str, architecture: str, target: str, rank: int, latent_size: 
                     "unet_parameters": sum(p.numel() for p in unet.parameters())}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        if variant in ("ours", "ours_split"):
+        if variant == "ours":
             params = add_erasure_lora(unet, ErasureLoraConfig(rank=rank, target=target))
             optimizer = torch.optim.AdamW(params, lr=1e-4)
             for _ in range(steps):
-                erasure_step("nash" if variant == "ours" else "nash_split", unet, batch, uncond, params, optimizer,
-                             torch.device("cpu"))
+                erasure_step("nash", unet, batch, uncond, params, optimizer, torch.device("cpu"))
             result["peak_rss_bytes"] = peak_rss_bytes()
             result["saved_bytes"] = save_and_measure(lora_state_dict(unet), Path(scratch), "lora.safetensors")
             result["saved_what"] = "LoRA weights (safetensors, float32)"
@@ -233,11 +235,11 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-VARIANT_LABELS = {"ours": "ours (trainer)", "ours_split": "ours, one forward per player (suggested)",
-                  "esd": "ESD way (forget loss only)", "esd_two_players": "ESD way + preservation player"}
+VARIANT_LABELS = {"ours": "ours (trainer)", "esd": "ESD way (forget loss only)",
+                  "esd_two_players": "ESD way + preservation player"}
 
 
-PLOT_LABELS = {"ours": "ours\n(trainer)", "ours_split": "ours, one\nforward/player", "esd": "ESD way\n(forget only)",
+PLOT_LABELS = {"ours": "ours\n(trainer)", "esd": "ESD way\n(forget only)",
                "esd_two_players": "ESD way\n+ preserve"}
 
 
@@ -339,22 +341,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     for target in args.lora_targets:
         runs = run_children(args, target)
         delta = {v: r["peak_minus_baseline_bytes"] for v, r in runs.items()}
-        ratios = {f"{a}_over_{b}": delta[a] / delta[b] for a in ("ours", "ours_split")
-                  for b in ("esd", "esd_two_players") if a in delta and b in delta}
+        ratios = {f"ours_over_{b}": delta["ours"] / delta[b] for b in ("esd", "esd_two_players")
+                  if "ours" in delta and b in delta}
         measured[target] = {"runs": runs, "ratios": ratios}
     results = {"benchmark": "memory", "machine": machine,
                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                             if k not in ("child", "lora_target")},
                "measured": measured, "analytic": analytic_bytes(args.architecture, args.analytic_targets, args.rank)}
-    write_json_atomic(out / RESULTS_JSON, results)
-    plot(results, out / "memory.png")
-    write_text_atomic(out / RESULTS_MD, markdown(results))
-    print(markdown(results))
+    write_results(out, results, markdown, plot, "memory.png")
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, RuntimeError) as error:
-        sys.exit(f"memory: error: {error}")
+    run_script(main, "memory")

@@ -1,9 +1,10 @@
 """Time per erasure step: Nash bargaining vs a plain sum vs one ordinary backward pass.
 
-Every variant runs the trainer's forwards (``erasure_losses``: one frozen forward with adapters disabled, one
-LoRA forward) on the same random batch, then clips and takes an AdamW step; they differ only in how the two
-losses become ``.grad`` (``_common.STEP_VARIANTS``). Rounds interleave the variants in a shuffled order so that
-load from other processes hits them alike; we report medians over rounds and the median of per-round ratios.
+Every variant runs the trainer's forwards (one frozen forward with adapters disabled, one LoRA forward per
+player on that player's rows) on the same random batch, then clips and takes an AdamW step; they differ only in
+how the two losses become ``.grad`` (``_common.STEP_VARIANTS``). Rounds interleave the variants in a shuffled
+order so that load from other processes hits them alike; we report medians over rounds and the median of
+per-round ratios.
 The Gram matrix + weights are also timed alone on fixed gradients (``gram_and_weights``), which is the whole
 difference between ``nash`` and ``sum_plain``.
 
@@ -16,15 +17,14 @@ import argparse
 import os
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks._common import (PLAYERS, RESULTS_JSON, RESULTS_MD, RESULTS_ROOT, STEP_VARIANTS, erasure_step,
-                                load_unet, machine_info, markdown_table, prepare_results_dir, quantiles,
-                                random_erasure_batch, save_figure_atomic, write_json_atomic, write_text_atomic)
+from benchmarks._common import (PLAYERS, RESULTS_ROOT, STEP_VARIANTS, erasure_step, load_unet, machine_info,
+                                markdown_table, prepare_results_dir, quantiles, random_erasure_batch, run_script,
+                                save_figure_atomic, write_results)
 
 
 def time_variants(unet, params, batch, uncond, rounds: int, warmup: int, seed: int) -> dict[str, list[float]]:
@@ -48,12 +48,11 @@ def time_variants(unet, params, batch, uncond, rounds: int, warmup: int, seed: i
 def time_gram_and_weights(unet, params, batch, uncond, repeats: int) -> dict:
     """Seconds of ``apply_player_gradients(nash)`` vs adding the same per-player gradients (no Gram)."""
     from munba_diffusion.bargaining import get_combiner
-    from munba_diffusion.diffusion.train import erasure_losses
-    from munba_diffusion.step import apply_player_gradients, player_gradients
+    from munba_diffusion.diffusion.train import erasure_player_gradients
+    from munba_diffusion.step import apply_player_gradients
 
-    losses = erasure_losses(unet, batch, uncond, "esd", 1.0, PLAYERS, torch.device("cpu"), torch.float32)
-    grads = [player_gradients(losses[n], params, retain_graph=i == 0) for i, n in enumerate(PLAYERS)]
-    values = {n: float(losses[n].detach()) for n in PLAYERS}
+    grads, values = erasure_player_gradients(unet, batch, uncond, "esd", 1.0, PLAYERS, params, torch.device("cpu"),
+                                             torch.float32)
     nash = get_combiner("nash")
     bargained, added = [], []
     for _ in range(repeats):
@@ -101,14 +100,13 @@ def benchmark_model(model: str, *, latent_size: int | None, batch_size: int, ran
             "nash_over_single_backward": stats["nash"]["median"] / stats["single_backward"]["median"],
             "nash_over_single_backward_paired": paired("nash", "single_backward"),
             "sum_plain_over_single_backward": stats["sum_plain"]["median"] / stats["single_backward"]["median"],
-            "nash_split_over_single_backward": stats["nash_split"]["median"] / stats["single_backward"]["median"],
         },
         "gram_and_weights": time_gram_and_weights(unet, params, batch, uncond, repeats=max(5, rounds)),
     }
 
 
 VARIANT_LABELS = {"nash": "nash", "sum": "sum (trainer path)", "sum_plain": "sum (no Gram)",
-                  "single_backward": "single backward", "nash_split": "nash, split forwards"}
+                  "single_backward": "single backward"}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -141,7 +139,7 @@ def plot(results: dict, path: Path) -> None:
 
 def markdown(results: dict) -> str:
     header = ["model", "latents", "nash s/step", "sum (plain) s/step", "single backward s/step",
-              "nash / sum", "nash / single backward", "Gram + weights alone", "nash, split forwards / single backward"]
+              "nash / sum", "nash / single backward", "Gram + weights alone"]
     rows = []
     for r in results["models"]:
         s, q = r["seconds_per_step"], r["ratios"]
@@ -154,7 +152,6 @@ def markdown(results: dict) -> str:
             f"{q['nash_over_sum_plain']:.3f}x (paired {q['nash_over_sum_plain_paired']:.3f}x)",
             f"{q['nash_over_single_backward']:.3f}x",
             f"{gram * 1e3:.2f} ms = {gram / s['sum_plain']['median'] * 100:.2f}% of a step",
-            f"{q['nash_split_over_single_backward']:.3f}x",
         ])
     m = results["machine"]
     return (f"# Erasure step time: nash vs sum\n\n{markdown_table(header, rows)}\n"
@@ -193,15 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     results = {"benchmark": "overhead", "machine": machine, "settings": settings,
                "variants": list(STEP_VARIANTS), "models": models}
-    write_json_atomic(out / RESULTS_JSON, results)
-    plot(results, out / "overhead.png")
-    write_text_atomic(out / RESULTS_MD, markdown(results))
-    print(markdown(results))
+    write_results(out, results, markdown, plot, "overhead.png")
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as error:
-        sys.exit(f"overhead: error: {error}")
+    run_script(main, "overhead")

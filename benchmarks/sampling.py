@@ -13,16 +13,14 @@ preservation scores each erased model reaches on the demo prompt set (equal qual
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from benchmarks._common import (RESULTS_JSON, RESULTS_MD, RESULTS_ROOT, ErasureSettings, EvalSettings,
-                                concept_scores, generate_for_eval, machine_info, markdown_table,
-                                prepare_results_dir, run_erasure, save_figure_atomic, single_concept_scores,
-                                work_folder, write_json_atomic, write_text_atomic)
+from benchmarks._common import (RESULTS_ROOT, ErasureSettings, EvalSettings, concept_scores, generate_for_eval,
+                                machine_info, markdown_table, prepare_results_dir, run_erasure, run_script,
+                                save_figure_atomic, single_concept_scores, work_folder, write_results)
 
 SOURCES = ("pool", "fresh")
 
@@ -141,15 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup_loop": fresh["step_seconds"] / pool["step_seconds"],
         "speedup_amortised": fresh["step_seconds"] / amortised,
     }
-    write_json_atomic(out / RESULTS_JSON, results)
-    plot(results, out / "sampling.png")
-    write_text_atomic(out / RESULTS_MD, markdown(results))
-    print(markdown(results))
+    write_results(out, results, markdown, plot, "sampling.png")
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as error:
-        sys.exit(f"sampling: error: {error}")
+    run_script(main, "sampling")

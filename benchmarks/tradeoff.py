@@ -23,7 +23,6 @@ import json
 import math
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,10 +30,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks._common import (RESULTS_JSON, RESULTS_MD, RESULTS_ROOT, ErasureSettings, EvalSettings,
-                                concept_scores, generate_for_eval, machine_info, markdown_table, run_erasure,
+from benchmarks._common import (RESULTS_JSON, RESULTS_MD, RESULTS_ROOT, ErasureSettings, EvalSettings, concept_scores,
+                                generate_for_eval, machine_info, markdown_table, run_erasure, run_script,
                                 save_figure_atomic, single_concept_scores, work_folder, write_json_atomic,
-                                write_text_atomic)
+                                write_results)
 
 METHODS: dict[str, tuple[str, list[float] | None]] = {
     # name -> (combiner, fixed weights [preserve, forget])
@@ -288,15 +287,9 @@ def main(argv: list[str] | None = None) -> dict:
                             "methods": {m: METHODS[m] for m in args.methods},
                             "two_concepts": args.two_concepts, "threads": args.threads, **config},
                "summary": summary}
-    write_json_atomic(args.output_dir / RESULTS_JSON, results)
-    plot(results, args.output_dir / "pareto.png")
-    write_text_atomic(args.output_dir / RESULTS_MD, markdown(results))
-    print(markdown(results))
+    write_results(args.output_dir, results, markdown, plot, "pareto.png")
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as error:
-        sys.exit(f"tradeoff: error: {error}")
+    run_script(main, "tradeoff")

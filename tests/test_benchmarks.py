@@ -47,8 +47,6 @@ def test_step_variants_compute_the_directions_they_claim():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     for a, b in zip(grads["sum"], grads["sum_plain"]):  # the trainer's sum path = plain addition
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-    for a, b in zip(grads["nash_split"], grads["nash"]):  # one forward per player gives the same Nash step
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
     flat = {v: torch.cat([g.flatten() for g in gs]).double() for v, gs in grads.items()}
     assert torch.linalg.vector_norm(flat["nash"]).item() == pytest.approx(2**0.5, rel=1e-4)  # |d|^2 = 2
     cos = torch.nn.functional.cosine_similarity(flat["nash"], flat["sum_plain"], dim=0).item()

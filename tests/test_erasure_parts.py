@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from munba_diffusion.diffusion.latents import SamplerSettings, TrajectoryPool, ddim_trajectory
+from munba_diffusion.diffusion.latents import LatentBatch, SamplerSettings, TrajectoryPool, ddim_trajectory
 from munba_diffusion.diffusion.lora import ErasureLoraConfig, adapters_disabled, add_erasure_lora, target_module_names
-from munba_diffusion.diffusion.losses import esd_target, forget_loss
-from munba_diffusion.diffusion.train import preserve_prompts_of
+from munba_diffusion.diffusion.losses import esd_target, forget_loss, preservation_loss
+from munba_diffusion.diffusion.train import ErasureBatch, erasure_player_gradients, preserve_prompts_of
 from munba_diffusion.presets import list_presets, load_preset, resolve_concept
 from tests.tiny_sd import build_tiny_sd_pipeline
 
@@ -104,6 +104,52 @@ def test_esd_target_is_negative_guidance():
     loss = forget_loss(student, esd_target(uncond, concept, 1.0))
     loss.backward()
     torch.testing.assert_close(student.grad, torch.tensor([1.0, -3.0]))  # d/ds mean((s - target)^2)
+
+
+@pytest.mark.parametrize("loss", ["esd", "anchor"])
+def test_player_gradients_match_the_losses_written_out(loss):
+    """Three players (preserve + two concepts), each with its own rows: the trainer's per-player forwards give
+    every player the gradient of its loss as the losses module defines it, computed here from plain forwards."""
+    unet = build_tiny_sd_pipeline(seed=2).unet
+    params = add_erasure_lora(unet, ErasureLoraConfig(rank=2, target="attn"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # off the zero LoRA, so that no player's gradient is ~0
+        for p in params:
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    dim = unet.config.cross_attention_dim
+
+    def rows(b):
+        return LatentBatch(torch.zeros(b, dtype=torch.long), torch.randn(b, 4, 16, 16, generator=gen),
+                           torch.randint(0, 1000, (b,), generator=gen))
+
+    def ctx(b):
+        return torch.randn(b, 8, dim, generator=gen)
+
+    batch = ErasureBatch(forget=[(rows(2), ctx(2), ctx(2)), (rows(1), ctx(1), ctx(1))], preserve=(rows(3), ctx(3)))
+    uncond = ctx(1)
+    names = ["preserve", "forget:a", "forget:b"]
+    grads, values = erasure_player_gradients(unet, batch, uncond, loss, 0.5, names, params, torch.device("cpu"),
+                                             torch.float32, loss_scale=3.0)
+
+    def eps(lat, c):
+        return unet(lat.latents, lat.timesteps, encoder_hidden_states=c).sample
+
+    for i, name in enumerate(names):
+        if name == "preserve":
+            lat, c = batch.preserve
+            with torch.no_grad(), adapters_disabled(unet):
+                target = eps(lat, c)
+            expected = preservation_loss(eps(lat, c), target)
+        else:
+            lat, c, anchor_ctx = batch.forget[i - 1]
+            with torch.no_grad(), adapters_disabled(unet):
+                target = (esd_target(eps(lat, uncond.expand_as(c)), eps(lat, c), 0.5) if loss == "esd"
+                          else eps(lat, anchor_ctx))
+            expected = forget_loss(eps(lat, c), target)
+        assert values[name] == pytest.approx(float(expected.detach()), rel=1e-4)
+        for got, want in zip(grads[i], torch.autograd.grad(3.0 * expected, params, allow_unused=True)):
+            torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want, rtol=1e-3, atol=1e-7)
+    assert all(any(g.abs().max() > 0 for g in player) for player in grads)
 
 
 def test_trajectory_pool_holds_the_sampler_states(pipe):

@@ -2,8 +2,9 @@
 
 Every optimizer step has 1 + K players: ``preserve`` (keep the frozen model's predictions on neighbouring prompts)
 and one ``forget:<concept>`` player per erased concept. Each player's gradient over the LoRA weights is taken
-separately and the bargaining rule (``munba_diffusion.bargaining``) chooses the update direction; with
-gradient accumulation the players' gradients are summed over the micro-batches and bargained once.
+separately, from its own LoRA forward over its own rows (one graph alive at a time), and the bargaining rule
+(``munba_diffusion.bargaining``) chooses the update direction; with gradient accumulation the players'
+gradients are summed over the micro-batches and bargained once.
 
 The frozen teacher is the same UNet with its adapter disabled; the noisy latents come from a pool of the frozen
 model's own sampling trajectories (see :mod:`munba_diffusion.diffusion.latents`).
@@ -11,6 +12,7 @@ model's own sampling trajectories (see :mod:`munba_diffusion.diffusion.latents`)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -150,47 +152,68 @@ class ErasureBatch:
     preserve: tuple[LatentBatch, torch.Tensor]
 
 
-def erasure_losses(unet, batch: ErasureBatch, uncond: torch.Tensor, loss: str, eta: float,
-                   names: list[str], device, dtype) -> dict[str, torch.Tensor]:
-    """All players' losses with one frozen forward (adapters off, no grad) and one LoRA forward."""
-    x_parts, t_parts, ctx_parts = [], [], []
+def _predict(unet, latents: torch.Tensor, timesteps: torch.Tensor, contexts: torch.Tensor, device, dtype):
+    return unet(latents.to(device, dtype), timesteps.to(device),
+                encoder_hidden_states=contexts.to(device, dtype)).sample
+
+
+def frozen_targets(unet, batch: ErasureBatch, uncond: torch.Tensor, loss: str, eta: float, names: list[str],
+                   device, dtype) -> dict[str, torch.Tensor]:
+    """Every player's constant target from one forward of the frozen model (adapters disabled, no grad):
+    the frozen prediction on the preserve rows, and per forget player its ``esd`` or ``anchor`` target
+    (:mod:`munba_diffusion.diffusion.losses`)."""
+    xs, ts, cs = [], [], []
     for lat, ctx, anchor_ctx in batch.forget:
-        if loss == "esd":
-            x_parts += [lat.latents, lat.latents]
-            t_parts += [lat.timesteps, lat.timesteps]
-            ctx_parts += [uncond.expand_as(ctx), ctx]
-        else:
-            x_parts.append(lat.latents)
-            t_parts.append(lat.timesteps)
-            ctx_parts.append(anchor_ctx)
+        repeats, contexts = (2, [uncond.expand_as(ctx), ctx]) if loss == "esd" else (1, [anchor_ctx])
+        xs += [lat.latents] * repeats
+        ts += [lat.timesteps] * repeats
+        cs += contexts
     plat, pctx = batch.preserve
-    x_parts.append(plat.latents)
-    t_parts.append(plat.timesteps)
-    ctx_parts.append(pctx)
-
-    def run(xs, ts, cs):
-        return unet(torch.cat(xs).to(device, dtype), torch.cat(ts).to(device),
-                    encoder_hidden_states=torch.cat(cs).to(device, dtype)).sample
-
     with torch.no_grad(), adapters_disabled(unet):
-        frozen = run(x_parts, t_parts, ctx_parts)
-    student = run([lat.latents for lat, _, _ in batch.forget] + [plat.latents],
-                  [lat.timesteps for lat, _, _ in batch.forget] + [plat.timesteps],
-                  [ctx for _, ctx, _ in batch.forget] + [pctx])
-
-    losses, f_at, s_at = {}, 0, 0
+        frozen = _predict(unet, torch.cat([*xs, plat.latents]), torch.cat([*ts, plat.timesteps]),
+                          torch.cat([*cs, pctx]), device, dtype)
+    targets, at = {}, 0
     for name, (lat, _, _) in zip(names[1:], batch.forget):
         b = lat.latents.shape[0]
         if loss == "esd":
-            target = esd_target(frozen[f_at:f_at + b], frozen[f_at + b:f_at + 2 * b], eta)
-            f_at += 2 * b
+            targets[name] = esd_target(frozen[at:at + b], frozen[at + b:at + 2 * b], eta)
+            at += 2 * b
         else:
-            target = frozen[f_at:f_at + b]
-            f_at += b
-        losses[name] = forget_loss(student[s_at:s_at + b], target)
-        s_at += b
-    losses = {"preserve": preservation_loss(student[s_at:], frozen[f_at:]), **losses}
-    return losses
+            targets[name] = frozen[at:at + b]
+            at += b
+    return {"preserve": frozen[at:], **targets}
+
+
+def player_loss(unet, batch: ErasureBatch, name: str, names: list[str], target: torch.Tensor, device,
+                dtype) -> torch.Tensor:
+    """One player's loss from a LoRA forward over that player's rows only."""
+    if name == "preserve":
+        lat, ctx = batch.preserve
+        return preservation_loss(_predict(unet, lat.latents, lat.timesteps, ctx, device, dtype), target)
+    lat, ctx, _ = batch.forget[names.index(name) - 1]
+    return forget_loss(_predict(unet, lat.latents, lat.timesteps, ctx, device, dtype), target)
+
+
+def erasure_player_gradients(unet, batch: ErasureBatch, uncond: torch.Tensor, loss: str, eta: float,
+                             names: list[str], params: list[torch.nn.Parameter], device, dtype, *,
+                             loss_scale: float = 1.0, autocast=contextlib.nullcontext
+                             ) -> tuple[list[list[torch.Tensor]], dict[str, float]]:
+    """Each player's gradient of ``loss_scale * L_i`` over ``params``, and each ``L_i``'s value.
+
+    One frozen forward gives all targets; then each player runs its own LoRA forward and ``autograd.grad``, so
+    only one player's graph is alive at a time and each backward covers only that player's rows (a joint
+    forward would make every player's backward run through the whole batch). ``autocast`` is a context-manager
+    factory such as ``accelerator.autocast``.
+    """
+    with autocast():
+        targets = frozen_targets(unet, batch, uncond, loss, eta, names, device, dtype)
+    grads, values = [], {}
+    for name in names:
+        with autocast():
+            value = player_loss(unet, batch, name, names, targets[name], device, dtype)
+        values[name] = float(value.detach())
+        grads.append(player_gradients(value * loss_scale, params, retain_graph=False))
+    return grads, values
 
 
 class ErasureData:
@@ -393,13 +416,11 @@ def train_erasure(config: ErasureTrainingConfig) -> Path:
         for micro in range(config.gradient_accumulation_steps):
             gen = _step_generator(config.seed, step, micro, accelerator.process_index)
             batch = data.batch(config.train_batch_size, gen)
-            with accelerator.autocast():
-                losses = erasure_losses(unet, batch, data.uncond, config.forget_loss, config.negative_guidance,
-                                        names, device, dtype)
+            grads, values = erasure_player_gradients(
+                unet, batch, data.uncond, config.forget_loss, config.negative_guidance, names, params, device,
+                dtype, loss_scale=scale / config.gradient_accumulation_steps, autocast=accelerator.autocast)
             for n in names:
-                loss_values[n] += float(losses[n].detach()) / config.gradient_accumulation_steps
-            grads = [player_gradients(losses[n] * scale / config.gradient_accumulation_steps, params,
-                                      retain_graph=i < len(names) - 1) for i, n in enumerate(names)]
+                loss_values[n] += values[n] / config.gradient_accumulation_steps
             summed = grads if summed is None else [[a + b for a, b in zip(s, g)] for s, g in zip(summed, grads)]
         summed = [[reduce_gradient(g) for g in player] for player in summed]
         diag = apply_player_gradients(dict(zip(names, summed)), params, combiner, losses=loss_values)
