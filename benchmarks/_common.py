@@ -202,7 +202,8 @@ STEP_VARIANTS = ("nash", "sum", "sum_plain", "single_backward")
 - ``nash`` / ``sum``: the trainer's path (``erasure_player_gradients``: one frozen forward, then one LoRA
   forward + ``autograd.grad`` per player on that player's rows), float64 Gram matrix, combiner weights;
 - ``sum_plain``: the same forwards and per-player ``autograd.grad``, gradients added, no Gram matrix, no weights;
-- ``single_backward``: the same forwards, then ``(L_r + L_f).backward()``: an ordinary (non-bargained) step.
+- ``single_backward``: an ordinary (non-bargained) step, the cost floor: the same frozen forward, one LoRA
+  forward over both players' rows, ``(L_r + L_f).backward()``.
 """
 
 
@@ -210,11 +211,7 @@ def erasure_gradients(variant: str, unet, batch, uncond, params: list[torch.nn.P
                       dtype: torch.dtype = torch.float32, autocast: bool = False) -> None:
     """Write the update direction of ``variant`` (see :data:`STEP_VARIANTS`) on ``batch`` into ``params``' ``.grad``."""
     from munba_diffusion.bargaining import get_combiner
-    from munba_diffusion.diffusion.train import (
-        erasure_player_gradients,
-        frozen_targets,
-        player_loss,
-    )
+    from munba_diffusion.diffusion.train import erasure_player_gradients
     from munba_diffusion.step import apply_player_gradients
 
     if variant not in STEP_VARIANTS:
@@ -224,10 +221,7 @@ def erasure_gradients(variant: str, unet, batch, uncond, params: list[torch.nn.P
         return torch.autocast(device.type, dtype=dtype, enabled=autocast)
 
     if variant == "single_backward":
-        with autocast_context():
-            targets = frozen_targets(unet, batch, uncond, "esd", 1.0, PLAYERS, device, dtype)
-            total = sum(player_loss(unet, batch, n, PLAYERS, targets[n], device, dtype) for n in PLAYERS)
-        total.backward()
+        single_backward(unet, batch, uncond, device, dtype, autocast_context)
         return
     grads, values = erasure_player_gradients(unet, batch, uncond, "esd", 1.0, PLAYERS, params, device, dtype,
                                              autocast=autocast_context)
@@ -236,6 +230,21 @@ def erasure_gradients(variant: str, unet, batch, uncond, params: list[torch.nn.P
             p.grad = reduce(torch.add, player_grads)
     else:
         apply_player_gradients(dict(zip(PLAYERS, grads)), params, get_combiner(variant), losses=values)
+
+
+def single_backward(unet, batch, uncond, device: torch.device, dtype: torch.dtype, autocast_context) -> None:
+    """``(L_r + L_f).backward()`` after one LoRA forward over the forget and preserve rows together."""
+    from munba_diffusion.diffusion.losses import forget_loss, preservation_loss
+    from munba_diffusion.diffusion.train import frozen_targets
+
+    (lat, ctx, _), (plat, pctx) = batch.forget[0], batch.preserve
+    with autocast_context():
+        targets = frozen_targets(unet, batch, uncond, "esd", 1.0, PLAYERS, device, dtype)
+        eps = unet(torch.cat([lat.latents, plat.latents]).to(device, dtype),
+                   torch.cat([lat.timesteps, plat.timesteps]).to(device),
+                   encoder_hidden_states=torch.cat([ctx, pctx]).to(device, dtype)).sample
+    b = lat.latents.shape[0]
+    (forget_loss(eps[:b], targets["forget"]) + preservation_loss(eps[b:], targets["preserve"])).backward()
 
 
 def erasure_step(variant: str, unet, batch, uncond, params: list[torch.nn.Parameter], optimizer,
@@ -350,13 +359,8 @@ def eval_prompt_set(eval_settings: EvalSettings, work_dir: Path):
 
 def generate_for_eval(model: str, eval_settings: EvalSettings, out_dir: Path, label: str) -> Path:
     """Generate the evaluation prompt set with ``model``; returns the folder of images (with its manifest)."""
-    from munba_diffusion.evaluation.generate import (
-        GenerationSettings,
-        ModelSpec,
-        generate_images,
-        load_pipeline,
-        model_protocol,
-    )
+    from munba_diffusion.evaluation.generate import (GenerationSettings, ModelSpec, generate_images, load_pipeline,
+                                                     model_protocol)
 
     settings = GenerationSettings(num_inference_steps=eval_settings.steps, guidance_scale=eval_settings.guidance_scale,
                                   batch_size=32)
@@ -375,18 +379,9 @@ def concept_scores(folder: Path, concepts: Sequence[str], judge=None) -> dict:
     that ask for none of the concepts: other accuracy and judge FID against true renders.
     """
     from munba_diffusion.demo import COLOURS, SHAPES, load_demo_judge
-    from munba_diffusion.evaluation.demo import (
-        concept_kind,
-        demo_concept_scores,
-        judge_frechet_distance,
-        reference_renders,
-    )
-    from munba_diffusion.evaluation.manifest import (
-        collect_images,
-        images_to_tensor,
-        load_rgb,
-        require_field,
-    )
+    from munba_diffusion.evaluation.demo import (concept_kind, demo_concept_scores, judge_frechet_distance,
+                                                 reference_renders)
+    from munba_diffusion.evaluation.manifest import collect_images, images_to_tensor, load_rgb, require_field
 
     judge = judge or load_demo_judge()
     entries = collect_images(folder)

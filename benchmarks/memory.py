@@ -70,11 +70,7 @@ def esd_step(student, teacher, batch, uncond, params, optimizer, max_grad_norm: 
     """ESD's step: the teacher copy gives eps(x_t, "") and eps(x_t, c_f); the student regresses onto the negative
     guidance target; one backward; AdamW over the trained layers. ``preserve`` adds our preservation loss (the
     teacher's prediction on the preserve batch) to the one backward."""
-    from munba_diffusion.diffusion.losses import (
-        esd_target,
-        forget_loss,
-        preservation_loss,
-    )
+    from munba_diffusion.diffusion.losses import esd_target, forget_loss, preservation_loss
     from munba_diffusion.step import clip_gradients_
 
     (lat, ctx, _), (plat, pctx) = batch.forget[0], batch.preserve
@@ -124,11 +120,7 @@ def child(variant: str, architecture: str, target: str, rank: int, latent_size: 
           write_unet: bool) -> dict:
     """Build the variant, run ``steps`` steps, report peak RSS above the post-import baseline."""
     from benchmarks._common import build_unet, random_erasure_batch
-    from munba_diffusion.diffusion.lora import (
-        ErasureLoraConfig,
-        add_erasure_lora,
-        lora_state_dict,
-    )
+    from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora, lora_state_dict
 
     warm_up(target, rank)
     baseline = peak_rss_bytes()
