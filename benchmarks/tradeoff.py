@@ -112,8 +112,8 @@ def summarise(records: list[dict], original: dict, concept: str, two_concepts: l
     multi = {}
     for method in dict.fromkeys(r["method"] for r in records if len(r["concepts"]) > 1):
         runs = [r for r in records if r["method"] == method and len(r["concepts"]) > 1]
-        entry = {f"concept_rate/{c}": mean_std([r["scores"]["concepts"][c]["concept_rate"] for r in runs])
-                 for c in two_concepts}
+        entry = {f"{metric}/{c}": mean_std([r["scores"]["concepts"][c][metric] for r in runs])
+                 for c in two_concepts for metric in ("concept_rate", "kept_attribute_accuracy")}
         entry["other_accuracy"] = mean_std([r["scores"]["other_accuracy"] for r in runs])
         entry["judge_fid_other"] = mean_std([r["scores"]["judge_fid_other"] for r in runs])
         entry["step_seconds"] = mean_std([r["step_seconds"] for r in runs])
@@ -148,14 +148,16 @@ def markdown(results: dict) -> str:
     if s["two_concepts"]:
         two = results["settings"]["two_concepts"]
         o2 = s["original"]["two"]
-        rows = [["original"] + [f"{o2['concepts'][c]['concept_rate']:.3f}" for c in two]
+        metrics = ("concept_rate", "kept_attribute_accuracy")
+        rows = [["original"] + [f"{o2['concepts'][c][m]:.3f}" for c in two for m in metrics]
                 + [f"{o2['other_accuracy']:.3f}", f"{o2['judge_fid_other']:.2f}", "-"]]
         for method, v in s["two_concepts"].items():
-            rows.append([method] + [fmt(v[f"concept_rate/{c}"]) for c in two]
+            rows.append([method] + [fmt(v[f"{m}/{c}"]) for c in two for m in metrics]
                         + [fmt(v["other_accuracy"]), fmt(v["judge_fid_other"], 2), fmt(v["step_seconds"])])
+        header = [h for c in two for h in (f"concept rate ({c}) ↓", f"kept attribute ({c}) ↑")]
         text += (f"\n## Two concepts at once ({' + '.join(two)}; 3 players)\n\n"
-                 + markdown_table(["method"] + [f"concept rate ({c}) ↓" for c in two]
-                                  + ["other accuracy (neither) ↑", "judge FID (neither) ↓", "s/step"], rows))
+                 + markdown_table(["method", *header, "other accuracy (neither) ↑", "judge FID (neither) ↓", "s/step"],
+                                  rows))
     m = results["machine"]
     text += (f"\n{m['cpu']}, {m['nproc']} cores, {m['torch_threads']} torch thread(s), started {m['date_utc']}, "
              f"finished {results['finished_utc']}.\n")
@@ -163,15 +165,21 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Concept rate against each preservation metric (mean ± std per method); coinciding means share one label."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     s = results["summary"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, (metric, label) in zip(axes, [("other_accuracy", "other-concept accuracy (higher = kept)"),
-                                          ("judge_fid_other", "judge FID on other prompts (lower = kept)")]):
+    o = s["original"]["single"]
+    panels = [("other_accuracy", "other prompts: shape and colour right (higher = kept)"),
+              ("kept_attribute_accuracy", "concept prompts: asked-for other attribute kept"),
+              ("judge_fid_other", "judge FID on other prompts (lower = kept)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.8))
+
+    def draw(ax, metric: str, annotate: bool) -> None:
+        labels: dict[tuple[float, float], list[str]] = {}
         for i, (method, v) in enumerate(s["single_concept"].items()):
             x, y = v["concept_rate"], v[metric]
             if x["mean"] is None or y["mean"] is None:
@@ -180,16 +188,29 @@ def plot(results: dict, path: Path) -> None:
             ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="*" if nash else "o",
                         markersize=14 if nash else 7, capsize=3, color="crimson" if nash else f"C{i % 10}",
                         label=method, zorder=3 if nash else 2)
-        o = s["original"]["single"]
+            labels.setdefault((round(x["mean"], 6), round(y["mean"], 6)), []).append(method)
         ax.scatter([o["concept_rate"]], [o[metric]], marker="x", color="black", label="original", zorder=3)
+        labels.setdefault((round(o["concept_rate"], 6), round(o[metric], 6)), []).append("original")
+        for (x, y), names in labels.items():
+            if annotate or len(names) > 1:  # always name points hidden under another one
+                ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(6, 6), fontsize=7)
         if metric == "other_accuracy":
             front = sorted((v["concept_rate"]["mean"], v["other_accuracy"]["mean"])
                            for m, v in s["single_concept"].items() if not s["dominated_by"][m])
             ax.plot(*zip(*front), "--", color="gray", linewidth=1, label="Pareto front (means)")
+
+    for ax, (metric, label) in zip(axes, panels):
+        draw(ax, metric, annotate=False)
         ax.set_xlabel(f"concept rate of '{results['settings']['concept']}' (lower = erased)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(label, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[-1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper right")
+    zoom = axes[0].inset_axes([0.45, 0.3, 0.52, 0.44])  # the crowded corner, every point named
+    draw(zoom, "other_accuracy", annotate=True)
+    zoom.set_xlim(0.1, 0.36)
+    zoom.set_ylim(0.76, 0.89)
+    zoom.tick_params(labelsize=7)
+    zoom.grid(alpha=0.3)
     fig.suptitle(f"demo world, seeds {results['settings']['seeds']}, mean ± std, "
                  f"{results['settings']['erasure']['steps']} steps each")
     fig.tight_layout()
