@@ -199,7 +199,7 @@ def random_erasure_batch(unet, batch_size: int, latent_size: int, generator: tor
 STEP_VARIANTS = ("nash", "sum", "sum_plain", "single_backward")
 """How one erasure step turns the two losses into ``.grad`` (AdamW step and clipping in all):
 
-- ``nash`` / ``sum``: the trainer's path (``erasure_player_gradients``: one frozen forward, then one LoRA
+- ``nash`` / ``sum``: the trainer's path (``erasure_player_gradients``: frozen forwards, then one LoRA
   forward + ``autograd.grad`` per player on that player's rows), float64 Gram matrix, combiner weights;
 - ``sum_plain``: the same forwards and per-player ``autograd.grad``, gradients added, no Gram matrix, no weights;
 - ``single_backward``: an ordinary (non-bargained) step, the cost floor: the same frozen forward, one LoRA

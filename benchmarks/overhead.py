@@ -1,6 +1,6 @@
 """Time per erasure step: Nash bargaining vs a plain sum vs one ordinary backward pass.
 
-Every variant runs the trainer's forwards (one frozen forward with adapters disabled, one LoRA forward per
+Every variant runs the trainer's forwards (frozen forwards with adapters disabled, one LoRA forward per
 player on that player's rows) on the same random batch, then clips and takes an AdamW step; they differ only in
 how the two losses become ``.grad`` (``_common.STEP_VARIANTS``). Rounds interleave the variants in a shuffled
 order so that load from other processes hits them alike; we report medians over rounds and the median of

@@ -223,3 +223,21 @@ def test_erasure_runs_on_the_sd14_layout(tmp_path):
     assert config["base_model"] == str(folder) and config["lora"]["preset"] == "noxattn"
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_a_run_that_never_moves_says_so(tmp_path, caplog):
+    """MGDA at the identity-LoRA start: the preservation gradient is exactly 0, so its min-norm direction is 0."""
+    import train_erase
+    from safetensors.torch import load_file
+
+    out = tmp_path / "erased"
+    with caplog.at_level("WARNING", logger="munba_diffusion.diffusion.train"):
+        train_erase.main(["--pretrained_model_name_or_path", "munba-demo", "--concept",
+                          "circle", "--output_dir", str(out), "--max_train_steps", "2", "--combiner",
+                          "mgda", "--sampler_steps", "2", "--pool_trajectories", "1", "--validation_inference_steps",
+                          "1", "--validation_seeds", "1", "--no_evaluation"])
+    warnings = [r.getMessage() for r in caplog.records if "update directions" in r.getMessage()]
+    assert len(warnings) == 1 and "first 2 update directions of --combiner mgda" in warnings[0]
+    assert "use --combiner nash" in warnings[0]
+    lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert all(float(v.abs().max()) == 0 for k, v in lora.items() if "lora_B" in k)  # B never left 0

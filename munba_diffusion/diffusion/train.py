@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS_DIR = "checkpoints"
 LOG_FILE = "train_log.jsonl"
 LORA_CHECKPOINT_NAME = "erasure_lora.safetensors"
+ZERO_DIRECTION_WARN_STEPS = 10  # warn when this many first steps (or the whole run, if shorter) did not move
 
 
 @dataclass
@@ -159,29 +160,28 @@ def _predict(unet, latents: torch.Tensor, timesteps: torch.Tensor, contexts: tor
 
 def frozen_targets(unet, batch: ErasureBatch, uncond: torch.Tensor, loss: str, eta: float, names: list[str],
                    device, dtype) -> dict[str, torch.Tensor]:
-    """Every player's constant target from one forward of the frozen model (adapters disabled, no grad):
-    the frozen prediction on the preserve rows, and per forget player its ``esd`` or ``anchor`` target
-    (:mod:`munba_diffusion.diffusion.losses`)."""
-    xs, ts, cs = [], [], []
-    for lat, ctx, anchor_ctx in batch.forget:
-        repeats, contexts = (2, [uncond.expand_as(ctx), ctx]) if loss == "esd" else (1, [anchor_ctx])
-        xs += [lat.latents] * repeats
-        ts += [lat.timesteps] * repeats
-        cs += contexts
-    plat, pctx = batch.preserve
+    """Every player's constant target from the frozen model (adapters disabled, no grad): the frozen prediction
+    on the preserve rows, and per forget player its ``esd`` or ``anchor`` target
+    (:mod:`munba_diffusion.diffusion.losses`).
+
+    The preserve rows go through the frozen model on their own, in the same batch shape as the LoRA forward of
+    :func:`player_loss`: kernels may round differently for other batch shapes, and then the preservation loss of
+    the identity LoRA at step 0 would be rounding noise (~1e-10) instead of exactly 0, and its gradient a noise
+    direction that the bargaining would treat as a player's wish.
+    """
     with torch.no_grad(), adapters_disabled(unet):
-        frozen = _predict(unet, torch.cat([*xs, plat.latents]), torch.cat([*ts, plat.timesteps]),
-                          torch.cat([*cs, pctx]), device, dtype)
-    targets, at = {}, 0
-    for name, (lat, _, _) in zip(names[1:], batch.forget):
-        b = lat.latents.shape[0]
-        if loss == "esd":
-            targets[name] = esd_target(frozen[at:at + b], frozen[at + b:at + 2 * b], eta)
-            at += 2 * b
-        else:
-            targets[name] = frozen[at:at + b]
-            at += b
-    return {"preserve": frozen[at:], **targets}
+        plat, pctx = batch.preserve
+        targets = {"preserve": _predict(unet, plat.latents, plat.timesteps, pctx, device, dtype)}
+        for name, (lat, ctx, anchor_ctx) in zip(names[1:], batch.forget):
+            if loss == "esd":
+                b = lat.latents.shape[0]
+                both = _predict(unet, torch.cat([lat.latents, lat.latents]),
+                                torch.cat([lat.timesteps, lat.timesteps]), torch.cat([uncond.expand_as(ctx), ctx]),
+                                device, dtype)
+                targets[name] = esd_target(both[:b], both[b:], eta)
+            else:
+                targets[name] = _predict(unet, lat.latents, lat.timesteps, anchor_ctx, device, dtype)
+    return targets
 
 
 def player_loss(unet, batch: ErasureBatch, name: str, names: list[str], target: torch.Tensor, device,
@@ -200,8 +200,8 @@ def erasure_player_gradients(unet, batch: ErasureBatch, uncond: torch.Tensor, lo
                              ) -> tuple[list[list[torch.Tensor]], dict[str, float]]:
     """Each player's gradient of ``loss_scale * L_i`` over ``params``, and each ``L_i``'s value.
 
-    One frozen forward gives all targets; then each player runs its own LoRA forward and ``autograd.grad``, so
-    only one player's graph is alive at a time and each backward covers only that player's rows (a joint
+    The frozen model gives all targets (no graph); then each player runs its own LoRA forward and
+    ``autograd.grad``, so only one player's graph is alive at a time and each backward covers only that player's rows (a joint
     forward would make every player's backward run through the whole batch). ``autocast`` is a context-manager
     factory such as ``accelerator.autocast``.
     """
@@ -295,6 +295,15 @@ def build_erasure_data(config: ErasureTrainingConfig, pipe, unet, device, dtype,
 
 
 # ------------------------------------------------------------------------------------------ the loop
+def stalled_message(combiner: str, steps: int, status: str) -> str:
+    """The warning for a run whose first ``steps`` update directions were all zero."""
+    hint = (" MGDA stops at a Pareto-stationary point, and the start is one: the LoRA starts as the identity, so "
+            "the preservation loss is at its minimum with a zero gradient; use --combiner nash or normalized."
+            if combiner == "mgda" else "")
+    return (f"the first {steps} update directions of --combiner {combiner} were all zero (status {status}): the LoRA "
+            f"is not changing, so the output will equal the base model.{hint}")
+
+
 def _step_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
     """Per-(step, micro-batch, process) randomness, so a resumed run draws exactly what the original would."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 65_537 + process)
@@ -410,6 +419,7 @@ def train_erasure(config: ErasureTrainingConfig) -> Path:
 
     progress = tqdm(range(start_step, config.max_train_steps), initial=start_step, total=config.max_train_steps,
                     desc="erasing", disable=not accelerator.is_local_main_process)
+    zero_steps, warn_after = 0, min(ZERO_DIRECTION_WARN_STEPS, config.max_train_steps - start_step)
     for step in progress:
         summed: list[list[torch.Tensor]] | None = None
         loss_values = {n: 0.0 for n in names}
@@ -431,6 +441,10 @@ def train_erasure(config: ErasureTrainingConfig) -> Path:
             optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if diag.direction_norm == 0.0 and zero_steps == step - start_step:
+            zero_steps += 1
+            if zero_steps == warn_after:
+                logger.warning(stalled_message(config.combiner, zero_steps, diag.status))
         record = {"step": step + 1, "lr": lr_scheduler.get_last_lr()[0], "skipped": not finite, **diag.as_log_dict()}
         if accelerator.is_main_process:
             with log_path.open("a") as f:
