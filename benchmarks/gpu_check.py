@@ -150,8 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from benchmarks._common import prepare_results_dir
     from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
+
+    from benchmarks._common import prepare_results_dir
 
     args = parse_args(argv)
     if args.threads:

@@ -51,8 +51,9 @@ def warm_up(target: str, rank: int) -> None:
     initialisation (thread pools, oneDNN caches, code pages) land in the baseline, not in a variant's peak."""
     import copy
 
-    from benchmarks._common import build_unet, random_erasure_batch
     from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
+
+    from benchmarks._common import build_unet, random_erasure_batch
 
     unet = build_unet("sd15-tiny")
     teacher = copy.deepcopy(unet).requires_grad_(False)
@@ -119,8 +120,9 @@ def save_and_measure(state: dict[str, torch.Tensor], directory: Path, name: str)
 def child(variant: str, architecture: str, target: str, rank: int, latent_size: int, steps: int,
           write_unet: bool) -> dict:
     """Build the variant, run ``steps`` steps, report peak RSS above the post-import baseline."""
-    from benchmarks._common import build_unet, random_erasure_batch
     from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora, lora_state_dict
+
+    from benchmarks._common import build_unet, random_erasure_batch
 
     warm_up(target, rank)
     baseline = peak_rss_bytes()

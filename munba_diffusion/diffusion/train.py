@@ -201,9 +201,9 @@ def erasure_player_gradients(unet, batch: ErasureBatch, uncond: torch.Tensor, lo
     """Each player's gradient of ``loss_scale * L_i`` over ``params``, and each ``L_i``'s value.
 
     The frozen model gives all targets (no graph); then each player runs its own LoRA forward and
-    ``autograd.grad``, so only one player's graph is alive at a time and each backward covers only that player's rows (a joint
-    forward would make every player's backward run through the whole batch). ``autocast`` is a context-manager
-    factory such as ``accelerator.autocast``.
+    ``autograd.grad``, so only one player's graph is alive at a time and each backward covers only that player's
+    rows (a joint forward would make every player's backward run through the whole batch). ``autocast`` is a
+    context-manager factory such as ``accelerator.autocast``.
     """
     with autocast():
         targets = frozen_targets(unet, batch, uncond, loss, eta, names, device, dtype)
