@@ -1,25 +1,32 @@
-"""Pieces the benchmark scripts share: result folders, the machine record, UNet builders, random erasure
-batches, one timed erasure step per variant, and demo-world erasure runs with their scores."""
+"""Pieces the benchmark scripts share: the one results writer, option helpers, UNet builders, random erasure
+batches, one timed erasure step per variant, and demo-world erasure runs with their scores.
+
+Every benchmark declares its command line once, as a dataclass of :func:`munba_diffusion.config.option` fields;
+:func:`munba_diffusion.config.parse_config` builds the parser (``--output_dir`` flags with ``--output-dir``
+aliases). Every benchmark writes ``<stem>.json`` / ``<stem>.md`` through :func:`write_results`.
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from functools import reduce
-from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
+
+from munba_diffusion.config import check_options, option
+from munba_diffusion.diffusion.lora import TARGET_SETS
+from munba_diffusion.io import atomic_write, check_results_dir, machine_record, write_json_atomic, write_text_atomic
+from munba_diffusion.models import DEMO_MODEL
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
@@ -50,36 +57,44 @@ UNET_ARCHITECTURES = {
 TEXT_SEQUENCE_LENGTH = 77
 
 
-# ------------------------------------------------------------------------------------------ files
-def prepare_results_dir(path: str | Path, overwrite: bool) -> Path:
-    """Create ``path``; results already there are an error unless ``overwrite``."""
-    path = Path(path)
-    if (path / RESULTS_JSON).exists() and not overwrite:
-        raise FileExistsError(f"{path} already holds {RESULTS_JSON}; pass --overwrite to replace it or pick another "
-                              "--output-dir")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+# ------------------------------------------------------------------------------------------ results
+def check_results(output_dir: str | Path, overwrite: bool, stem: str = "results") -> Path:
+    """Refuse (one-line ``FileExistsError`` naming ``--overwrite``) a folder holding ``<stem>.json`` or ``<stem>.md``
+    unless ``overwrite``; nothing is created. Call it before the work, so that a run never ends in a refusal."""
+    return check_results_dir(output_dir, (f"{stem}.json", f"{stem}.md"), overwrite=overwrite)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_results(output_dir: str | Path, results: Mapping[str, Any], markdown: Callable[[Mapping[str, Any]], str], *,
+                  overwrite: bool = False, stem: str = "results",
+                  plot: Callable[[Mapping[str, Any], Path], None] | None = None, plot_name: str | None = None,
+                  echo: bool = False) -> list[Path]:
+    """The results writer of every benchmark: ``<stem>.json`` (strict JSON; NaN becomes null), the plot (if any),
+    ``<stem>.md`` (``markdown(results)``), each written atomically into ``output_dir`` (created if needed).
 
-
-def write_json_atomic(path: Path, data) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
-def write_results(out: Path, results: dict, markdown: Callable[[dict], str],
-                  plot: Callable[[dict, Path], None] | None = None, plot_name: str = "") -> None:
-    """Write ``results.json``, the plot (if any) and ``results.md`` into ``out``; print the Markdown."""
-    write_json_atomic(out / RESULTS_JSON, results)
+    Earlier results are refused unless ``overwrite`` (see :func:`check_results`). Results without a ``machine``
+    entry get one (:func:`munba_diffusion.io.machine_record`). ``echo`` prints the Markdown. Returns the paths:
+    JSON, Markdown, then the plot.
+    """
+    folder = check_results(output_dir, overwrite, stem)
+    folder.mkdir(parents=True, exist_ok=True)
+    if "machine" not in results:
+        results = {**results, "machine": machine_record()}
+    paths = [write_json_atomic(folder / f"{stem}.json", results)]
     if plot is not None:
-        plot(results, out / plot_name)
+        plot(results, folder / (plot_name or f"{stem}.png"))
     text = markdown(results)
-    write_text_atomic(out / RESULTS_MD, text)
-    print(text)
+    paths.append(write_text_atomic(folder / f"{stem}.md", text))
+    if plot is not None:
+        paths.append(folder / (plot_name or f"{stem}.png"))
+    if echo:
+        print(text)
+    return paths
+
+
+def save_figure(figure, path: Path) -> None:
+    """Save a matplotlib figure atomically (format from the suffix)."""
+    with atomic_write(path) as handle:
+        figure.savefig(handle, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
 
 
 def run_script(main: Callable[[], object], name: str) -> None:
@@ -90,69 +105,32 @@ def run_script(main: Callable[[], object], name: str) -> None:
         sys.exit(f"{name}: error: {error}")
 
 
-def save_figure_atomic(figure, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    figure.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-
-
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------------------------ machine
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+# ------------------------------------------------------------------------------------------ options
+def same_option(cls: type, name: str) -> Any:
+    """A dataclass field declared as field ``name`` of the dataclass ``cls`` is (default, help, rules): a command
+    that exposes a library option repeats no declaration. Give the field the same type annotation."""
+    (field,) = [f for f in dataclasses.fields(cls) if f.name == name]
+    return dataclasses.field(default=field.default, default_factory=field.default_factory, metadata=field.metadata)
 
 
-def _memory_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
+def options_of(config: Any, cls: type) -> dict[str, Any]:
+    """The values of ``config``'s fields that ``cls`` (a dataclass) also has, by name."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in names}
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def machine_info() -> dict:
-    """What a result depends on: CPU/GPU, cores, memory, load, libraries, date (UTC), command line."""
-    versions = {}
-    for name in ("torch", "diffusers", "transformers", "peft", "accelerate"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", *getattr(sys, "orig_argv", sys.argv)[1:]]),
-        "cpu": _cpu_model(),
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_gib": _memory_gib(),
-        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "libraries": versions,
-        "git_commit": _git_commit(),
-    }
+def tuples(config: Any) -> None:
+    """Turn the list values of a frozen dataclass into tuples (the parser gives lists)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, list):
+            object.__setattr__(config, f.name, tuple(value))
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -179,7 +157,7 @@ def random_erasure_batch(unet, batch_size: int, latent_size: int, generator: tor
     """A two-player ``ErasureBatch`` of random x_t, timesteps and text contexts shaped for ``unet``, plus the
     unconditional context. Timing and memory do not depend on the values."""
     from munba_diffusion.diffusion.latents import LatentBatch
-    from munba_diffusion.diffusion.train import ErasureBatch
+    from munba_diffusion.diffusion.players import ErasureBatch
 
     channels, dim = unet.config.in_channels, unet.config.cross_attention_dim
 
@@ -211,8 +189,8 @@ def erasure_gradients(variant: str, unet, batch, uncond, params: list[torch.nn.P
                       dtype: torch.dtype = torch.float32, autocast: bool = False) -> None:
     """Write the update direction of ``variant`` (see :data:`STEP_VARIANTS`) on ``batch`` into ``params``' ``.grad``."""
     from munba_diffusion.bargaining import get_combiner
-    from munba_diffusion.diffusion.train import erasure_player_gradients
-    from munba_diffusion.step import apply_player_gradients
+    from munba_diffusion.diffusion.players import erasure_player_gradients
+    from munba_diffusion.step import BargainedUpdate
 
     if variant not in STEP_VARIANTS:
         raise ValueError(f"unknown step variant {variant!r}; choose one of {', '.join(STEP_VARIANTS)}")
@@ -229,13 +207,15 @@ def erasure_gradients(variant: str, unet, batch, uncond, params: list[torch.nn.P
         for p, *player_grads in zip(params, *grads):
             p.grad = reduce(torch.add, player_grads)
     else:
-        apply_player_gradients(dict(zip(PLAYERS, grads)), params, get_combiner(variant), losses=values)
+        update = BargainedUpdate(params, get_combiner(variant))
+        update.accumulate_gradients(dict(zip(PLAYERS, grads)), values)
+        update.write_gradients()
 
 
 def single_backward(unet, batch, uncond, device: torch.device, dtype: torch.dtype, autocast_context) -> None:
     """``(L_r + L_f).backward()`` after one LoRA forward over the forget and preserve rows together."""
     from munba_diffusion.diffusion.losses import forget_loss, preservation_loss
-    from munba_diffusion.diffusion.train import frozen_targets
+    from munba_diffusion.diffusion.players import frozen_targets
 
     (lat, ctx, _), (plat, pctx) = batch.forget[0], batch.preserve
     with autocast_context():
@@ -267,22 +247,32 @@ def quantiles(values: Sequence[float]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ demo erasure runs
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ErasureSettings:
     """The erasure hyperparameters every method of a benchmark shares (no per-method tuning); the defaults are
     the demo erasure settings of README.md's quick start."""
 
-    model: str = "munba-demo"
-    steps: int = 200
-    batch_size: int = 4
-    learning_rate: float = 1e-3
-    lora_target: str = "attn"
-    rank: int = 4
-    sampler_steps: int = 10
-    sampler_guidance_scale: float = 4.0  # also the guidance of the trainer's before/after grid
-    pool_trajectories: int = 2
-    latent_source: str = "pool"
-    grid_steps: int = 10  # sampler steps of the trainer's before/after grid (not used by the scores)
+    model: str = option(DEMO_MODEL, "base model: a bundled name, a diffusers pipeline folder or a Hub id")
+    steps: int = option(200, "optimizer steps of each erasure", low=1)
+    batch_size: int = option(4, "rows per player and step", low=1)
+    learning_rate: float = option(1e-3, "AdamW learning rate", low=0, low_open=True)
+    lora_target: str = option("attn", "which UNet layers the LoRA adapts", choices=TARGET_SETS)
+    rank: int = option(4, "LoRA rank", low=1)
+    sampler_steps: int = option(10, "DDIM steps of the frozen model's sampler", low=1)
+    sampler_guidance_scale: float = option(
+        4.0, "guidance of the frozen model's sampler (also the guidance of each run's before/after grid)", low=0,
+        flag="sampler_guidance")
+    pool_trajectories: int = option(2, "frozen-model trajectories per prompt in the pool", low=1)
+    latent_source: str = option("pool", "where x_t comes from (the benchmark sets it per run)", cli=False)
+    grid_steps: int = option(10, "sampler steps of each run's before/after grid (not used by the scores)", low=1)
+
+    def __post_init__(self) -> None:
+        tuples(self)
+        check_options(self)
+
+    def erasure_record(self) -> dict[str, Any]:
+        """These settings as a dict (what results record as ``settings.erasure``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ErasureSettings)}
 
 
 @dataclass(frozen=True)
@@ -295,17 +285,34 @@ class EvalSettings:
     max_prompts: int | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class DemoBenchmarkOptions(ErasureSettings):
+    """The options of the benchmarks that erase from the demo model and score the results (sampling, tradeoff)."""
+
+    concept: str = option("circle", "the concept to erase")
+    eval_prompts: str = option(EvalSettings.prompts, "bundled prompt set name or CSV with shape/colour columns")
+    eval_steps: int = option(EvalSettings.steps, "sampler steps of the scored images", low=1)
+    eval_guidance: float = option(EvalSettings.guidance_scale, "guidance of the scored images", low=0)
+    max_eval_prompts: int | None = option(None, "score only the first N prompts of each (shape, colour)", low=1)
+    threads: int = option(1, "torch CPU threads", low=1)
+    work_dir: Path | None = option(
+        None, "new or empty folder that keeps the erased models and images (default: a temporary folder)")
+    overwrite: bool = option(False, "replace results already in --output_dir")
+
+    @property
+    def evaluation(self) -> EvalSettings:
+        return EvalSettings(self.eval_prompts, self.eval_steps, self.eval_guidance, self.max_eval_prompts)
+
+
 def run_erasure(settings: ErasureSettings, concepts: Sequence[str], output_dir: Path, *, seed: int,
                 combiner: str, combiner_weights: list[float] | None = None, latent_source: str | None = None) -> dict:
     """Train one erasure with the library's trainer (no final evaluation); returns its timing."""
-    from munba_diffusion.diffusion.lora import ErasureLoraConfig
-    from munba_diffusion.diffusion.train import ErasureTrainingConfig, train_erasure
-    from munba_diffusion.presets import resolve_concept
+    from munba_diffusion.diffusion.config import ErasureTrainingConfig
+    from munba_diffusion.diffusion.train import train_erasure
 
     config = ErasureTrainingConfig(
-        pretrained_model_name_or_path=settings.model, concepts=[resolve_concept(c) for c in concepts],
-        output_dir=output_dir, combiner=combiner, combiner_weights=combiner_weights,
-        lora=ErasureLoraConfig(rank=settings.rank, target=settings.lora_target),
+        pretrained_model_name_or_path=settings.model, concepts=list(concepts), output_dir=output_dir,
+        combiner=combiner, combiner_weights=combiner_weights, lora_target=settings.lora_target, rank=settings.rank,
         train_batch_size=settings.batch_size, max_train_steps=settings.steps, learning_rate=settings.learning_rate,
         seed=seed, latent_source=latent_source or settings.latent_source,
         pool_trajectories=settings.pool_trajectories, sampler_steps=settings.sampler_steps,
@@ -315,9 +322,9 @@ def run_erasure(settings: ErasureSettings, concepts: Sequence[str], output_dir: 
         overwrite_output_dir=True,
     )
     train_erasure(config)
-    extra = json.loads((output_dir / "erasure_config.json").read_text())["extra"]
-    pool = float(extra["latent_pool_seconds"])
-    train = float(extra["train_seconds"])
+    run = json.loads((output_dir / "erasure_config.json").read_text())["run"]
+    pool = float(run["latent_pool_seconds"])
+    train = float(run["train_seconds"])
     log = [json.loads(line) for line in (output_dir / "logs" / "train_log.jsonl").read_text().splitlines() if line]
     return {"setup_seconds": pool, "loop_seconds": train - pool, "step_seconds": (train - pool) / settings.steps,
             "skipped_steps": sum(bool(r.get("skipped")) for r in log), "final_log": log[-1],
@@ -423,6 +430,6 @@ def work_folder(path: Path | None, prefix: str) -> Iterator[Path]:
             yield Path(scratch)
         return
     if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"--work-dir {path} is not empty; pass a new or empty folder")
+        raise FileExistsError(f"--work_dir {path} is not empty; pass a new or empty folder")
     path.mkdir(parents=True, exist_ok=True)
     yield path

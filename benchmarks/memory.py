@@ -11,33 +11,68 @@
 
 Each variant runs in a fresh subprocess: peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``) after two steps (so
 AdamW's states exist) minus the peak after the imports and a warm-up step of both variants on a 1.6M-parameter
-UNet (which moves lazy imports and library initialisation into the baseline). The same numbers are also given
-from parameter counts alone (weights + gradients + AdamW states, no activations) for every LoRA target set.
-Storage: the LoRA file is written and measured; the full UNet safetensors file of the ESD way is written too
-(``--no-write-unet``: computed from parameter counts x bytes instead).
+UNet (which moves lazy imports and library initialisation into the baseline). Next to that process measure, two
+counts that do not depend on the allocator or the machine's load: the bytes of the tensors the variant holds
+between steps (every UNet's weights and buffers, the trained parameters' AdamW states) and the peak bytes autograd
+keeps for the backward pass during a step (``torch.autograd.graph.saved_tensors_hooks``; weights excluded). The
+same comparison is also given from parameter counts alone (weights + gradients + AdamW states, no activations) for
+every LoRA target set. Storage: the LoRA file is written and measured; the full UNet safetensors file of the ESD
+way is written too (``--no_write_unet``: computed from parameter counts x bytes instead).
 
-    python -m benchmarks.memory --architecture sd15 --output-dir benchmarks/results/memory
+    python -m benchmarks.memory --architecture sd15 --output_dir benchmarks/results/memory
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from benchmarks._common import (RESULTS_ROOT, UNET_ARCHITECTURES, erasure_step, machine_info, markdown_table,
-                                prepare_results_dir, run_script, save_figure_atomic, write_results)
+from munba_diffusion.config import check_options, config_record, option, parse_config
+from munba_diffusion.diffusion.lora import TARGET_SETS
+from munba_diffusion.io import machine_record
+
+from ._common import (RESULTS_ROOT, UNET_ARCHITECTURES, build_unet, check_results, erasure_step, markdown_table,
+                      random_erasure_batch, run_script, save_figure, tuples, write_results)
 
 VARIANTS = ("ours", "esd", "esd_two_players")
 CHILD_MARKER = "MEMORY_RESULT "
-SAFETENSORS_HEADER_ALIGNMENT = 8
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Options of ``python -m benchmarks.memory``."""
+
+    architecture: str = option("sd15", "the UNet architecture (random weights)", choices=tuple(UNET_ARCHITECTURES))
+    lora_targets: tuple[str, ...] = option(
+        ("xattn",), "target sets measured in subprocesses (noxattn's ESD way needs ~17 GiB for sd15)",
+        choices=TARGET_SETS)
+    analytic_targets: tuple[str, ...] = option(
+        ("xattn", "noxattn", "attn", "full"), "target sets compared from parameter counts", choices=TARGET_SETS)
+    rank: int = option(4, "LoRA rank", low=1)
+    latent_size: int = option(16, "latent height/width (one x_t per player)", low=1)
+    steps: int = option(2, "optimizer steps before the peak is read (AdamW's states exist after the first)", low=1)
+    variants: tuple[str, ...] = option(VARIANTS, "the variants measured", choices=VARIANTS)
+    parallel: bool = option(False, "run the variants' processes at the same time")
+    threads: int = option(1, "torch CPU threads of each process", low=1)
+    write_unet: bool = option(True, "compute the full UNet file size from parameter counts instead of writing it",
+                              flag="no_write_unet")
+    output_dir: Path = option(RESULTS_ROOT / "memory", "folder for results.json, results.md and memory.png")
+    overwrite: bool = option(False, "replace results already in --output_dir")
+
+    def __post_init__(self) -> None:
+        tuples(self)
+        check_options(self)
 
 
 def peak_rss_bytes() -> int:
@@ -52,8 +87,6 @@ def warm_up(target: str, rank: int) -> None:
     import copy
 
     from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
-
-    from benchmarks._common import build_unet, random_erasure_batch
 
     unet = build_unet("sd15-tiny")
     teacher = copy.deepcopy(unet).requires_grad_(False)
@@ -107,6 +140,74 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def held_tensor_bytes(modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the distinct tensor storages a variant holds between steps: the modules' weights, buffers and
+    gradients and the optimizer's states (shared storages counted once)."""
+    storages: dict[int, int] = {}
+
+    def add(tensor) -> None:
+        if isinstance(tensor, torch.Tensor):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            add(tensor)
+            add(tensor.grad)
+    for state in optimizer.state.values():
+        for value in state.values():
+            add(value)
+    return sum(storages.values())
+
+
+@contextmanager
+def saved_activation_peak(exclude: list[torch.nn.Module]) -> Iterator[dict[str, int]]:
+    """``{"peak_bytes": n}``: the most bytes autograd kept for backward at any time inside the block.
+
+    Every tensor saved for backward is counted once per storage while the graph that saved it lives (it is
+    released when its node is freed); the weights and buffers of ``exclude`` are not activations and are not
+    counted. Counts, not allocator readings: the same on any machine and under any load.
+    """
+    weights = {t.untyped_storage().data_ptr() for m in exclude for t in [*m.parameters(), *m.buffers()]}
+    live: dict[int, list[int]] = {}  # storage -> [bytes, references]
+    result = {"peak_bytes": 0}
+    current = 0
+
+    class Saved:
+        __slots__ = ("tensor", "__weakref__")
+
+        def __init__(self, tensor: torch.Tensor) -> None:
+            self.tensor = tensor
+
+    def release(key: int) -> None:
+        nonlocal current
+        entry = live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            current -= entry[0]
+            del live[key]
+
+    def pack(tensor: torch.Tensor):
+        nonlocal current
+        key = tensor.untyped_storage().data_ptr()
+        if key in weights:
+            return tensor
+        holder = Saved(tensor)
+        if key not in live:
+            live[key] = [tensor.untyped_storage().nbytes(), 0]
+            current += live[key][0]
+            result["peak_bytes"] = max(result["peak_bytes"], current)
+        live[key][1] += 1
+        weakref.finalize(holder, release, key)
+        return holder
+
+    def unpack(packed):
+        return packed.tensor if isinstance(packed, Saved) else packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield result
+
+
 def save_and_measure(state: dict[str, torch.Tensor], directory: Path, name: str) -> int:
     from safetensors.torch import save_file
 
@@ -119,10 +220,9 @@ def save_and_measure(state: dict[str, torch.Tensor], directory: Path, name: str)
 
 def child(variant: str, architecture: str, target: str, rank: int, latent_size: int, steps: int,
           write_unet: bool) -> dict:
-    """Build the variant, run ``steps`` steps, report peak RSS above the post-import baseline."""
+    """Build the variant, run ``steps`` steps, report peak RSS above the post-import baseline, the bytes of the
+    tensors it holds and the peak bytes saved for backward."""
     from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora, lora_state_dict
-
-    from benchmarks._common import build_unet, random_erasure_batch
 
     warm_up(target, rank)
     baseline = peak_rss_bytes()
@@ -135,8 +235,10 @@ def child(variant: str, architecture: str, target: str, rank: int, latent_size: 
         if variant == "ours":
             params = add_erasure_lora(unet, ErasureLoraConfig(rank=rank, target=target))
             optimizer = torch.optim.AdamW(params, lr=1e-4)
-            for _ in range(steps):
-                erasure_step("nash", unet, batch, uncond, params, optimizer, torch.device("cpu"))
+            modules = [unet]
+            with saved_activation_peak(modules) as saved:
+                for _ in range(steps):
+                    erasure_step("nash", unet, batch, uncond, params, optimizer, torch.device("cpu"))
             result["peak_rss_bytes"] = peak_rss_bytes()
             result["saved_bytes"] = save_and_measure(lora_state_dict(unet), Path(scratch), "lora.safetensors")
             result["saved_what"] = "LoRA weights (safetensors, float32)"
@@ -149,8 +251,10 @@ def child(variant: str, architecture: str, target: str, rank: int, latent_size: 
             for p in params:
                 p.requires_grad_(True)
             optimizer = torch.optim.AdamW(params, lr=1e-5)
-            for _ in range(steps):
-                esd_step(unet, teacher, batch, uncond, params, optimizer, preserve=variant == "esd_two_players")
+            modules = [unet, teacher]
+            with saved_activation_peak(modules) as saved:
+                for _ in range(steps):
+                    esd_step(unet, teacher, batch, uncond, params, optimizer, preserve=variant == "esd_two_players")
             result["peak_rss_bytes"] = peak_rss_bytes()
             state = unet.state_dict()
             if write_unet and variant == "esd":
@@ -159,6 +263,8 @@ def child(variant: str, architecture: str, target: str, rank: int, latent_size: 
             else:
                 result["saved_bytes"] = tensor_bytes(state.values())
                 result["saved_what"] = "full UNet (float32), parameter count x 4 bytes (not written)"
+        result["held_tensor_bytes"] = held_tensor_bytes(modules, optimizer)
+        result["saved_activation_peak_bytes"] = saved["peak_bytes"]
     result["trainable_parameters"] = sum(p.numel() for p in params)
     result["seconds"] = time.perf_counter() - start
     result["peak_minus_baseline_bytes"] = result["peak_rss_bytes"] - baseline

@@ -8,23 +8,51 @@ per-round ratios.
 The Gram matrix + weights are also timed alone on fixed gradients (``gram_and_weights``), which is the whole
 difference between ``nash`` and ``sum_plain``.
 
-    python -m benchmarks.overhead --models munba-demo sd15 --output-dir benchmarks/results/overhead
+    python -m benchmarks.overhead --models munba-demo sd15 --output_dir benchmarks/results/overhead
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from benchmarks._common import (PLAYERS, RESULTS_ROOT, STEP_VARIANTS, erasure_step, load_unet, machine_info,
-                                markdown_table, prepare_results_dir, quantiles, random_erasure_batch, run_script,
-                                save_figure_atomic, write_results)
+from munba_diffusion.config import check_options, config_record, option, parse_config
+from munba_diffusion.diffusion.lora import TARGET_SETS
+from munba_diffusion.io import machine_record
+from munba_diffusion.models import DEMO_MODEL
+
+from ._common import (PLAYERS, RESULTS_ROOT, STEP_VARIANTS, check_results, erasure_step, load_unet, markdown_table,
+                      quantiles, random_erasure_batch, run_script, save_figure, tuples, write_results)
+
+
+@dataclass(frozen=True)
+class OverheadConfig:
+    """Options of ``python -m benchmarks.overhead``."""
+
+    models: tuple[str, ...] = option(
+        (DEMO_MODEL, "sd15"), "a bundled model, a pipeline folder, sd15 (SD 1.5's UNet config, random weights), "
+        "sd15-small or sd15-tiny")
+    latent_size: int = option(16, "latent height/width of the sd15 architectures (a pipeline uses its own size)",
+                              low=1)
+    batch_size: int = option(1, "x_t per player", low=1)
+    rank: int = option(4, "LoRA rank", low=1)
+    lora_target: str = option("xattn", "which UNet layers the LoRA adapts", choices=TARGET_SETS)
+    rounds: int = option(15, "timed rounds (every variant once per round, in a shuffled order)", low=1)
+    warmup: int = option(2, "untimed rounds first", low=0)
+    threads: int = option(1, "torch CPU threads", low=1)
+    seed: int = option(0, "seed of the weights, the batch and the round order")
+    output_dir: Path = option(RESULTS_ROOT / "overhead", "folder for results.json, results.md and overhead.png")
+    overwrite: bool = option(False, "replace results already in --output_dir")
+
+    def __post_init__(self) -> None:
+        tuples(self)
+        check_options(self)
 
 
 def time_variants(unet, params, batch, uncond, rounds: int, warmup: int, seed: int) -> dict[str, list[float]]:
@@ -46,18 +74,19 @@ def time_variants(unet, params, batch, uncond, rounds: int, warmup: int, seed: i
 
 
 def time_gram_and_weights(unet, params, batch, uncond, repeats: int) -> dict:
-    """Seconds of ``apply_player_gradients(nash)`` vs adding the same per-player gradients (no Gram)."""
+    """Seconds of the bargained update (nash) vs adding the same per-player gradients (no Gram)."""
     from munba_diffusion.bargaining import get_combiner
-    from munba_diffusion.diffusion.train import erasure_player_gradients
-    from munba_diffusion.step import apply_player_gradients
+    from munba_diffusion.diffusion.players import erasure_player_gradients
+    from munba_diffusion.step import BargainedUpdate
 
     grads, values = erasure_player_gradients(unet, batch, uncond, "esd", 1.0, PLAYERS, params, torch.device("cpu"),
                                              torch.float32)
-    nash = get_combiner("nash")
+    update = BargainedUpdate(params, get_combiner("nash"))
     bargained, added = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        apply_player_gradients(dict(zip(PLAYERS, grads)), params, nash, losses=values)
+        update.accumulate_gradients(dict(zip(PLAYERS, grads)), values)
+        update.write_gradients()
         bargained.append(time.perf_counter() - start)
         for p in params:
             p.grad = None
@@ -133,7 +162,7 @@ def plot(results: dict, path: Path) -> None:
         ax.tick_params(axis="x", labelsize=8, rotation=20)
     fig.suptitle("erasure step time; labels: ratio to sum (no Gram)", fontsize=10)
     fig.tight_layout()
-    save_figure_atomic(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -160,38 +189,23 @@ def markdown(results: dict) -> str:
             f"{m['date_utc']}.\n\n![step time](overhead.png)\n")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["munba-demo", "sd15"],
-                   help="munba-demo, a pipeline folder, sd15 (SD 1.5's UNet config, random weights) or sd15-tiny")
-    p.add_argument("--latent-size", type=int, default=16,
-                   help="latent height/width of the sd15 architectures (a pipeline uses its own size)")
-    p.add_argument("--batch-size", type=int, default=1, help="x_t per player")
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--lora-target", default="xattn")
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", type=Path, default=RESULTS_ROOT / "overhead")
-    p.add_argument("--overwrite", action="store_true", help="replace results already in --output-dir")
-    return p.parse_args(argv)
+def run(config: OverheadConfig) -> dict:
+    torch.set_num_threads(config.threads)
+    check_results(config.output_dir, config.overwrite)
+    machine = machine_record()
+    models = [benchmark_model(m, latent_size=config.latent_size if m.startswith("sd15") else None,
+                              batch_size=config.batch_size, rank=config.rank, target=config.lora_target,
+                              rounds=config.rounds, warmup=config.warmup, seed=config.seed) for m in config.models]
+    machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results = {"benchmark": "overhead", "machine": machine, "settings": config_record(config),
+               "variants": list(STEP_VARIANTS), "models": models}
+    write_results(config.output_dir, results, markdown, overwrite=config.overwrite, plot=plot,
+                  plot_name="overhead.png", echo=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = prepare_results_dir(args.output_dir, args.overwrite)
-    machine = machine_info()
-    models = [benchmark_model(m, latent_size=args.latent_size if m.startswith("sd15") else None,
-                              batch_size=args.batch_size, rank=args.rank, target=args.lora_target,
-                              rounds=args.rounds, warmup=args.warmup, seed=args.seed) for m in args.models]
-    machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    results = {"benchmark": "overhead", "machine": machine, "settings": settings,
-               "variants": list(STEP_VARIANTS), "models": models}
-    write_results(out, results, markdown, plot, "overhead.png")
-    return results
+    return run(parse_config(OverheadConfig, argv, description=__doc__, prog="python -m benchmarks.overhead"))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,28 @@ For players ``i = 1..K`` with losses ``L_i`` over the trainable parameters ``the
 where the Gram matrix is accumulated in float64 as a sum over parameter tensors ``p`` (no concatenation of all
 gradients). The direction's utilities ``g_i . d = (M w)_i``, its norm ``sqrt(w^T M w)`` and the players' cosines
 come from the same Gram matrix.
+
+With micro-batches ``m = 1..n`` of weights ``c_m`` (e.g. ``1/n`` for gradient accumulation), a constant loss scale
+``s`` (fp16 training) and a reduction ``R`` across processes (e.g. the all-reduce mean), :class:`BargainedUpdate`
+bargains once per optimizer step over the whole batch's gradients:
+
+.. math::
+
+    S_i = \sum_m \nabla_\theta (c_m\, s\, L_i^{(m)}), \qquad g_i = R(S_i) / s, \qquad
+    \bar L_i = \frac{\sum_m c_m L_i^{(m)}}{\sum_m c_m},
+
+then, in this order: a non-finite ``g_i`` raises :class:`NonFiniteGradientError` (policy ``raise``) or skips the
+update (policy ``skip``: ``.grad`` untouched); ``M``, ``w`` and ``theta.grad += sum_i w_i g_i`` as above; and, if
+``max_grad_norm`` is set, ``theta.grad`` is scaled by ``min(1, max_grad_norm / (|theta.grad| + 1e-6))``, where
+``theta`` are the trained parameters only (never frozen ones with stale gradients). The reduction comes before the
+Gram matrix because ``M`` is quadratic in the gradients: the mean of per-process Gram matrices is not the Gram
+matrix of the mean gradient; reduced gradients also let every process take the same skip decision. The loss scale
+is removed before ``M`` so that the weights, the clipping and the diagnostics see the true gradients.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,22 +40,40 @@ import torch
 
 from .bargaining.base import Combiner, name_players
 
+NONFINITE_POLICIES: tuple[str, ...] = ("raise", "skip")
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A player's gradient holds NaN or inf under the non-finite policy ``raise``; ``players`` names them."""
+
+    def __init__(self, players: Sequence[str]) -> None:
+        self.players = list(players)
+        super().__init__(
+            f"the gradient of {', '.join(self.players)} is not finite (NaN or inf); lower the learning rate, keep the "
+            "trained parameters and losses in float32, or set nonfinite_gradients='skip' to skip such steps"
+        )
+
 
 @dataclass
 class StepDiagnostics:
-    """What one :func:`bargained_step` saw and did (before any clipping, except ``clip_coef``).
+    """What one bargained update saw and did (before any clipping, except ``clip_coef``).
 
     Attributes:
         names: player names, in the order of the other lists.
-        losses: each player's loss value.
-        weights: the combiner's weight per player (``d = sum_i w_i g_i``).
-        grad_norms: ``|g_i|``.
-        utilities: ``g_i . d``, the first-order decrease of ``L_i`` per unit learning rate of a step along ``-d``.
+        losses: each player's loss value (weighted mean over the micro-batches).
+        weights: the combiner's weight per player (``d = sum_i w_i g_i``); zeros for a skipped update.
+        grad_norms: ``|g_i|`` (NaN or inf for a non-finite gradient).
+        utilities: ``g_i . d``, the first-order decrease of ``L_i`` per unit learning rate of a step along ``-d``
+            (zeros for a skipped update, which writes ``d = 0``).
         cosines: ``K x K`` cosine similarities of the players' gradients (0 where a gradient is zero).
         cos_phi: ``cosines[0][1]`` for two players, else ``None``.
         direction_norm: ``|d|``.
-        status: the combiner's status with player names, e.g. ``"ok"`` or ``"zero_gradient:preserve"``.
+        status: the combiner's status with player names, e.g. ``"ok"`` or ``"zero_gradient:preserve"``, or
+            ``"skipped:nonfinite:<players>"``.
         clip_coef: factor the trained gradients were scaled by (1.0 when under the limit), ``None`` if no clipping.
+        skipped: the update was skipped because a gradient was not finite (``.grad`` left untouched).
     """
 
     names: list[str]
@@ -50,11 +86,12 @@ class StepDiagnostics:
     direction_norm: float
     status: str
     clip_coef: float | None
+    skipped: bool = False
 
-    def as_log_dict(self) -> dict[str, float | str]:
+    def as_log_dict(self) -> dict[str, float | str | bool]:
         """Flat keys for loggers: ``loss/<name>``, ``weight/<name>``, ``grad_norm/<name>``, ``utility/<name>``,
-        ``cos/<a>,<b>``, ``cos_phi``, ``direction_norm``, ``status`` and ``clip_coef`` (when set)."""
-        log: dict[str, float | str] = {}
+        ``cos/<a>,<b>``, ``cos_phi``, ``direction_norm``, ``status``, ``skipped`` and ``clip_coef`` (when set)."""
+        log: dict[str, float | str | bool] = {}
         for i, name in enumerate(self.names):
             log[f"loss/{name}"] = self.losses[i]
             log[f"weight/{name}"] = self.weights[i]
@@ -66,6 +103,7 @@ class StepDiagnostics:
             log["cos_phi"] = self.cos_phi
         log["direction_norm"] = self.direction_norm
         log["status"] = self.status
+        log["skipped"] = self.skipped
         if self.clip_coef is not None:
             log["clip_coef"] = self.clip_coef
         return log
@@ -110,84 +148,193 @@ def clip_gradients_(params: Sequence[torch.nn.Parameter], max_norm: float) -> tu
     return total_norm, clip_coef
 
 
-def _validate(losses: Mapping[str, torch.Tensor], params: Sequence[torch.nn.Parameter]) -> None:
-    if not losses:
-        raise ValueError("bargained_step needs at least one loss; pass a mapping like {'preserve': l_r, 'forget': l_f}")
-    if not params:
-        raise ValueError("bargained_step got no parameters; pass the trainable parameters")
-    if any(not p.requires_grad for p in params):
-        raise ValueError("bargained_step got a parameter with requires_grad=False; pass only the trainable parameters")
-    for name, loss in losses.items():
-        if loss.numel() != 1:
-            raise ValueError(f"loss {name!r} has shape {tuple(loss.shape)}; reduce it to a scalar (e.g. .mean())")
+def _check_policy(policy: str) -> None:
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite_gradients must be one of {', '.join(NONFINITE_POLICIES)}; got {policy!r}")
 
 
-def bargained_step(
+def nonfinite_players(named_grads: Mapping[str, Sequence[torch.Tensor]], policy: str) -> list[str]:
+    """The players (or objectives) whose gradient holds NaN or inf, handled by the non-finite ``policy``.
+
+    ``raise``: any such player raises :class:`NonFiniteGradientError` naming them all. ``skip``: they are returned
+    and a warning is logged; the caller then leaves the parameters unchanged for this step. An empty list means
+    every gradient is finite.
+    """
+    _check_policy(policy)
+    nonfinite = [
+        name for name, grads in named_grads.items()
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    ]
+    if nonfinite and policy == "raise":
+        raise NonFiniteGradientError(nonfinite)
+    if nonfinite:
+        logger.warning("skipping the update: the gradient of %s is not finite", ", ".join(nonfinite))
+    return nonfinite
+
+
+class BargainedUpdate:
+    """Owns one bargained update: per-player gradients (``autograd.grad`` per player), accumulation over
+    micro-batches, reduction across processes, the non-finite policy, combination into ``.grad`` and clipping of
+    the trained parameters (the order and the math are in the module doc). Never steps the optimizer.
+
+    One object serves a whole training run: :meth:`write_gradients` resets it for the next step. Every
+    micro-batch of a step must have the same players in the same order.
+
+    Args:
+        params: the trainable parameters only; nothing else is read or written.
+        combiner: turns the float64 Gram matrix into weights (e.g. ``get_combiner("nash")``).
+        max_grad_norm: if set, clip the total gradient norm of ``params`` after writing.
+        nonfinite: one of :data:`NONFINITE_POLICIES`: ``raise`` (:class:`NonFiniteGradientError`) or ``skip``
+            (``.grad`` untouched, ``StepDiagnostics.skipped``) when a player's gradient is not finite.
+        reduce: applied to every per-tensor gradient sum before anything else, on every process in the same order,
+            e.g. ``lambda g: accelerator.reduce(g, reduction="mean")`` (``torch.autograd.grad`` bypasses DDP's
+            gradient hooks).
+        loss_scale: the constant ``s`` each loss is multiplied by before its backward (fp16 training), divided out
+            after the reduction.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        combiner: Combiner,
+        *,
+        max_grad_norm: float | None = None,
+        nonfinite: str = "raise",
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        loss_scale: float = 1.0,
+    ) -> None:
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("BargainedUpdate got no parameters; pass the trainable parameters")
+        if any(not p.requires_grad for p in self.params):
+            raise ValueError(
+                "BargainedUpdate got a parameter with requires_grad=False; pass only the trainable parameters"
+            )
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
+        _check_policy(nonfinite)
+        if not (math.isfinite(loss_scale) and loss_scale > 0):
+            raise ValueError(f"loss_scale must be a positive finite number, got {loss_scale}")
+        self.combiner = combiner
+        self.max_grad_norm = max_grad_norm
+        self.nonfinite = nonfinite
+        self.reduce = reduce
+        self.loss_scale = loss_scale
+        self._grad_sums: dict[str, list[torch.Tensor]] = {}
+        self._loss_sums: dict[str, float] = {}
+        self._weight_sum = 0.0
+
+    def accumulate_losses(self, losses: Mapping[str, torch.Tensor], *, weight: float = 1.0) -> None:
+        """Add ``grad(weight * loss_scale * L_i)`` to player ``i``'s running sum, for each player in ``losses``.
+
+        Each gradient comes from ``torch.autograd.grad`` with the graph kept until the last player (the losses may
+        share a forward pass); parameters a loss does not reach get zeros. The loss values enter the step's
+        weighted mean with ``weight``.
+        """
+        self._check_players(list(losses), weight)
+        for name, loss in losses.items():
+            if loss.numel() != 1:
+                raise ValueError(f"loss {name!r} has shape {tuple(loss.shape)}; reduce it to a scalar (e.g. .mean())")
+        factor = weight * self.loss_scale
+        last = len(losses) - 1
+        grads = {
+            name: player_gradients(loss * factor, self.params, retain_graph=i < last)
+            for i, (name, loss) in enumerate(losses.items())
+        }
+        self._add(grads, {name: float(loss.detach()) for name, loss in losses.items()}, weight)
+
+    def accumulate_gradients(
+        self,
+        per_player: Mapping[str, Sequence[torch.Tensor]],
+        losses: Mapping[str, float],
+        *,
+        weight: float = 1.0,
+    ) -> None:
+        """:meth:`accumulate_losses` for gradients obtained some other way (e.g. one LoRA forward per player).
+
+        Args:
+            per_player: player -> its gradients aligned with ``params``, already of ``weight * loss_scale * L_i``
+                (scale the loss before its backward, as :meth:`accumulate_losses` does, so that fp16 gradients
+                do not underflow); they are not modified.
+            losses: player -> the unscaled loss value ``L_i``.
+            weight: the micro-batch's weight ``c_m`` in the loss values' weighted mean.
+        """
+        self._check_players(list(per_player), weight)
+        if set(losses) != set(per_player):
+            raise ValueError(f"losses name players {sorted(losses)} but the gradients are of {sorted(per_player)}")
+        for name, grads in per_player.items():
+            if len(grads) != len(self.params):
+                raise ValueError(f"player {name!r} has {len(grads)} gradients for {len(self.params)} parameters")
+        self._add({name: list(grads) for name, grads in per_player.items()}, losses, weight)
+
+    def write_gradients(self) -> StepDiagnostics:
+        """Reduce, unscale, check, bargain and add ``sum_i w_i g_i`` to ``.grad`` of ``params``; clip; reset.
+
+        Like ``backward()``, the result is added to existing ``.grad`` (created when ``None``) in the parameter's
+        dtype. A skipped update (policy ``skip``) leaves ``.grad`` untouched and returns diagnostics with
+        ``skipped=True``, zero weights and status ``"skipped:nonfinite:<players>"``.
+        """
+        if not self._grad_sums:
+            raise ValueError("write_gradients found no gradients; call accumulate_losses or accumulate_gradients first")
+        names = list(self._grad_sums)
+        losses = {name: self._loss_sums[name] / self._weight_sum for name in names}
+        grads_by_player = [self._grad_sums[name] for name in names]
+        self._grad_sums, self._loss_sums, self._weight_sum = {}, {}, 0.0  # the next step starts clean, even on error
+        if self.reduce is not None:
+            grads_by_player = [[self.reduce(g) for g in grads] for grads in grads_by_player]
+        if self.loss_scale != 1.0:
+            grads_by_player = [[g / self.loss_scale for g in grads] for grads in grads_by_player]
+        nonfinite = nonfinite_players(dict(zip(names, grads_by_player)), self.nonfinite)
+        gram = gram_matrix(grads_by_player)
+        if nonfinite:
+            no_weights = torch.zeros(len(names), dtype=torch.float64)
+            status = "skipped:nonfinite:" + ",".join(nonfinite)
+            return _diagnostics(names, losses, gram, no_weights, status, None, skipped=True)
+        weighting = self.combiner(gram)
+        weights = weighting.weights.to(torch.float64)
+        with torch.no_grad():
+            for index, param in enumerate(self.params):
+                compute_dtype = torch.promote_types(param.dtype, torch.float32)
+                combined = sum(float(w) * grads[index].to(compute_dtype) for w, grads in zip(weights, grads_by_player))
+                if param.grad is None:
+                    param.grad = combined.to(param.dtype)
+                else:
+                    param.grad.add_(combined.to(param.grad.dtype))
+        clip_coef = clip_gradients_(self.params, self.max_grad_norm)[1] if self.max_grad_norm is not None else None
+        return _diagnostics(names, losses, gram, weights, name_players(weighting.status, names), clip_coef)
+
+    def _check_players(self, names: list[str], weight: float) -> None:
+        if not names:
+            raise ValueError("a bargained update needs at least one loss; pass a mapping like "
+                             "{'preserve': l_r, 'forget': l_f}")
+        if self._grad_sums and names != list(self._grad_sums):
+            raise ValueError(f"players {names} differ from this step's {list(self._grad_sums)}; give every "
+                             "micro-batch the same players in the same order")
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"weight must be a positive finite number, got {weight}")
+
+    def _add(self, grads: Mapping[str, list[torch.Tensor]], losses: Mapping[str, float], weight: float) -> None:
+        for name, player_grads in grads.items():
+            running = self._grad_sums.get(name)
+            self._grad_sums[name] = player_grads if running is None else [a + b for a, b in zip(running, player_grads)]
+            self._loss_sums[name] = self._loss_sums.get(name, 0.0) + weight * float(losses[name])
+        self._weight_sum += weight
+
+
+def write_bargained_gradients(
     losses: Mapping[str, torch.Tensor],
     params: Sequence[torch.nn.Parameter],
     combiner: Combiner,
     *,
     max_grad_norm: float | None = None,
-    reduce_gradient: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    nonfinite: str = "raise",
 ) -> StepDiagnostics:
-    """Add the combined gradient ``sum_i w_i g_i`` of the players ``losses`` to the ``.grad`` of ``params``.
-
-    Args:
-        losses: player name -> scalar loss, e.g. ``{"preserve": l_r, "forget": l_f}``.
-        params: the trainable parameters only; nothing else is read or written.
-        combiner: turns the float64 Gram matrix into weights (e.g. ``get_combiner("nash")``).
-        max_grad_norm: if set, clip the total gradient norm of ``params`` after writing (call it on the last
-            micro-step when accumulating).
-        reduce_gradient: applied to each player's per-tensor gradient before the Gram matrix, e.g. an all-reduce
-            mean across processes (``torch.autograd.grad`` bypasses DDP's gradient hooks).
-
-    Like ``backward()``, the result is added to existing ``.grad`` (created when ``None``), in the parameter's
-    dtype, so gradient accumulation works. Each player's gradient comes from ``torch.autograd.grad`` with the
-    graph kept until the last player (losses may share a forward pass).
-    """
-    params = list(params)
-    _validate(losses, params)
-    names = list(losses)
-    per_player = {}
-    for i, name in enumerate(names):
-        grads = player_gradients(losses[name], params, retain_graph=i < len(names) - 1)
-        if reduce_gradient is not None:
-            grads = [reduce_gradient(g) for g in grads]
-        per_player[name] = grads
-    loss_values = {name: float(loss.detach()) for name, loss in losses.items()}
-    return apply_player_gradients(per_player, params, combiner, losses=loss_values, max_grad_norm=max_grad_norm)
-
-
-def apply_player_gradients(
-    per_player: Mapping[str, Sequence[torch.Tensor]],
-    params: Sequence[torch.nn.Parameter],
-    combiner: Combiner,
-    *,
-    losses: Mapping[str, float],
-    max_grad_norm: float | None = None,
-) -> StepDiagnostics:
-    """The second half of :func:`bargained_step`, for gradients gathered some other way.
-
-    ``per_player`` maps each player to its per-parameter gradients (aligned with ``params``), e.g. summed over
-    gradient-accumulation micro-batches so that the bargaining sees the whole batch's gradients once.
-    """
-    params = list(params)
-    names = list(per_player)
-    grads_by_player = [per_player[name] for name in names]
-    gram = gram_matrix(grads_by_player)
-    weighting = combiner(gram)
-    weights = weighting.weights.to(torch.float64)
-
-    with torch.no_grad():
-        for index, param in enumerate(params):
-            compute_dtype = torch.promote_types(param.dtype, torch.float32)
-            combined = sum(float(w) * grads[index].to(compute_dtype) for w, grads in zip(weights, grads_by_player))
-            if param.grad is None:
-                param.grad = combined.to(param.dtype)
-            else:
-                param.grad.add_(combined.to(param.grad.dtype))
-    clip_coef = clip_gradients_(params, max_grad_norm)[1] if max_grad_norm is not None else None
-    return _diagnostics(names, losses, gram, weights, name_players(weighting.status, names), clip_coef)
+    """One micro-batch: add ``sum_i w_i g_i`` of the players ``losses`` (e.g. ``{"preserve": l_r, "forget": l_f}``)
+    to the ``.grad`` of ``params`` and clip them; ``BargainedUpdate(...).accumulate_losses(losses)`` then
+    :meth:`BargainedUpdate.write_gradients`."""
+    update = BargainedUpdate(params, combiner, max_grad_norm=max_grad_norm, nonfinite=nonfinite)
+    update.accumulate_losses(losses)
+    return update.write_gradients()
 
 
 def _diagnostics(
@@ -197,6 +344,8 @@ def _diagnostics(
     weights: torch.Tensor,
     status: str,
     clip_coef: float | None,
+    *,
+    skipped: bool = False,
 ) -> StepDiagnostics:
     norms = gram.diagonal().clamp_min(0).sqrt()
     denominator = torch.outer(norms, norms)
@@ -207,10 +356,11 @@ def _diagnostics(
         losses=[float(losses[name]) for name in names],
         weights=weights.tolist(),
         grad_norms=norms.tolist(),
-        utilities=(gram @ weights).tolist(),
+        utilities=[0.0] * len(names) if skipped else (gram @ weights).tolist(),
         cosines=cosines.tolist(),
         cos_phi=float(cosines[0, 1]) if len(names) == 2 else None,
-        direction_norm=math.sqrt(max(float(weights @ gram @ weights), 0.0)),
+        direction_norm=0.0 if skipped else math.sqrt(max(float(weights @ gram @ weights), 0.0)),
         status=status,
         clip_coef=clip_coef,
+        skipped=skipped,
     )

@@ -144,7 +144,7 @@ class MunbaPipeline(StableDiffusionPipeline):
                 "concepts": [concept["name"] for concept in erasure_config.get("concepts", [])],
                 "fused": False,
                 "lora_weight_name": weight_name,
-                "base_model": erasure_config.get("base_model"),
+                "base_model": erasure_config.get("pretrained_model_name_or_path", erasure_config.get("base_model")),
             }
         )
         self.erasure_scale = 1.0

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from munba_diffusion.evaluation.manifest import MANIFEST_NAME, write_jsonl_atomic
+from munba_diffusion.evaluation.manifest import MANIFEST_NAME
+from munba_diffusion.io import write_jsonl_atomic
 from tests.tiny_sd import build_tiny_tokenizer
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -34,6 +35,7 @@ from munba_diffusion.classifiers.metrics import (
 )
 from munba_diffusion.classifiers.models import build_model
 from munba_diffusion.classifiers.unlearn import TrainConfig, UnlearnConfig, train_classifier, unlearn
+from munba_diffusion.step import NonFiniteGradientError
 
 
 class LookupModel(nn.Module):
@@ -172,9 +174,10 @@ def test_munba_forgets_a_class_and_keeps_the_rest(tiny_setup) -> None:
     before = _metrics(original, data, forget, retain)
     assert before.UA < 10 and before.RA > 90  # the original model knows the class
     config = UnlearnConfig("munba", epochs=2, lr=0.05, combiner="nash")
-    unlearned = unlearn(
+    unlearned, record = unlearn(
         original, data.train_images, data.train_labels, forget, retain, 10, config, torch.Generator().manual_seed(0)
     )
+    assert record["skipped_steps"] == 0 and record["steps"] > 0
     after = _metrics(unlearned, data, forget, retain)
     assert after.UA > 80  # forget accuracy falls below 20 %
     assert after.RA > before.RA - 5
@@ -193,7 +196,7 @@ def test_munba_with_sum_combiner_is_random_labelling(tiny_setup) -> None:
             10,
             UnlearnConfig(method, epochs=1, lr=0.01, combiner="sum"),
             torch.Generator().manual_seed(0),
-        )
+        )[0]
         for method in ("rl", "munba")
     ]
     for p, q in zip(models[0].parameters(), models[1].parameters()):
@@ -207,8 +210,66 @@ def test_munba_with_sum_combiner_is_random_labelling(tiny_setup) -> None:
         10,
         UnlearnConfig("munba", epochs=1, lr=0.01),
         torch.Generator().manual_seed(0),
-    )
+    )[0]
     assert any(not torch.allclose(p, q) for p, q in zip(nash.parameters(), models[0].parameters()))
+
+
+def _forget_images_are_nan() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A linear classifier whose forget images are NaN: the forget loss (and its gradient) is NaN."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    images, labels = torch.randn(12, 1, 2, 2), torch.arange(12) % 3
+    forget, retain = torch.arange(4), torch.arange(4, 12)
+    images[forget] = float("nan")
+    return model, images, labels, forget, retain
+
+
+@pytest.mark.parametrize(
+    ("method", "player"), [("munba", "forget"), ("rl", "CE(retain)+CE(forget, random labels)"), ("ga", "-CE(forget)")]
+)
+def test_unlearning_follows_the_nonfinite_policy(method, player) -> None:
+    model, images, labels, forget, retain = _forget_images_are_nan()
+    config = UnlearnConfig(method, epochs=2, batch_size=4)
+    with pytest.raises(NonFiniteGradientError) as error:
+        unlearn(model, images, labels, forget, retain, 3, config, torch.Generator().manual_seed(0))
+    assert error.value.players == [player]
+
+    skipped, record = unlearn(model, images, labels, forget, retain, 3,
+                              dataclasses.replace(config, nonfinite_gradients="skip"), torch.Generator().manual_seed(0))
+    assert record["skipped_steps"] == record["steps"] > 0
+    assert all(torch.equal(p, q) for p, q in zip(skipped.parameters(), model.parameters()))
+    _, fine_tuned = unlearn(model, images, labels, forget, retain, 3, dataclasses.replace(config, method="ft"),
+                            torch.Generator().manual_seed(0))
+    assert fine_tuned["skipped_steps"] == 0  # ft never sees the forget images
+
+
+BAD_OPTIONS = {
+    UnlearnConfig: [
+        ("method", "salun"), ("epochs", 0), ("epochs", 1.5), ("lr", 0.0), ("lr", float("inf")), ("batch_size", 0),
+        ("momentum", 1.0), ("momentum", -0.1), ("weight_decay", -1e-4), ("combiner", "median"),
+        ("max_grad_norm", 0.0), ("max_grad_norm", -1.0), ("nonfinite_gradients", "ignore"),
+    ],
+    TrainConfig: [
+        ("epochs", 0), ("lr", -0.1), ("batch_size", 0), ("momentum", 1.0), ("weight_decay", -1.0),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("config_class", "field", "value"),
+    [(cls, field, value) for cls, options in BAD_OPTIONS.items() for field, value in options],
+)
+def test_every_config_rule_is_a_one_line_error_naming_the_field(config_class, field, value) -> None:
+    valid = {"method": "munba"} if config_class is UnlearnConfig else {}
+    with pytest.raises(ValueError) as error:
+        config_class(**{**valid, field: value})
+    message = str(error.value)
+    assert message.startswith(f"{field} (--{field})") and repr(value) in message and "\n" not in message
+
+
+@pytest.mark.parametrize("config_class", list(BAD_OPTIONS))
+def test_every_config_field_has_a_rule_tested(config_class) -> None:
+    assert {f.name for f in dataclasses.fields(config_class)} == {field for field, _ in BAD_OPTIONS[config_class]}
 
 
 def test_benchmark_end_to_end_writes_reports(tmp_path) -> None:

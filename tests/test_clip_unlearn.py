@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import replace
 
@@ -22,6 +23,7 @@ from munba_diffusion.classifiers.clip_benchmark import (
     write_results,
 )
 from munba_diffusion.classifiers.clip_cli import main
+from munba_diffusion.classifiers import clip_unlearn
 from munba_diffusion.classifiers.clip_unlearn import (
     ClipUnlearnConfig,
     ZeroShotTask,
@@ -32,7 +34,7 @@ from munba_diffusion.classifiers.clip_unlearn import (
     unlearn_clip,
 )
 from munba_diffusion.demo import SHAPES
-from munba_diffusion.step import apply_player_gradients, gram_matrix, player_gradients
+from munba_diffusion.step import BargainedUpdate, NonFiniteGradientError, gram_matrix, player_gradients
 
 CIRCLE = [SHAPES.index("circle")]
 
@@ -67,8 +69,9 @@ def test_half_precision_clip_gets_a_finite_bargained_step(demo, dtype, adapter) 
     gram = gram_matrix(list(per_player.values()))
     assert gram.dtype == torch.float64 and torch.isfinite(gram).all() and (gram.diagonal() > 0).all()
 
-    diagnostics = apply_player_gradients(per_player, params, get_combiner("nash"),
-                                         losses={k: float(v.detach()) for k, v in losses.items()})
+    update = BargainedUpdate(params, get_combiner("nash"))
+    update.accumulate_gradients(per_player, {k: float(v.detach()) for k, v in losses.items()})
+    diagnostics = update.write_gradients()
     assert all(w > 0 for w in diagnostics.weights)
     torch.optim.SGD(params, lr=0.01).step()
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in params)
@@ -83,12 +86,12 @@ def test_non_finite_gradients_raise_or_skip(demo) -> None:
     with torch.no_grad():
         broken.logit_scale.fill_(100.0)  # exp(100) overflows float32: infinite logits, NaN losses and gradients
     config = ClipUnlearnConfig(method="munba", adapter="direct", steps=2, batch_size=8)
-    with pytest.raises(FloatingPointError, match="not finite"):
+    with pytest.raises(NonFiniteGradientError, match="not finite"):
         unlearn_clip(broken, processor.tokenizer, data.task, data.train, CIRCLE, config)
 
     for method in ("munba", "rl"):
         skipped, record = unlearn_clip(broken, processor.tokenizer, data.task, data.train, CIRCLE,
-                                       replace(config, method=method, on_nonfinite="skip"))
+                                       replace(config, method=method, nonfinite_gradients="skip"))
         assert record["skipped_steps"] == 2
         for name, param in skipped.text_model.named_parameters():
             assert torch.equal(param, broken.text_model.get_parameter(name)), name
@@ -103,19 +106,42 @@ def test_unknown_class_is_a_one_line_error_naming_the_labels(demo) -> None:
     assert data.task.class_ids(["cross", "circle"]) == [3, 0]
 
 
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"method": "ga"}, "unknown method 'ga'; choose from ft, rl, munba"),
-        ({"params": "mlp"}, "unknown parameter set 'mlp'; choose from text-attention, image-attention, all-attention"),
-        ({"adapter": "ia3"}, "unknown adapter 'ia3'; choose from lora, direct"),
-        ({"combiner": "median"}, "unknown combiner 'median'"),
-        ({"on_nonfinite": "ignore"}, "unknown non-finite policy 'ignore'"),
-    ],
-)
-def test_unknown_names_are_rejected(options, message) -> None:
-    with pytest.raises(ValueError, match=message):
-        ClipUnlearnConfig(**options)
+def test_munba_follows_the_nonfinite_policy_for_one_nan_player(demo, monkeypatch) -> None:
+    model, processor, data = demo
+
+    def nan_forget_loss(*args, **kwargs):
+        losses = player_losses(*args, **kwargs)
+        losses["forget"] = losses["forget"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(clip_unlearn, "player_losses", nan_forget_loss)
+    config = ClipUnlearnConfig(method="munba", adapter="direct", steps=2, batch_size=4)
+    with pytest.raises(NonFiniteGradientError) as error:
+        unlearn_clip(model, processor.tokenizer, data.task, data.train, CIRCLE, config)
+    assert error.value.players == ["forget"]
+    skipped, record = unlearn_clip(model, processor.tokenizer, data.task, data.train, CIRCLE,
+                                   replace(config, nonfinite_gradients="skip"))
+    assert record["skipped_steps"] == 2 and "mean_weights" not in record
+    assert all(torch.equal(p, q) for p, q in zip(skipped.parameters(), model.parameters()))
+
+
+BAD_OPTIONS = [
+    ("method", "ga"), ("combiner", "median"), ("params", "mlp"), ("adapter", "ia3"), ("lora_rank", 0),
+    ("lora_alpha", 0.0), ("steps", 0), ("batch_size", 0), ("lr", 0.0), ("momentum", 1.0), ("weight_decay", -1e-4),
+    ("max_grad_norm", 0.0), ("nonfinite_gradients", "ignore"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), BAD_OPTIONS)
+def test_every_config_rule_is_a_one_line_error_naming_the_field(field, value) -> None:
+    with pytest.raises(ValueError) as error:
+        ClipUnlearnConfig(**{field: value})
+    message = str(error.value)
+    assert message.startswith(f"{field} (--{field})") and repr(value) in message and "\n" not in message
+
+
+def test_every_config_field_has_a_rule_tested() -> None:
+    assert {f.name for f in dataclasses.fields(ClipUnlearnConfig)} == {field for field, _ in BAD_OPTIONS}
 
 
 def test_templates_need_a_label_slot() -> None:

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from munba_diffusion.clip_features import clip_image_embeddings, clip_text_embeddings
-from munba_diffusion.demo import (COLOURS, SHAPES, WEIGHTS_DIR, canonical_caption, demo_clip_path, demo_pipeline_path,
-                                  load_demo_judge, render_scene, resolve_model_path)
+from munba_diffusion.demo import COLOURS, SHAPES, WEIGHTS_DIR, canonical_caption, demo_clip_path, load_demo_judge, render_scene
+from munba_diffusion.models import resolve_model_path
 from munba_diffusion.demo.world import SHAPE_NAMES, caption, scenes_to_tensor
 
 
@@ -67,7 +67,7 @@ def test_bundled_pipeline_draws_what_it_is_asked(monkeypatch):
     from diffusers import StableDiffusionPipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert resolve_model_path("munba-demo") == str(demo_pipeline_path())
+    assert resolve_model_path("munba-demo") == str(WEIGHTS_DIR / "pipeline")
     pipe = StableDiffusionPipeline.from_pretrained(resolve_model_path("munba-demo"))
     pipe.set_progress_bar_config(disable=True)
     combos = [(s, c) for s in SHAPES for c in COLOURS]

@@ -8,7 +8,8 @@ import torch
 from munba_diffusion.diffusion.latents import LatentBatch, SamplerSettings, TrajectoryPool, ddim_trajectory
 from munba_diffusion.diffusion.lora import ErasureLoraConfig, adapters_disabled, add_erasure_lora, target_module_names
 from munba_diffusion.diffusion.losses import esd_target, forget_loss, preservation_loss
-from munba_diffusion.diffusion.train import ErasureBatch, erasure_player_gradients, preserve_prompts_of
+from munba_diffusion.diffusion.config import ErasureTrainingConfig
+from munba_diffusion.diffusion.players import ErasureBatch, erasure_player_gradients
 from munba_diffusion.presets import list_presets, load_preset, resolve_concept
 from tests.tiny_sd import build_tiny_sd_pipeline
 
@@ -51,7 +52,7 @@ def test_free_text_and_yaml_concepts(tmp_path):
 
 def test_preserve_prompts_of_several_concepts_drops_what_another_forgets():
     circle, square = load_preset("circle"), load_preset("square")
-    preserve = preserve_prompts_of([circle, square])
+    preserve = ErasureTrainingConfig(concepts=[circle, square], output_dir="unused").preserve_prompts()
     assert "a red square" not in preserve and "a red circle" not in preserve
     assert "a red triangle" in preserve
 
@@ -220,7 +221,7 @@ def test_erasure_runs_on_the_sd14_layout(tmp_path):
                       "--pool_trajectories", "1", "--validation_inference_steps", "2", "--validation_seeds", "1",
                       "--lora_target", "noxattn"])
     config = json.loads((out / "erasure_config.json").read_text())
-    assert config["base_model"] == str(folder) and config["lora"]["preset"] == "noxattn"
+    assert config["pretrained_model_name_or_path"] == str(folder) and config["lora_target"] == "noxattn"
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
 

@@ -30,11 +30,14 @@ def test_wheel_holds_package_data(wheel):
         "munba_diffusion/prompts/presets/circle.yaml",
         "munba_diffusion/prompts/eval/demo.csv",
         "munba_diffusion/demo/weights/pipeline/model_index.json",
+        "munba_diffusion/demo/weights/pipeline/README.md",
         "munba_diffusion/demo/weights/pipeline/unet/diffusion_pytorch_model.safetensors",
         "munba_diffusion/demo/weights/clip/model.safetensors",
         "munba_diffusion/demo/weights/judge/judge.safetensors",
     ]
     assert [n for n in required if n not in names] == []
+    # the scripts that built the demo stay out of the installed package
+    assert [n for n in names if n.startswith(("scripts/", "munba_diffusion/demo/train", "munba_diffusion/demo/measure"))] == []
     assert zipfile.ZipFile(wheel).read("munba_diffusion/pipelines/munba.py") == (ROOT / "pipelines" / "munba.py").read_bytes()
 
 
@@ -45,7 +48,8 @@ def test_installed_wheel_runs_the_demo_outside_the_checkout(wheel, tmp_path):
     script = (
         "import munba_diffusion, torch\n"
         "from munba_diffusion import MunbaPipeline\n"
-        "from munba_diffusion.demo import resolve_model_path, load_demo_judge\n"
+        "from munba_diffusion.demo import load_demo_judge\n"
+        "from munba_diffusion.models import model_license, resolve_model_path\n"
         "from munba_diffusion.presets import load_preset\n"
         "assert str(munba_diffusion.__file__).startswith(%r), munba_diffusion.__file__\n"
         "pipe = MunbaPipeline.from_pretrained(resolve_model_path('munba-demo'))\n"
@@ -53,6 +57,7 @@ def test_installed_wheel_runs_the_demo_outside_the_checkout(wheel, tmp_path):
         "img = pipe('a red square', num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type='pt').images\n"
         "assert img.shape == (1, 3, 32, 32) and load_preset('circle').forget_prompts\n"
         "load_demo_judge().classify(img)\n"
+        "assert model_license('munba-demo') == 'apache-2.0'  # the model card travels in the wheel\n"
         "print('ok')\n"
     ) % str(target)
     env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -1,4 +1,4 @@
-"""Tests for munba_diffusion.step: the shared bargained update."""
+"""Tests for munba_diffusion.step: the shared bargained update (the one path every trainer takes)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from munba_diffusion.bargaining import NashBargaining, SumWeighting, get_combiner, nash_bargaining_weights
-from munba_diffusion.step import bargained_step, clip_gradients_, gram_matrix
+from munba_diffusion.step import (
+    BargainedUpdate,
+    NonFiniteGradientError,
+    clip_gradients_,
+    gram_matrix,
+    nonfinite_players,
+    player_gradients,
+    write_bargained_gradients,
+)
 
 
 def tiny_model(seed: int = 0) -> nn.Module:
@@ -38,7 +46,7 @@ def test_combined_gradient_matches_manual_computation() -> None:
     gram = torch.stack([flat_r, flat_f]) @ torch.stack([flat_r, flat_f]).T
     alpha = nash_bargaining_weights(gram).weights
 
-    diagnostics = bargained_step(two_losses(model), params, NashBargaining())
+    diagnostics = write_bargained_gradients(two_losses(model), params, NashBargaining())
     for p, a, b in zip(params, g_r, g_f):
         torch.testing.assert_close(p.grad, float(alpha[0]) * a + float(alpha[1]) * b, rtol=1e-6, atol=1e-8)
     assert diagnostics.weights == pytest.approx(alpha.tolist(), rel=1e-10)
@@ -66,9 +74,9 @@ def test_gram_matrix_is_per_tensor_float64_dot_products() -> None:
 def test_accumulation_adds_like_backward() -> None:
     model = tiny_model()
     params = list(model.parameters())
-    bargained_step(two_losses(model), params, NashBargaining())
+    write_bargained_gradients(two_losses(model), params, NashBargaining())
     once = [p.grad.clone() for p in params]
-    bargained_step(two_losses(model), params, NashBargaining())
+    write_bargained_gradients(two_losses(model), params, NashBargaining())
     for p, g in zip(params, once):
         torch.testing.assert_close(p.grad, 2 * g)
 
@@ -80,7 +88,7 @@ def test_frozen_parameters_and_their_stale_grads_are_untouched() -> None:
         p.requires_grad_(False)
         p.grad = torch.full_like(p, 100.0)  # stale gradient from an earlier run
     trained = list(model[2].parameters())
-    diagnostics = bargained_step(two_losses(model), trained, SumWeighting(), max_grad_norm=1e-3)
+    diagnostics = write_bargained_gradients(two_losses(model), trained, SumWeighting(), max_grad_norm=1e-3)
     for p in frozen.parameters():
         assert torch.equal(p.grad, torch.full_like(p, 100.0))
     trained_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in trained))
@@ -106,7 +114,7 @@ def test_unused_parameter_and_constant_loss() -> None:
     params = [*model.parameters(), unused]
     losses = two_losses(model)
     losses["preserve"] = torch.tensor(0.0)  # e.g. an exactly-zero preserve loss without a graph at step 0
-    diagnostics = bargained_step(losses, params, get_combiner("nash"))
+    diagnostics = write_bargained_gradients(losses, params, get_combiner("nash"))
     assert diagnostics.status == "zero_gradient:preserve"
     assert torch.equal(unused.grad, torch.zeros(4))
     # the forget player alone: its unit gradient
@@ -115,35 +123,18 @@ def test_unused_parameter_and_constant_loss() -> None:
     assert all(torch.isfinite(p.grad).all() for p in params)
 
 
-def test_reduce_gradient_is_applied_to_every_players_tensors() -> None:
-    model = tiny_model()
-    params = list(model.parameters())
-    plain = tiny_model()
-    bargained_step(two_losses(plain), list(plain.parameters()), SumWeighting())
-    calls = []
-
-    def double(g: torch.Tensor) -> torch.Tensor:
-        calls.append(g.shape)
-        return 2 * g
-
-    bargained_step(two_losses(model), params, SumWeighting(), reduce_gradient=double)
-    assert len(calls) == 2 * len(params)
-    for p, q in zip(params, plain.parameters()):
-        torch.testing.assert_close(p.grad, 2 * q.grad)
-
-
 def test_low_precision_parameters_get_grads_in_their_dtype() -> None:
     model = tiny_model().to(torch.bfloat16)
     x = torch.randn(4, 5, dtype=torch.bfloat16)
     losses = {"a": model(x).float().pow(2).mean(), "b": model(x).float().sum()}
-    bargained_step(losses, list(model.parameters()), NashBargaining())
+    write_bargained_gradients(losses, list(model.parameters()), NashBargaining())
     assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_shared_forward_graph_between_players() -> None:
     model = tiny_model()
     out = model(torch.randn(8, 5))
-    diagnostics = bargained_step(
+    diagnostics = write_bargained_gradients(
         {"a": out[:, 0].mean(), "b": -out[:, 1].mean(), "c": out.pow(2).mean()},
         list(model.parameters()),
         NashBargaining(),
@@ -155,25 +146,188 @@ def test_shared_forward_graph_between_players() -> None:
 def test_bad_inputs_are_clear_errors() -> None:
     model = tiny_model()
     with pytest.raises(ValueError, match="at least one loss"):
-        bargained_step({}, list(model.parameters()), NashBargaining())
+        write_bargained_gradients({}, list(model.parameters()), NashBargaining())
     with pytest.raises(ValueError, match="scalar"):
-        bargained_step({"a": model(torch.randn(2, 5))}, list(model.parameters()), NashBargaining())
+        write_bargained_gradients({"a": model(torch.randn(2, 5))}, list(model.parameters()), NashBargaining())
     frozen = nn.Parameter(torch.ones(2), requires_grad=False)
     with pytest.raises(ValueError, match="requires_grad=False"):
-        bargained_step(two_losses(model), [*model.parameters(), frozen], NashBargaining())
+        write_bargained_gradients(two_losses(model), [*model.parameters(), frozen], NashBargaining())
+    with pytest.raises(ValueError, match="same players"):
+        update = BargainedUpdate(list(model.parameters()), NashBargaining())
+        update.accumulate_losses(two_losses(model))
+        update.accumulate_losses({"forget": two_losses(model)["forget"]})
+    with pytest.raises(ValueError, match="no gradients"):
+        BargainedUpdate(list(model.parameters()), NashBargaining()).write_gradients()
+    with pytest.raises(ValueError, match="nonfinite_gradients must be one of raise, skip; got 'ignore'"):
+        BargainedUpdate(list(model.parameters()), NashBargaining(), nonfinite="ignore")
 
 
-def test_apply_player_gradients_matches_bargained_step() -> None:
-    """Gradients gathered elsewhere (e.g. summed over micro-batches) give the same update as bargained_step."""
-    from munba_diffusion.step import apply_player_gradients, player_gradients
+def test_write_bargained_gradients_is_bit_identical_to_the_weighted_sum_by_hand() -> None:
+    """``.grad = sum_i w_i g_i`` with ``w = combiner(M)``, ``M`` the float64 Gram matrix: no hidden rescaling."""
+    model = tiny_model()
+    params = list(model.parameters())
+    losses = two_losses(model)
+    g_r = torch.autograd.grad(losses["preserve"], params, retain_graph=True)
+    g_f = torch.autograd.grad(losses["forget"], params)
+    weights = NashBargaining()(gram_matrix([g_r, g_f])).weights
+    expected = [float(weights[0]) * a + float(weights[1]) * b for a, b in zip(g_r, g_f)]
 
+    write_bargained_gradients(two_losses(model), params, NashBargaining())
+    for p, e in zip(params, expected):
+        assert torch.equal(p.grad, e)
+
+
+def test_three_micro_batches_equal_one_step_on_the_concatenated_batch() -> None:
+    generator = torch.Generator().manual_seed(3)
+    x_r, x_f = torch.randn(24, 5, generator=generator), torch.randn(24, 5, generator=generator)
+    y_r, y_f = torch.randint(0, 3, (24,), generator=generator), torch.randint(0, 3, (24,), generator=generator)
+
+    def losses(model: nn.Module, rows: slice) -> dict[str, torch.Tensor]:
+        return {"preserve": nn.functional.cross_entropy(model(x_r[rows]), y_r[rows]),
+                "forget": nn.functional.cross_entropy(model(x_f[rows]), y_f[rows])}
+
+    whole, micro = tiny_model(), tiny_model()
+    expected = write_bargained_gradients(losses(whole, slice(None)), list(whole.parameters()), NashBargaining())
+    update = BargainedUpdate(list(micro.parameters()), NashBargaining())
+    for start in range(0, 24, 8):
+        update.accumulate_losses(losses(micro, slice(start, start + 8)), weight=1 / 3)
+    diagnostics = update.write_gradients()
+    for p, q in zip(micro.parameters(), whole.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-6)
+    assert diagnostics.losses == pytest.approx(expected.losses, rel=1e-6)
+    assert diagnostics.weights == pytest.approx(expected.weights, rel=1e-6)
+
+
+def test_micro_batches_with_a_loss_scale_follow_the_documented_order_bit_for_bit() -> None:
+    """``S_i = sum_m grad(c_m s L_i)``, ``g_i = S_i / s``, weights from ``M(g)``, ``.grad = sum_i w_i g_i``."""
+    scale, micro_batches = 1024.0, 3
     reference, model = tiny_model(), tiny_model()
-    bargained_step(two_losses(reference), list(reference.parameters()), NashBargaining())
+    params = list(reference.parameters())
+    sums = None
+    for seed in range(micro_batches):
+        grads = [player_gradients(loss * (scale / micro_batches), params, retain_graph=True)
+                 for loss in two_losses(reference, seed).values()]
+        sums = grads if sums is None else [[a + b for a, b in zip(s, g)] for s, g in zip(sums, grads)]
+    unscaled = [[g / scale for g in player] for player in sums]
+    weights = NashBargaining()(gram_matrix(unscaled)).weights
+    expected = [float(weights[0]) * a + float(weights[1]) * b for a, b in zip(*unscaled)]
+
+    update = BargainedUpdate(list(model.parameters()), NashBargaining(), loss_scale=scale)
+    for seed in range(micro_batches):
+        update.accumulate_losses(two_losses(model, seed), weight=1 / micro_batches)
+    diagnostics = update.write_gradients()
+    for p, e in zip(model.parameters(), expected):
+        assert torch.equal(p.grad, e)
+    mean_losses = [sum(float(two_losses(model, seed)[name].detach()) for seed in range(micro_batches)) / micro_batches
+                   for name in ("preserve", "forget")]
+    assert diagnostics.losses == pytest.approx(mean_losses, rel=1e-12)
+
+
+def test_the_loss_scale_is_removed_before_combining() -> None:
+    plain, scaled = tiny_model(), tiny_model()
+    expected = write_bargained_gradients(two_losses(plain), list(plain.parameters()), SumWeighting())
+    update = BargainedUpdate(list(scaled.parameters()), SumWeighting(), loss_scale=3.0)
+    update.accumulate_losses(two_losses(scaled))
+    diagnostics = update.write_gradients()
+    for p, q in zip(scaled.parameters(), plain.parameters()):  # float32 rounding of 3 * g / 3 only
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    assert diagnostics.grad_norms == pytest.approx(expected.grad_norms, rel=1e-6)
+    assert diagnostics.losses == pytest.approx(expected.losses, rel=1e-12)
+
+
+def test_reduce_is_applied_to_every_sum_before_the_gram_matrix() -> None:
+    """A reduction that doubles every gradient doubles ``|g_i|`` and, with sum weights, ``.grad``."""
+    plain, model = tiny_model(), tiny_model()
+    expected = write_bargained_gradients(two_losses(plain), list(plain.parameters()), SumWeighting())
+    calls = []
+
+    def double(g: torch.Tensor) -> torch.Tensor:
+        calls.append(g.shape)
+        return 2 * g
+
+    update = BargainedUpdate(list(model.parameters()), SumWeighting(), reduce=double)
+    update.accumulate_losses(two_losses(model))
+    diagnostics = update.write_gradients()
+    assert len(calls) == 2 * len(list(model.parameters()))
+    assert diagnostics.grad_norms == pytest.approx([2 * n for n in expected.grad_norms], rel=1e-12)
+    assert diagnostics.utilities == pytest.approx([4 * u for u in expected.utilities], rel=1e-12)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, 2 * q.grad)
+
+
+def test_accumulate_gradients_matches_accumulate_losses() -> None:
+    """Gradients gathered elsewhere (e.g. one forward per player) give the same update; they are not modified."""
+    reference, model = tiny_model(), tiny_model()
+    write_bargained_gradients(two_losses(reference), list(reference.parameters()), NashBargaining())
     params = list(model.parameters())
     losses = two_losses(model)
     per_player = {name: player_gradients(loss, params, retain_graph=True) for name, loss in losses.items()}
+    copies = {name: [g.clone() for g in grads] for name, grads in per_player.items()}
     values = {name: float(loss.detach()) for name, loss in losses.items()}
-    diagnostics = apply_player_gradients(per_player, params, NashBargaining(), losses=values)
+    update = BargainedUpdate(params, NashBargaining())
+    update.accumulate_gradients(per_player, values)
+    diagnostics = update.write_gradients()
     for p, q in zip(params, reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-8)
+        assert torch.equal(p.grad, q.grad)
     assert diagnostics.losses == [values["preserve"], values["forget"]]
+    assert all(torch.equal(a, b) for name in per_player for a, b in zip(per_player[name], copies[name]))
+    with pytest.raises(ValueError, match="2 gradients for 4 parameters"):
+        update.accumulate_gradients({name: grads[:2] for name, grads in per_player.items()}, values)
+
+
+def nan_forget_losses(model: nn.Module) -> dict[str, torch.Tensor]:
+    losses = two_losses(model)
+    losses["forget"] = losses["forget"] * float("nan")
+    return losses
+
+
+def stale_grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    return [p.grad.clone() for p in params]
+
+
+def test_nonfinite_policy_raise_names_the_player_and_leaves_grad_untouched() -> None:
+    model = tiny_model()
+    params = list(model.parameters())
+    before = stale_grads(params)
+    with pytest.raises(NonFiniteGradientError) as error:
+        write_bargained_gradients(nan_forget_losses(model), params, NashBargaining(), max_grad_norm=1e-3)
+    message = str(error.value)
+    assert "forget" in message and "preserve" not in message and "\n" not in message
+    assert "nonfinite_gradients='skip'" in message and error.value.players == ["forget"]
+    assert isinstance(error.value, FloatingPointError)
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
+
+
+def test_nonfinite_policy_skip_leaves_grad_untouched_and_says_so() -> None:
+    model = tiny_model()
+    params = list(model.parameters())
+    before = stale_grads(params)
+    update = BargainedUpdate(params, NashBargaining(), nonfinite="skip", max_grad_norm=1e-3)
+    update.accumulate_losses(nan_forget_losses(model))
+    diagnostics = update.write_gradients()
+    assert diagnostics.skipped and diagnostics.status == "skipped:nonfinite:forget"
+    assert diagnostics.weights == [0.0, 0.0] and diagnostics.direction_norm == 0.0 and diagnostics.clip_coef is None
+    assert math.isnan(diagnostics.grad_norms[1]) and math.isfinite(diagnostics.grad_norms[0])
+    assert diagnostics.as_log_dict()["skipped"] is True
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
+
+    # the skipped step's sums are gone: the next step is the same as on a fresh update
+    for p in params:
+        p.grad = None
+    update.accumulate_losses(two_losses(model))
+    update.write_gradients()
+    fresh = tiny_model()
+    write_bargained_gradients(two_losses(fresh), list(fresh.parameters()), NashBargaining(), max_grad_norm=1e-3)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(params, fresh.parameters()))
+
+
+def test_nonfinite_players_is_the_one_check() -> None:
+    finite, infinite = [torch.ones(3), torch.zeros(2)], [torch.ones(3), torch.tensor([1.0, float("inf")])]
+    assert nonfinite_players({"a": finite, "b": finite}, "raise") == []
+    assert nonfinite_players({"a": infinite, "b": finite, "c": infinite}, "skip") == ["a", "c"]
+    with pytest.raises(NonFiniteGradientError, match="the gradient of a, c is not finite"):
+        nonfinite_players({"a": infinite, "b": finite, "c": infinite}, "raise")
+    with pytest.raises(ValueError, match="must be one of raise, skip"):
+        nonfinite_players({"a": finite}, "warn")

@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 import train_erase
-from munba_diffusion.demo import DEMO_MODEL_NAME
+from munba_diffusion.models import DEMO_MODEL as DEMO_MODEL_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--sampler_steps", "5", "--pool_trajectories", "1", "--validation_inference_steps", "4",
@@ -121,7 +121,7 @@ def test_saved_folder_loads_three_ways_and_matches_base_plus_lora(uninterrupted)
 
 
 def _demo() -> str:
-    from munba_diffusion.demo import resolve_model_path
+    from munba_diffusion.models import resolve_model_path
 
     return resolve_model_path(DEMO_MODEL_NAME)
 
@@ -133,7 +133,7 @@ def test_model_card_names_base_model_and_concept(uninterrupted):
     assert "concept-erasure" in meta["tags"]
     assert "circle" in text and DEMO_MODEL_NAME in text
     config = json.loads((uninterrupted / "erasure_config.json").read_text())
-    assert config["base_model"] == DEMO_MODEL_NAME and config["combiner"] == "nash"
+    assert config["pretrained_model_name_or_path"] == DEMO_MODEL_NAME and config["combiner"] == "nash"
     assert [c["name"] for c in config["concepts"]] == ["circle"]
     assert (uninterrupted / "images" / "before_after.png").is_file()
 
@@ -206,7 +206,7 @@ def test_two_concepts_at_once_lower_both_rates(tmp_path):
     train_erase.main(["--pretrained_model_name_or_path", DEMO_MODEL_NAME, "--concept", "red", "--concept", "blue",
                       "--output_dir", str(out), *DEMO_ERASURE, "--max_train_steps", "120", *FAST])
     config = json.loads((out / "erasure_config.json").read_text())
-    assert config["extra"]["players"] == ["preserve", "forget:red", "forget:blue"]
+    assert config["run"]["players"] == ["preserve", "forget:red", "forget:blue"]
     records = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert all(len([k for k in r if k.startswith("weight/")]) == 3 for r in records)
     prompts = [(f"a red {s}", "colour", "red") for s in ("circle", "square", "triangle")] * 2

@@ -22,6 +22,10 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from peft import LoraConfig
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from munba_diffusion.diffusion.config import ErasureTrainingConfig
+from munba_diffusion.diffusion.export import run_record
+from munba_diffusion.presets import ConceptPreset
+
 TINY_SD_WORDS = (
     "a photo of the an in on with and red green blue yellow circle square triangle cross "
     "shape picture painting dog cat car tree house style"
@@ -173,19 +177,10 @@ def add_random_lora(
 
 
 def tiny_erasure_config(concept: str = "circle", *, base_model: str = "CompVis/stable-diffusion-v1-4") -> dict:
-    """An erasure_config dict (as a trainer fills it) matching `add_random_lora`'s defaults."""
-    return {
-        "base_model": base_model,
-        "concepts": [
-            {
-                "name": concept,
-                "forget_prompts": [f"a {concept}", f"a red {concept}"],
-                "preserve_prompts": ["a square", "a blue triangle"],
-                "anchor": "",
-            }
-        ],
-        "loss": "esd",
-        "combiner": "nash",
-        "lora": {"rank": 4, "alpha": 8.0, "target_modules": CROSS_ATTENTION_TARGETS, "preset": "xattn"},
-        "training": {"max_train_steps": 10, "learning_rate": 1e-4, "train_batch_size": 1, "seed": 0, "resolution": 32},
-    }
+    """The run record a trainer would write for `add_random_lora`'s adapter (built from a real configuration)."""
+    preset = ConceptPreset(name=concept, forget_prompts=(f"a {concept}", f"a red {concept}"),
+                           preserve_prompts=("a square", "a blue triangle"), anchor_prompts=("", ""))
+    config = ErasureTrainingConfig(concepts=[preset], output_dir=Path("unused"), pretrained_model_name_or_path=base_model,
+                                   rank=4, lora_alpha=8.0, max_train_steps=10, resolution=32)
+    return run_record(config, players=config.player_names(), target_modules=[CROSS_ATTENTION_TARGETS],
+                      train_seconds=0.0, pool_seconds=0.0)

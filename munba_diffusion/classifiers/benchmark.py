@@ -139,7 +139,7 @@ def _run_setting(
                 model, data.train_images, data.train_labels, retain, config.train, generator, config.device
             )
         else:
-            model = unlearn(
+            model, _ = unlearn(
                 original,
                 data.train_images,
                 data.train_labels,

@@ -57,7 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--momentum", type=float, default=unlearn.momentum)
     parser.add_argument("--weight-decay", type=float, default=unlearn.weight_decay)
     parser.add_argument("--max-grad-norm", type=float, default=None)
-    parser.add_argument("--on-nonfinite", default=unlearn.on_nonfinite, help=f"{' or '.join(NONFINITE_POLICIES)} "
+    parser.add_argument("--on-nonfinite", default=unlearn.nonfinite_gradients, help=f"{' or '.join(NONFINITE_POLICIES)} "
                         "when a player's gradient is not finite")
     parser.add_argument("--dtype", default=defaults.dtype, help=f"model dtype: {', '.join(DTYPES)} (trained "
                         "parameters and losses stay float32)")
@@ -86,7 +86,7 @@ def config_from_args(args: argparse.Namespace) -> ClipBenchmarkConfig:
         unlearn=ClipUnlearnConfig(
             combiner=args.combiner, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, steps=args.steps,
             batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm, on_nonfinite=args.on_nonfinite,
+            max_grad_norm=args.max_grad_norm, nonfinite_gradients=args.on_nonfinite,
         ),
         dtype=args.dtype,
         device=args.device,

@@ -18,19 +18,19 @@ Players (as in the MUNBa paper's CLIP experiment):
 
 Methods on the same budget (steps, batches, optimiser): ``ft`` minimises ``preserve`` only, ``rl`` minimises
 ``preserve + forget``, ``munba`` combines the two players' gradients with a combiner (Nash bargaining by default)
-through :func:`munba_diffusion.step.apply_player_gradients`.
+through :func:`munba_diffusion.step.write_bargained_gradients`.
 
 Trainable parameters: the attention projections (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``) of the text
 encoder, the image encoder or both, trained directly or through LoRA adapters (peft). They are kept in float32
 whatever the model's dtype, so that an fp16/bf16 CLIP (the official code's overflow) still gets finite
-gradients; a player whose gradient is not finite raises :class:`FloatingPointError` or, with
-``on_nonfinite="skip"``, skips the step and counts it.
+gradients; a gradient that is not finite (a ``munba`` player's or the baselines' summed objective's) raises
+:class:`~munba_diffusion.step.NonFiniteGradientError` or, with ``nonfinite_gradients="skip"``, skips the step
+(parameters unchanged) and counts it.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import re
 from dataclasses import dataclass
@@ -41,9 +41,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..bargaining import get_combiner
+from ..bargaining import COMBINERS, get_combiner
 from ..clip_features import clip_image_embeddings, clip_text_embeddings
-from ..step import apply_player_gradients, clip_gradients_, player_gradients
+from ..config import check_options, option
+from ..step import (
+    NONFINITE_POLICIES,
+    clip_gradients_,
+    nonfinite_players,
+    write_bargained_gradients,
+)
 from .metrics import accuracy
 from .unlearn import _random_wrong_labels
 
@@ -56,9 +62,6 @@ PARAM_SETS: dict[str, tuple[str, ...]] = {
     "image-attention": ("vision_model",),
     "all-attention": ("text_model", "vision_model"),
 }
-NONFINITE_POLICIES: tuple[str, ...] = ("raise", "skip")
-
-logger = logging.getLogger(__name__)
 
 
 def check_choice(kind: str, value: str, choices: Sequence[str]) -> None:
@@ -123,29 +126,28 @@ class ClipUnlearnConfig:
     each step sees one retain batch and (``rl``, ``munba``) one forget batch of ``batch_size`` images.
     """
 
-    method: str = "munba"
-    combiner: str = "nash"
-    params: str = "text-attention"
-    adapter: str = "lora"
-    lora_rank: int = 8
-    lora_alpha: float = 8.0
-    steps: int = 50
-    batch_size: int = 32
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    max_grad_norm: float | None = None
-    on_nonfinite: str = "raise"
+    method: str = option("munba", "ft (preserve only), rl (preserve + forget) or munba (bargained players)",
+                         choices=CLIP_METHODS)
+    combiner: str = option("nash", "how munba combines the players' gradients", choices=COMBINERS)
+    params: str = option("text-attention", "which attention projections train", choices=tuple(PARAM_SETS))
+    adapter: str = option("lora", "train LoRA adapters on the projections or the projections directly",
+                          choices=ADAPTERS)
+    lora_rank: int = option(8, "LoRA rank", low=1)
+    lora_alpha: float = option(8.0, "LoRA alpha (the adapter output is scaled by alpha / rank)", low=0, low_open=True)
+    steps: int = option(50, "optimizer steps", low=1)
+    batch_size: int = option(32, "images per retain and per forget batch", low=1)
+    lr: float = option(0.01, "constant learning rate", low=0, low_open=True)
+    momentum: float = option(0.9, "SGD momentum", low=0, high=1, high_open=True)
+    weight_decay: float = option(5e-4, "SGD weight decay (L2 penalty)", low=0)
+    max_grad_norm: float | None = option(
+        None, "clip the total gradient norm of the trained parameters to this (none: no clipping)", low=0,
+        low_open=True)
+    nonfinite_gradients: str = option(
+        "raise", "what to do when a player's gradient is not finite: raise (stop with a one-line error) or skip "
+        "(leave the parameters unchanged for that step and log it)", choices=NONFINITE_POLICIES)
 
     def __post_init__(self) -> None:
-        check_choice("method", self.method, CLIP_METHODS)
-        check_choice("parameter set", self.params, tuple(PARAM_SETS))
-        check_choice("adapter", self.adapter, ADAPTERS)
-        check_choice("non-finite policy", self.on_nonfinite, NONFINITE_POLICIES)
-        get_combiner(self.combiner)
-        if self.steps < 1 or self.batch_size < 1 or self.lora_rank < 1 or not self.lr > 0:
-            raise ValueError(f"steps, batch_size, lora_rank and lr must be positive, got {self.steps}, "
-                             f"{self.batch_size}, {self.lora_rank}, {self.lr}")
+        check_options(self)
 
 
 # ----------------------------------------------------------------------------------------------- zero-shot
@@ -258,18 +260,6 @@ def _cycle(indices: torch.Tensor, batch_size: int, generator: torch.Generator) -
         yield from indices[torch.randperm(len(indices), generator=generator)].split(batch_size)
 
 
-def _player_gradients(
-    losses: dict[str, torch.Tensor], params: list[nn.Parameter], method: str
-) -> dict[str, Sequence[torch.Tensor]]:
-    """``munba``: each player's gradient (not yet applied). ``ft``/``rl``: ``backward()`` of the summed losses
-    (one backward pass, as these baselines are usually run), returned as the single player ``"preserve+forget"``."""
-    if method == "munba":
-        return {name: player_gradients(loss, params, retain_graph=i < len(losses) - 1)
-                for i, (name, loss) in enumerate(losses.items())}
-    sum(losses.values()).backward()
-    return {"+".join(losses): [p.grad for p in params if p.grad is not None]}
-
-
 def player_losses(
     model: nn.Module, tokenizer, task: ZeroShotTask, retain: LabelledImages, forget: LabelledImages | None = None
 ) -> dict[str, torch.Tensor]:
@@ -325,7 +315,7 @@ def unlearn_clip(
     num_classes = len(task.class_names)
     record: dict[str, Any] = {"skipped_steps": 0, "cos_phi": [], "weights": []}
 
-    for step in tqdm(range(config.steps), desc=config.method, leave=False, disable=not progress):
+    for _ in tqdm(range(config.steps), desc=config.method, leave=False, disable=not progress):
         optimizer.zero_grad(set_to_none=True)
         retain = train.subset(next(retain_batches))
         if config.method == "ft":
@@ -334,23 +324,22 @@ def unlearn_clip(
             forget = train.subset(next(forget_batches))
             forget.labels = _random_wrong_labels(forget.labels, num_classes, label_generator)
             losses = player_losses(model, tokenizer, task, retain, forget)
-        per_player = _player_gradients(losses, params, config.method)
-        bad = [name for name, grads in per_player.items() if not all(bool(torch.isfinite(g).all()) for g in grads)]
-        if bad:
-            if config.on_nonfinite == "raise":
-                raise FloatingPointError(
-                    f"step {step}: the gradient of {', '.join(bad)} is not finite; keep the trainable parameters and "
-                    "losses in float32 (prepare_trainable does), lower the learning rate, or pass on_nonfinite='skip'")
-            record["skipped_steps"] += 1
-            logger.warning("step %d skipped: non-finite gradient of %s", step, ", ".join(bad))
-            continue
         if config.method == "munba":
-            diagnostics = apply_player_gradients(per_player, params, combiner, max_grad_norm=config.max_grad_norm,
-                                                 losses={k: float(v.detach()) for k, v in losses.items()})
+            diagnostics = write_bargained_gradients(losses, params, combiner, max_grad_norm=config.max_grad_norm,
+                                                    nonfinite=config.nonfinite_gradients)
+            if diagnostics.skipped:
+                record["skipped_steps"] += 1
+                continue
             record["cos_phi"].append(diagnostics.cos_phi)
             record["weights"].append(diagnostics.weights)
-        elif config.max_grad_norm is not None:
-            clip_gradients_(params, config.max_grad_norm)
+        else:  # one backward pass of the summed losses, as these baselines are usually run
+            sum(losses.values()).backward()
+            grads = [p.grad for p in params if p.grad is not None]
+            if nonfinite_players({"+".join(losses): grads}, config.nonfinite_gradients):
+                record["skipped_steps"] += 1
+                continue
+            if config.max_grad_norm is not None:
+                clip_gradients_(params, config.max_grad_norm)
         optimizer.step()
         record["last_losses"] = {name: float(loss.detach()) for name, loss in losses.items()}
     return model, _summarise_record(record)

@@ -7,13 +7,17 @@ Methods (all start from the original model except ``retrain``):
 - ``ga``: gradient ascent on the forget set, i.e. minimise ``-CE(forget)``,
 - ``rl``: random labels; minimise ``CE(retain) + CE(forget, random wrong labels)``,
 - ``munba``: the same two losses as ``rl`` as two players, ``preserve = CE(retain)`` and
-  ``forget = CE(forget, random wrong labels)``, combined by :func:`munba_diffusion.step.bargained_step` with a
-  combiner (Nash bargaining by default; ``munba`` with ``sum`` is exactly ``rl``).
+  ``forget = CE(forget, random wrong labels)``, combined by :func:`munba_diffusion.step.write_bargained_gradients`
+  with a combiner (Nash bargaining by default; ``munba`` with ``sum`` is exactly ``rl``).
 
 ``ft``, ``rl`` and ``munba`` iterate over shuffled retain batches each epoch; ``rl`` and ``munba`` pair every
 retain batch with the next forget batch, cycling through freshly shuffled forget batches, and draw each forget
 sample's random label (uniform over the other classes) per batch. ``ga`` iterates over forget batches. All use SGD
 with momentum and weight decay at a constant learning rate; training from scratch uses a cosine schedule.
+
+Every unlearning step follows ``nonfinite_gradients`` when a gradient holds NaN or inf (the bargained players'
+or, for the baselines, the objective's): ``raise`` stops with :class:`~munba_diffusion.step.NonFiniteGradientError`,
+``skip`` leaves the parameters unchanged for that step and counts it in the training record.
 """
 
 from __future__ import annotations
@@ -21,44 +25,61 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..bargaining import get_combiner
-from ..step import bargained_step, clip_gradients_
+from ..bargaining import COMBINERS, get_combiner
+from ..config import check_options, option
+from ..step import (
+    NONFINITE_POLICIES,
+    clip_gradients_,
+    nonfinite_players,
+    write_bargained_gradients,
+)
 
 METHODS: tuple[str, ...] = ("retrain", "ft", "ga", "rl", "munba")
+# the baselines' single objective, named in non-finite errors and warnings
+OBJECTIVES: dict[str, str] = {"ft": "CE(retain)", "ga": "-CE(forget)", "rl": "CE(retain)+CE(forget, random labels)"}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Supervised training from scratch (original and retrained models): SGD, cosine learning-rate schedule."""
 
-    epochs: int = 20
-    lr: float = 0.05
-    batch_size: int = 64
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    epochs: int = option(20, "passes over the training set", low=1)
+    lr: float = option(0.05, "peak learning rate of the cosine schedule", low=0, low_open=True)
+    batch_size: int = option(64, "images per batch", low=1)
+    momentum: float = option(0.9, "SGD momentum", low=0, high=1, high_open=True)
+    weight_decay: float = option(5e-4, "SGD weight decay (L2 penalty)", low=0)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 @dataclass(frozen=True)
 class UnlearnConfig:
     """One unlearning method and its budget (``retrain`` uses a :class:`TrainConfig` instead)."""
 
-    method: str
-    epochs: int = 5
-    lr: float = 0.01
-    batch_size: int = 64
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    combiner: str = "nash"
-    max_grad_norm: float | None = None
+    method: str = option(help="unlearning method", choices=METHODS)
+    epochs: int = option(5, "passes over the retain set (ga: the forget set)", low=1)
+    lr: float = option(0.01, "constant learning rate", low=0, low_open=True)
+    batch_size: int = option(64, "images per retain and per forget batch", low=1)
+    momentum: float = option(0.9, "SGD momentum", low=0, high=1, high_open=True)
+    weight_decay: float = option(5e-4, "SGD weight decay (L2 penalty)", low=0)
+    combiner: str = option("nash", "how munba combines the players' gradients", choices=COMBINERS)
+    max_grad_norm: float | None = option(
+        None, "clip the total gradient norm of the trained parameters to this (none: no clipping)", low=0,
+        low_open=True)
+    nonfinite_gradients: str = option(
+        "raise", "what to do when a player's gradient is not finite: raise (stop with a one-line error) or skip "
+        "(leave the parameters unchanged for that step and log it)", choices=NONFINITE_POLICIES)
 
     def __post_init__(self) -> None:
-        check_methods([self.method])
+        check_options(self)
 
 
 def check_methods(methods: list[str] | tuple[str, ...]) -> None:
@@ -127,10 +148,12 @@ def unlearn(
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     progress: bool = False,
-) -> nn.Module:
+) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of ``original`` unlearned with ``config.method`` (``ft``, ``ga``, ``rl`` or ``munba``).
 
     ``images``/``labels`` are the whole training set; ``forget_indices`` and ``retain_indices`` split it.
+    Returns the model and a training record: ``steps`` (optimizer steps attempted) and ``skipped_steps`` (steps
+    skipped for a non-finite gradient under ``nonfinite_gradients="skip"``).
     """
     if config.method == "retrain":
         raise ValueError("retrain starts from scratch; call train_classifier on the retain indices instead")
@@ -145,25 +168,30 @@ def unlearn(
         random_labels = _random_wrong_labels(labels[batch], num_classes, generator)
         return F.cross_entropy(model(images[batch].to(device)), random_labels.to(device))
 
+    record = {"steps": 0, "skipped_steps": 0}
     for _ in tqdm(range(config.epochs), desc=config.method, leave=False, disable=not progress):
         batches = forget_indices if config.method == "ga" else retain_indices
         for batch in _batches(batches, config.batch_size, generator):
+            record["steps"] += 1
             optimizer.zero_grad(set_to_none=True)
             loss = _loss(model, images, labels, batch, device)
             if config.method == "munba":
-                bargained_step(
-                    {"preserve": loss, "forget": forget_loss()}, params, combiner, max_grad_norm=config.max_grad_norm
+                diagnostics = write_bargained_gradients(
+                    {"preserve": loss, "forget": forget_loss()}, params, combiner,
+                    max_grad_norm=config.max_grad_norm, nonfinite=config.nonfinite_gradients,
                 )
+                skip = diagnostics.skipped
             else:
                 objective = -loss if config.method == "ga" else loss
                 if config.method == "rl":
                     objective = objective + forget_loss()
                 objective.backward()
-                _clip(params, config.max_grad_norm)
+                grads = [p.grad for p in params if p.grad is not None]
+                skip = bool(nonfinite_players({OBJECTIVES[config.method]: grads}, config.nonfinite_gradients))
+                if not skip and config.max_grad_norm is not None:
+                    clip_gradients_(params, config.max_grad_norm)
+            if skip:
+                record["skipped_steps"] += 1
+                continue
             optimizer.step()
-    return model
-
-
-def _clip(params: list[nn.Parameter], max_grad_norm: float | None) -> None:
-    if max_grad_norm is not None:
-        clip_gradients_(params, max_grad_norm)
+    return model, record

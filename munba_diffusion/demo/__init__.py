@@ -1,57 +1,61 @@
-"""The bundled demo world: a tiny text-to-image model, its judge and a tiny CLIP, all trained on rendered shapes.
+"""The bundled demo world: rendered shapes, their judge, and the packaged folders of its tiny models.
 
-Everything here runs offline on a CPU. Wherever a model id or path is accepted, ``"munba-demo"`` names the bundled
-Stable Diffusion pipeline folder (a stock ``StableDiffusionPipeline``: 32x32 images from 16x16x4 latents).
+Everything here runs offline on a CPU. The packaged folders (a stock ``StableDiffusionPipeline`` drawing 32x32
+images from 16x16x4 latents, a tiny ``CLIPModel``, the judge) are reached by name through
+:func:`munba_diffusion.models.resolve_model_path`, the one place that knows the bundled names. The scripts that
+trained and measured them live outside the package, in ``scripts/demo/``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .judge import DemoJudge, JudgeOutput
 from .world import COLOURS, COLOUR_NAMES, SHAPE_NAMES, SHAPES, canonical_caption, caption, render_scene
 
-DEMO_MODEL_NAME = "munba-demo"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+REBUILD_COMMAND = "python scripts/demo/train_demo.py --output_dir munba_diffusion/demo/weights --seed 0 --stage all"
 
 __all__ = [
-    "COLOURS", "COLOUR_NAMES", "DEMO_MODEL_NAME", "DemoJudge", "JudgeOutput", "SHAPES", "SHAPE_NAMES",
-    "WEIGHTS_DIR", "canonical_caption", "caption", "demo_clip_path", "demo_pipeline_path", "is_demo_model",
-    "load_demo_judge", "render_scene", "resolve_model_path",
+    "COLOURS", "COLOUR_NAMES", "DemoJudge", "JudgeOutput", "REBUILD_COMMAND", "SHAPES", "SHAPE_NAMES", "WEIGHTS_DIR",
+    "bundled_folder", "canonical_caption", "caption", "demo_clip_path", "load_demo_judge", "render_scene",
 ]
 
 
-def _bundled(name: str) -> Path:
+def bundled_folder(name: str) -> Path:
+    """The packaged folder ``weights/<name>`` (``pipeline``, ``clip``, ``judge``); a clear error when it is missing."""
     path = WEIGHTS_DIR / name
     if not path.is_dir():
         raise FileNotFoundError(
-            f"the bundled demo {name!r} is missing from {WEIGHTS_DIR}; reinstall munba-diffusion or rebuild it with "
-            "`python -m munba_diffusion.demo.train --output-dir munba_diffusion/demo/weights`"
+            f"the bundled demo {name!r} is missing from {WEIGHTS_DIR}; reinstall munba-diffusion or, in a checkout, "
+            f"rebuild it with `{REBUILD_COMMAND}`"
         )
     return path
 
 
-def demo_pipeline_path() -> Path:
-    """The packaged StableDiffusionPipeline folder."""
-    return _bundled("pipeline")
-
-
 def demo_clip_path() -> Path:
     """The packaged CLIPModel folder (model, tokenizer and image processor; ``from_pretrained``-able)."""
-    return _bundled("clip")
-
-
-def is_demo_model(name_or_path: str | Path) -> bool:
-    return str(name_or_path) == DEMO_MODEL_NAME
-
-
-def resolve_model_path(name_or_path: str | Path) -> str:
-    """``"munba-demo"`` -> the packaged pipeline folder; any other id or path is returned unchanged."""
-    return str(demo_pipeline_path()) if is_demo_model(name_or_path) else str(name_or_path)
+    return bundled_folder("clip")
 
 
 def load_demo_judge(device: str | torch.device = "cpu") -> DemoJudge:
     """The demo world's shape/colour classifier, in eval mode with gradients off."""
-    return DemoJudge.load(_bundled("judge"), device=device)
+    return DemoJudge.load(bundled_folder("judge"), device=device)
+
+
+# Transitional: names that moved to munba_diffusion.models, kept importable only until the modules that still
+# import them from here (classifiers/clip_cli.py, classifiers/clip_benchmark.py, diffusion/finish.py) move over.
+# Delete this block then; new code imports munba_diffusion.models.
+_MOVED_TO_MODELS = {"DEMO_MODEL_NAME": "DEMO_MODEL", "is_demo_model": "is_bundled_model",
+                    "resolve_model_path": "resolve_model_path"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_MODELS:
+        from .. import models
+
+        return getattr(models, _MOVED_TO_MODELS[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,6 +9,7 @@ from typing import Any
 
 from diffusers import DiffusionPipeline
 
+from munba_diffusion.io import is_local_path
 from munba_diffusion.pipelines.munba import LORA_WEIGHT_NAME, PIPELINE_FILE_NAME, MunbaPipeline
 
 
@@ -22,9 +23,8 @@ def load_erased_pipeline(
     custom_pipeline="munba", trust_remote_code=True)` does. `kwargs` go to `from_pretrained` (torch_dtype, ...).
     Local folders are checked first, so a wrong folder fails at once with what to do.
     """
-    path = Path(path_or_repo_id)
-    if path.exists() or path.is_absolute() or str(path_or_repo_id).startswith(".") or len(path.parts) > 2:
-        check_erased_model_folder(path, need_pipeline_file=trust_remote_code)
+    if is_local_path(path_or_repo_id):
+        check_erased_model_folder(path_or_repo_id, need_pipeline_file=trust_remote_code)
     if trust_remote_code:
         custom_pipeline = Path(PIPELINE_FILE_NAME).stem
         return DiffusionPipeline.from_pretrained(

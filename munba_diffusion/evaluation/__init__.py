@@ -5,12 +5,13 @@ Modules: ``prompt_sets`` (CSV / I2P / packaged sets), ``generate`` (resumable, s
 ``demo``), ``report`` (report.json, report.md, grid.png) and ``evaluate`` (all of it, for the CLI and the trainer).
 """
 
-from .evaluate import METRICS, MetricOptions, evaluate_models
+from .evaluate import METRICS, EvaluationConfig, MetricOptions, evaluate_models, run_evaluation
 from .generate import GenerationSettings, ModelSpec, generate_images
 from .prompt_sets import PromptSet, load_prompt_set
 
 __all__ = [
     "METRICS",
+    "EvaluationConfig",
     "GenerationSettings",
     "MetricOptions",
     "ModelSpec",
@@ -18,4 +19,5 @@ __all__ = [
     "evaluate_models",
     "generate_images",
     "load_prompt_set",
+    "run_evaluation",
 ]

@@ -27,13 +27,12 @@ def clip_scores_from_embeddings(image_embeds: torch.Tensor, text_embeds: torch.T
 
 
 def load_clip(name_or_path: str | Path, device: str | torch.device):
-    """(CLIPModel, CLIPProcessor) from a Hub id, a local folder or ``"munba-demo"`` (the demo CLIP)."""
+    """(CLIPModel, CLIPProcessor) from a Hub id, a local folder or a bundled CLIP name (:mod:`munba_diffusion.models`)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from ..demo import DEMO_MODEL_NAME, demo_clip_path
+    from ..models import resolve_model_path
 
-    if str(name_or_path) == DEMO_MODEL_NAME:
-        name_or_path = demo_clip_path()
+    name_or_path = resolve_model_path(name_or_path, kind="clip")
     try:
         model = CLIPModel.from_pretrained(str(name_or_path))
         processor = CLIPProcessor.from_pretrained(str(name_or_path))

@@ -103,6 +103,13 @@ def judge_frechet_distance(judge, images: torch.Tensor, reference: torch.Tensor)
     return float(frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
 
 
+def demo_protocol(concept: str | None) -> dict:
+    """What a report states about the demo metric's setup: its judge, its CLIP folder and the scored concept."""
+    from ..demo import demo_clip_path
+
+    return {"judge": "munba_diffusion.demo.load_demo_judge", "clip_model": str(demo_clip_path()), "concept": concept}
+
+
 def demo_metrics(
     source: str | Path,
     concept: str | None,

@@ -11,10 +11,8 @@ saying where to place it, and otherwise we download it ourselves with a timeout,
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -24,8 +22,8 @@ from cleanfid import fid as cleanfid_fid
 from cleanfid.downloads_helper import inception_url
 from cleanfid.inception_torchscript import InceptionV3W
 
+from ..io import atomic_write, is_offline
 from .manifest import collect_images
-from .offline import is_offline
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 
@@ -47,13 +45,10 @@ def ensure_inception(
     if download is False or (download is None and is_offline()):
         raise FileNotFoundError(hint)
     folder.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=folder, prefix=".munba-", suffix=".tmp", delete=False)
     try:
-        with handle, urllib.request.urlopen(inception_url, timeout=timeout_s) as response:
+        with atomic_write(path) as handle, urllib.request.urlopen(inception_url, timeout=timeout_s) as response:
             shutil.copyfileobj(response, handle)
-        os.replace(handle.name, path)
     except OSError as error:
-        Path(handle.name).unlink(missing_ok=True)
         raise FileNotFoundError(f"{hint} (download failed: {error})") from None
     return path
 
@@ -109,10 +104,8 @@ def save_statistics(
     model = feature_extractor if feature_extractor is not None else inception_extractor(device, inception_dir)
     feats = folder_features(_image_folder(source), model, device, batch_size, num_workers)
     output = Path(output)
-    handle = tempfile.NamedTemporaryFile(dir=output.parent, prefix=".munba-", suffix=".npz", delete=False)
-    with handle:
+    with atomic_write(output) as handle:
         np.savez(handle, mu=feats.mean(axis=0), sigma=np.cov(feats, rowvar=False))
-    os.replace(handle.name, output)
     return output
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from itertools import groupby
@@ -21,10 +20,11 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
-from PIL import Image
 from tqdm.auto import tqdm
 
-from .manifest import MANIFEST_NAME, read_manifest, write_jsonl_atomic, write_text_atomic
+from ..config import check_options, option
+from ..io import TEMPORARY_GLOB, save_image_atomic, write_json_atomic, write_jsonl_atomic
+from .manifest import MANIFEST_NAME, read_manifest
 from .prompt_sets import PromptRecord, PromptSet
 
 RUN_CONFIG_NAME = "generation.json"
@@ -35,7 +35,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model to evaluate: a diffusers folder or Hub id (``munba-demo`` included), optionally with a LoRA file."""
+    """A model to evaluate: a diffusers folder, a Hub id or a bundled name (:mod:`munba_diffusion.models`),
+    optionally with a LoRA file."""
 
     path: str
     lora: str | None = None
@@ -60,7 +61,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How images are made (the protocol a report states).
+    """How images are made (the protocol a report states); each field's help, default and range are declared once
+    here, and the evaluation command line's flags come from them (:class:`..evaluate.EvaluationConfig`).
 
     ``resolution`` None means the pipeline's native size (unet sample size x VAE scale: 512 for SD 1.x, 32 for the
     demo). ``scheduler`` None keeps the pipeline's own; otherwise a diffusers scheduler class name
@@ -68,19 +70,35 @@ class GenerationSettings:
     and size from the prompt set's columns where a row has them (I2P's ``sd_guidance_scale``, ...).
     """
 
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    resolution: int | None = None
-    batch_size: int = 4
-    scheduler: str | None = None
-    dtype: str = "float32"
-    use_prompt_settings: bool = False
+    num_inference_steps: int = option(50, "denoising steps per image", low=1, high=1000, flag="steps",
+                                      metavar="N")
+    guidance_scale: float = option(7.5, "classifier-free guidance scale (1 turns guidance off)", low=0, high=100,
+                                   flag="guidance", metavar="SCALE")
+    resolution: int | None = option(None, "image size in pixels, a multiple of 8 (default: the model's native size)",
+                                    low=8, high=4096)
+    batch_size: int = option(4, "images per pipeline call (never changes an image)", low=1, high=4096)
+    scheduler: str | None = option(None, "diffusers scheduler class name, e.g. DDIMScheduler (default: the model's own)")
+    dtype: str = option("float32", f"dtype of the pipeline: {', '.join(_DTYPES)}", choices=tuple(_DTYPES))
+    use_prompt_settings: bool = option(False, "take guidance and size from the prompt set's columns where given")
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(_DTYPES)}")
-        if self.num_inference_steps < 1 or self.batch_size < 1:
-            raise ValueError("num_inference_steps and batch_size must be at least 1")
+        check_options(self)
+        if self.resolution is not None and self.resolution % 8:
+            raise ValueError(f"resolution (--resolution) must be a multiple of 8; got {self.resolution}")
+        if self.scheduler is not None:
+            scheduler_class(self.scheduler)
+
+
+def scheduler_class(name: str):
+    """The diffusers scheduler class called ``name``; a one-line error for anything else."""
+    import diffusers
+
+    found = getattr(diffusers, name, None) if name.isidentifier() and name.endswith("Scheduler") else None
+    if found is None or not hasattr(found, "from_config"):
+        raise ValueError(
+            f"scheduler (--scheduler) must be a diffusers scheduler class name such as DDIMScheduler; got {name!r}"
+        )
+    return found
 
 
 def process_state() -> PartialState:
@@ -98,10 +116,9 @@ def file_sha256(path: str | Path) -> str:
 
 def load_pipeline(spec: ModelSpec, settings: GenerationSettings, device: str | torch.device):
     """Load the pipeline of ``spec`` with the safety checker off (the field's protocol), LoRA and scheduler applied."""
-    import diffusers
     from diffusers import DiffusionPipeline
 
-    from ..demo import resolve_model_path
+    from ..models import bundled_model_names, resolve_model_path
 
     path = resolve_model_path(spec.path)
     try:
@@ -109,7 +126,8 @@ def load_pipeline(spec: ModelSpec, settings: GenerationSettings, device: str | t
     except (OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise FileNotFoundError(
-            f"cannot load model {spec.path!r} ({reason}); pass a diffusers folder, a cached Hub id or 'munba-demo'"
+            f"cannot load model {spec.path!r} ({reason}); pass a diffusers folder, a cached Hub id or a bundled model "
+            f"({', '.join(bundled_model_names('pipeline'))})"
         ) from None
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in config else {}
     if settings.dtype != "float32":
@@ -123,19 +141,14 @@ def load_pipeline(spec: ModelSpec, settings: GenerationSettings, device: str | t
             )
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     if settings.scheduler is not None:
-        scheduler_class = getattr(diffusers, settings.scheduler, None)
-        if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
-            raise ValueError(
-                f"unknown scheduler {settings.scheduler!r}; give a diffusers scheduler class name such as DDIMScheduler"
-            )
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+        pipe.scheduler = scheduler_class(settings.scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
 def model_protocol(spec: ModelSpec, pipe) -> dict:
     """What a report states about a model."""
-    from ..demo import resolve_model_path
+    from ..models import resolve_model_path
 
     return {
         "label": spec.name,
@@ -166,14 +179,9 @@ def image_file_name(record: PromptRecord) -> str:
     return f"{record.index:05d}_{record.seed}.png"
 
 
-def save_png_atomic(image: Image.Image, path: Path) -> None:
-    """Write a PNG to a temporary file beside ``path`` and move it into place."""
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=".munba-", suffix=".tmp", delete=False)
-    with handle:
-        image.save(handle, format="PNG")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
+def save_png_atomic(image, path: Path) -> None:
+    """Put one generated image into place atomically (its own function, so that tests can interrupt a run here)."""
+    save_image_atomic(path, image, format="PNG")
 
 
 def _append_line(path: Path, record: dict) -> None:
@@ -217,12 +225,12 @@ def _prepare_output(output_dir: Path, run_config: dict, overwrite: bool) -> None
         raise FileExistsError(
             f"{output_dir} is not empty and has no {RUN_CONFIG_NAME}; generate into a new or empty folder"
         )
-    for leftover in output_dir.glob(".munba-*.tmp"):
+    for leftover in output_dir.glob(TEMPORARY_GLOB):
         leftover.unlink()
     write_jsonl_atomic(output_dir / MANIFEST_NAME, sorted(_existing_records(output_dir), key=lambda r: r["index"]))
     for part in output_dir.glob(_PART_GLOB):
         part.unlink()
-    write_text_atomic(config_path, json.dumps(run_config, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(config_path, run_config, sort_keys=True)
 
 
 def generate_images(

@@ -7,9 +7,6 @@ manifest file, or a plain folder of images (searched recursively, sorted by path
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,22 +46,6 @@ def read_manifest(path: str | Path) -> list[dict]:
                 raise ValueError(f"{path} line {number} is not JSON; delete that line and rerun") from None
             by_file[record["file"]] = record
     return sorted(by_file.values(), key=lambda r: r["index"])
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    handle = tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=".munba-", suffix=".tmp", delete=False, encoding="utf-8"
-    )
-    with handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
-
-
-def write_jsonl_atomic(path: Path, records: Iterable[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(record, sort_keys=True) + "\n" for record in records))
 
 
 def collect_images(source: str | Path) -> list[ImageEntry]:

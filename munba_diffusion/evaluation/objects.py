@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..io import is_offline
 from .manifest import collect_images, load_rgb, require_field
-from .offline import is_offline
 
 IMAGENETTE_CLASSES: dict[str, int] = {
     "tench": 0,

@@ -7,16 +7,15 @@ different harnesses are not comparable otherwise.
 
 from __future__ import annotations
 
-import json
 import platform
 import textwrap
 from collections.abc import Mapping
-from importlib import metadata
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .manifest import MANIFEST_NAME, read_manifest, write_text_atomic
+from .. import io
+from .manifest import MANIFEST_NAME, read_manifest
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -55,14 +54,9 @@ HEADLINE_COLUMNS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
-def library_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+def library_versions() -> dict[str, str]:
+    """Python's version and those of the installed :data:`LIBRARIES` (the report's protocol)."""
+    return {"python": platform.python_version(), **io.library_versions(LIBRARIES)}
 
 
 def format_value(value: object, kind: str) -> str:
@@ -128,16 +122,16 @@ def report_markdown(report: Mapping) -> str:
 
 
 def check_no_report(output_dir: Path, overwrite: bool) -> None:
-    if (output_dir / REPORT_JSON).exists() and not overwrite:
-        raise FileExistsError(f"{output_dir / REPORT_JSON} exists; pass --overwrite (overwrite=True) to replace it")
+    """Refuse to replace an earlier report unless ``overwrite`` (``--overwrite`` on the command line)."""
+    io.check_results_dir(output_dir, (REPORT_JSON,), overwrite=overwrite)
 
 
 def write_report(output_dir: Path, report: Mapping, overwrite: bool = False) -> tuple[Path, Path]:
     """Write ``report.json`` and ``report.md`` atomically (refusing to replace a report unless ``overwrite``)."""
     check_no_report(output_dir, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(output_dir / REPORT_JSON, json.dumps(report, indent=2, sort_keys=False) + "\n")
-    write_text_atomic(output_dir / REPORT_MD, report_markdown(report))
+    io.write_json_atomic(output_dir / REPORT_JSON, report)
+    io.write_text_atomic(output_dir / REPORT_MD, report_markdown(report))
     return output_dir / REPORT_JSON, output_dir / REPORT_MD
 
 
@@ -179,8 +173,4 @@ def comparison_grid(
                 grid.paste(
                     image.convert("RGB").resize((cell_size, cell_size), resample), (caption_width + column * pitch, top)
                 )
-    output = Path(output)
-    tmp = output.with_name(f".munba-{output.name}.tmp")
-    grid.save(tmp, format="PNG")
-    tmp.replace(output)
-    return output
+    return io.save_image_atomic(output, grid, format="PNG")

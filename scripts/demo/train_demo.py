@@ -8,9 +8,12 @@
 4. ``unet``:  a ``UNet2DConditionModel`` on VAE latents, conditioned on the frozen CLIP text tower (as SD's UNet
    is on CLIP ViT-L/14), epsilon-prediction DDPM loss, 10% caption dropout for classifier-free guidance, EMA.
 
-The result is a stock ``StableDiffusionPipeline`` folder plus the CLIP and judge folders::
+The result is a stock ``StableDiffusionPipeline`` folder plus the CLIP and judge folders (the ones packaged in
+``munba_diffusion/demo/weights``, rebuilt from a checkout with)::
 
-    python -m munba_diffusion.demo.train --output-dir munba_diffusion/demo/weights --seed 0 --stage all
+    python scripts/demo/train_demo.py --output_dir munba_diffusion/demo/weights --seed 0 --stage all
+
+This script builds the demo; it is not part of the installed package (which only loads what it made).
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..clip_features import clip_image_embeddings, clip_text_embeddings
-from .judge import DemoJudge
-from .tokenizer import MAX_LENGTH, write_clip_vocabulary
-from .world import COLOURS, SHAPES, canonical_caption, caption, render_scene, scenes_to_tensor, vocabulary_corpus
+from demo_tokenizer import MAX_LENGTH, write_clip_vocabulary
 
-logger = logging.getLogger("munba_diffusion.demo.train")
+from munba_diffusion.clip_features import clip_image_embeddings, clip_text_embeddings
+from munba_diffusion.demo.judge import DemoJudge
+from munba_diffusion.demo.world import (COLOURS, SHAPES, canonical_caption, caption, render_scene, scenes_to_tensor,
+                                        vocabulary_corpus)
+
+logger = logging.getLogger("train_demo")
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
@@ -352,7 +357,7 @@ STAGE_STEPS = {"clip": 1000, "judge": 1200, "vae": 1500, "unet": 3000}
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--output_dir", "--output-dir", type=Path, required=True)
     parser.add_argument("--stage", choices=["all", *STAGE_STEPS], default="all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="override the stage's step count")

@@ -1,6 +1,6 @@
 """Measure the bundled demo world and draw what its text-to-image model makes (the README's numbers and picture).
 
-    python -m munba_diffusion.demo.measure --output-dir docs/demo
+    python scripts/demo/measure_demo.py --output_dir docs/demo
 
 Writes ``demo_world.json`` (judge and CLIP accuracy on fresh renders, the VAE round trip, and how often the judge
 agrees with the text-to-image model for every shape x colour caption) and ``demo_grid.png``.
@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from . import COLOURS, SHAPES, canonical_caption, demo_clip_path, demo_pipeline_path, load_demo_judge
-from .train import clip_zero_shot_accuracy, judge_pipeline, load_tokenizer, render_dataset
+from train_demo import clip_zero_shot_accuracy, judge_pipeline, load_tokenizer, render_dataset
+
+from munba_diffusion.demo import COLOURS, SHAPES, canonical_caption, demo_clip_path, load_demo_judge
+from munba_diffusion.models import DEMO_MODEL, resolve_model_path
 
 FRESH_SEED = 777_000  # renders no training stage has seen (training seeds are < 100)
 
@@ -30,7 +32,7 @@ def measure(seeds_per_caption: int = 4, steps: int = 25, guidance: float = 4.0) 
     out = judge.classify(images)
     clip = CLIPModel.from_pretrained(demo_clip_path()).eval()
     zero_shot = clip_zero_shot_accuracy(clip, load_tokenizer(demo_clip_path()), images, shapes, colours)
-    pipe = StableDiffusionPipeline.from_pretrained(demo_pipeline_path())
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_model_path(DEMO_MODEL))
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         recon = pipe.vae.decode(pipe.vae.encode(images[:500] * 2 - 1).latent_dist.mean).sample
@@ -55,7 +57,7 @@ def caption_grid(seeds: int = 6, steps: int = 25, guidance: float = 4.0, cell: i
     """One row per caption "a {colour} {shape}", one column per seed."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(demo_pipeline_path())
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_model_path(DEMO_MODEL))
     pipe.set_progress_bar_config(disable=True)
     captions = [canonical_caption(s, c) for s in SHAPES for c in COLOURS]
     side = 130
@@ -73,7 +75,7 @@ def caption_grid(seeds: int = 6, steps: int = 25, guidance: float = 4.0, cell: i
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--output_dir", "--output-dir", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -1,0 +1,1 @@
+"""The command lines (the top of the import graph): each parses its configuration and runs the library."""

@@ -1,0 +1,190 @@
+"""The erasure training configuration: every option of ``train_erase.py`` declared once.
+
+Each field carries its default, help text and rule (:func:`munba_diffusion.config.option`); the command-line parser
+is generated from it (:func:`munba_diffusion.config.build_parser`) and the exported run record is derived from it
+(:meth:`ErasureTrainingConfig.record`). Constructing the configuration checks every field and the rules between
+fields, and resolves the concepts (preset files and prompt files are read; no model is loaded), so bad input fails
+before anything slow happens. Argument names follow diffusers' training scripts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..bargaining import COMBINERS
+from ..config import check_options, config_record, option
+from ..presets import ConceptPreset, read_prompt_file, resolve_concept
+from ..step import NONFINITE_POLICIES
+from .latents import LATENT_SOURCES
+from .lora import TARGET_SETS, ErasureLoraConfig
+from .losses import FORGET_LOSSES
+
+CHECKPOINTS_DIR = "checkpoints"  # inside output_dir
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+TRACKERS = ("none", "tensorboard", "wandb", "all")
+WEIGHTED_COMBINERS = ("sum",)  # the combiners that take fixed per-player weights
+
+
+@dataclass
+class ErasureTrainingConfig:
+    """Everything an erasure run needs; ``train_erasure(ErasureTrainingConfig(...))`` runs it."""
+
+    # what to erase
+    concepts: list[str | ConceptPreset] = option(
+        help="preset name (see prompts/presets), a preset .yaml, or 'text:<phrase>'; repeat to erase several "
+        "concepts at once (each is its own player)", flag="concept", repeat=True)
+    output_dir: Path = option(help="where the erased model folder is written (checkpoints and logs go inside it)")
+    # the model
+    pretrained_model_name_or_path: str = option(
+        DEFAULT_MODEL, "Hub id, local diffusers folder, or a bundled model name such as munba-demo")
+    revision: str | None = option(None, "Hub revision of the base model")
+    variant: str | None = option(None, "weight variant of the base model, e.g. fp16")
+    forget_prompts_file: Path | None = option(
+        None, "replace the forget prompts (one per line; a single --concept only)")
+    preserve_prompts_file: Path | None = option(None, "replace the preservation prompts (one per line)")
+    anchor_prompt: str | None = option(None, "replace the anchor prompt of every forget prompt")
+    # the method
+    forget_loss: str = option("esd", "forget target: esd (negative guidance) or anchor (map to the anchor prompt)",
+                              choices=FORGET_LOSSES)
+    negative_guidance: float = option(1.0, "eta of the esd target", low=0.0)
+    combiner: str = option("nash", "how the players' gradients are combined each step", choices=COMBINERS)
+    combiner_weights: list[float] | None = option(
+        None, "fixed weights for --combiner sum: the preservation player's first, then each concept's", low=0.0)
+    lora_target: str = option("xattn", "which UNet layers the LoRA adapts", choices=TARGET_SETS)
+    rank: int = option(4, "LoRA rank", low=1)
+    lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, i.e. scale 1)", low=0.0, low_open=True)
+    # latents
+    latent_source: str = option("pool", "where the noisy latents come from: a pool of the frozen model's sampling "
+                                "trajectories, fresh trajectories every step, or image folders", choices=LATENT_SOURCES)
+    pool_trajectories: int = option(2, "frozen-model trajectories per prompt in the pool", low=1)
+    sampler_steps: int = option(25, "sampler steps of the frozen model's trajectories", low=1)
+    sampler_guidance_scale: float = option(7.5, "guidance scale of the frozen model's trajectories", low=0.0)
+    forget_image_dir: Path | None = option(None, "images of the concept instead of data-free latents")
+    preserve_image_dir: Path | None = option(None, "images for the preservation player instead of data-free latents")
+    # training
+    overwrite_output_dir: bool = option(False, "replace the results of an earlier run in --output_dir")
+    seed: int = option(0, "seed of every random choice of the run", low=0)
+    resolution: int | None = option(None, "training resolution in pixels (default: the model's native size)", low=8)
+    train_batch_size: int = option(1, "rows per player, micro-batch and process", low=1)
+    max_train_steps: int = option(500, "optimizer steps", low=1)
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", low=1)
+    gradient_checkpointing: bool = option(False, "recompute UNet activations in the backward pass to save memory")
+    learning_rate: float = option(1e-4, "AdamW learning rate", low=0.0, low_open=True)
+    lr_scheduler: str = option("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = option(0, "warm-up steps of the learning-rate schedule", low=0)
+    max_grad_norm: float = option(1.0, "clip the combined gradient of the LoRA to this norm (0 disables)", low=0.0)
+    mixed_precision: str | None = option(
+        None, "no, fp16 or bf16 (default: accelerate config's choice, else no)", choices=MIXED_PRECISIONS)
+    enable_xformers_memory_efficient_attention: bool = option(False, "use xformers attention (GPU, optional extra)")
+    report_to: str = option("none", "experiment tracker", choices=TRACKERS)
+    checkpointing_steps: int = option(500, "save a resumable checkpoint every this many steps (0: never)", low=0)
+    checkpoints_total_limit: int | None = option(None, "keep at most this many checkpoints", low=1)
+    resume_from_checkpoint: str | None = option(None, 'a checkpoint-N folder or "latest"')
+    nonfinite_gradients: str = option(
+        "raise", "when a player's gradient is not finite: raise (stop with one line) or skip (leave the LoRA "
+        "unchanged for that step and log it)", choices=NONFINITE_POLICIES)
+    # validation and sharing
+    validation_prompts: list[str] | None = option(
+        None, "prompts of the before/after grid (default: a few forget and preserve prompts); repeat for several",
+        flag="validation_prompt", repeat=True)
+    validation_seeds: int = option(2, "seeds per validation prompt", low=1)
+    validation_guidance_scale: float = option(7.5, "guidance scale of the validation images and evaluation",
+                                              low=0.0)
+    validation_inference_steps: int = option(25, "sampler steps of the validation images and evaluation", low=1)
+    evaluate: bool = option(True, "skip the end-of-run evaluation", flag="no_evaluation")
+    push_to_hub: bool = option(False, "upload the output folder to the Hub at the end")
+    hub_model_id: str | None = option(None, "Hub repository to push to, e.g. your-name/sd14-no-nudity")
+    hub_token: str | None = option(None, "Hub token (default: the logged-in token)", secret=True)
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+        if self.mixed_precision is None:
+            self.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if isinstance(self.concepts, (str, ConceptPreset)):
+            self.concepts = [self.concepts]
+        check_options(self)
+        self._check_paths()
+        self._check_combiner_weights()
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/sd14-no-nudity)")
+        if self.latent_source == "images" and self.forget_image_dir is None:
+            raise ValueError("--latent_source images needs --forget_image_dir (and optionally --preserve_image_dir)")
+        self.concepts = self._resolved_concepts()
+        self.preserve_prompts()
+
+    def _check_paths(self) -> None:
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ValueError(f"output_dir (--output_dir) {self.output_dir} is a file; pass a folder")
+        for name in ("forget_image_dir", "preserve_image_dir"):
+            folder = getattr(self, name)
+            if folder is not None:
+                folder = Path(folder)
+                setattr(self, name, folder)
+                if not folder.is_dir():
+                    raise ValueError(f"{name} (--{name}) is not a folder: {folder}; pass a folder of images")
+        resume = self.resume_from_checkpoint
+        if resume not in (None, "latest") and not Path(resume).exists() and \
+                not (self.output_dir / CHECKPOINTS_DIR / resume).exists():
+            raise ValueError(f"resume_from_checkpoint (--resume_from_checkpoint) {resume} does not exist; pass "
+                             f"\"latest\" or a checkpoint-N folder of {self.output_dir / CHECKPOINTS_DIR}")
+
+    def _check_combiner_weights(self) -> None:
+        if self.combiner_weights is None:
+            return
+        if self.combiner not in WEIGHTED_COMBINERS:
+            raise ValueError(f"combiner_weights (--combiner_weights) are used by --combiner "
+                             f"{' or '.join(WEIGHTED_COMBINERS)} only; drop them or pass --combiner sum")
+        players = 1 + len(self.concepts)
+        if len(self.combiner_weights) != players:
+            raise ValueError(f"combiner_weights (--combiner_weights) needs {players} numbers (the preservation "
+                             f"player's, then one per --concept); got {len(self.combiner_weights)}")
+
+    def _resolved_concepts(self) -> list[ConceptPreset]:
+        """Every concept as a preset, with the prompt-file and anchor overrides applied."""
+        concepts = [c if isinstance(c, ConceptPreset) else resolve_concept(c) for c in self.concepts]
+        if not concepts:
+            raise ValueError("concepts (--concept) is required: name at least one concept to erase")
+        if len({c.name for c in concepts}) != len(concepts):
+            raise ValueError("the same concept is given twice; pass each --concept once")
+        if self.forget_prompts_file is not None:
+            if len(concepts) > 1:
+                raise ValueError("--forget_prompts_file replaces one concept's prompts; use preset .yaml files for "
+                                 "several")
+            forget = read_prompt_file(self.forget_prompts_file)
+            concepts[0] = replace(concepts[0], forget_prompts=forget,
+                                  anchor_prompts=(concepts[0].anchor_prompts[0],) * len(forget))
+        if self.preserve_prompts_file is not None:
+            preserve = read_prompt_file(self.preserve_prompts_file)
+            concepts = [replace(c, preserve_prompts=preserve) for c in concepts]
+        if self.anchor_prompt is not None:
+            concepts = [replace(c, anchor_prompts=(self.anchor_prompt,) * len(c.forget_prompts)) for c in concepts]
+        # the overrides are now part of the concepts: a record re-read as a configuration applies them once
+        self.forget_prompts_file = self.preserve_prompts_file = self.anchor_prompt = None
+        return concepts
+
+    def preserve_prompts(self) -> list[str]:
+        """The union of the concepts' preservation prompts, minus anything one of them forgets."""
+        forget = {p for c in self.concepts for p in c.forget_prompts}
+        kept = list(dict.fromkeys(p for c in self.concepts for p in c.preserve_prompts if p not in forget))
+        if not kept:
+            raise ValueError("no preservation prompts left; give the concept 'preserve' prompts or "
+                             "--preserve_prompts_file")
+        return kept
+
+    @property
+    def lora(self) -> ErasureLoraConfig:
+        return ErasureLoraConfig(rank=self.rank, alpha=self.lora_alpha, target=self.lora_target)
+
+    def player_names(self) -> list[str]:
+        """``preserve`` then one forgetting player per concept (``forget`` alone when there is one)."""
+        forget = ["forget"] if len(self.concepts) == 1 else [f"forget:{c.name}" for c in self.concepts]
+        return ["preserve", *forget]
+
+    def record(self) -> dict[str, Any]:
+        """Every option as JSON values (the concepts in full, secrets left out): the run record's ``config``."""
+        return config_record(self)

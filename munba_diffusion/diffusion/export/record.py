@@ -1,0 +1,29 @@
+"""The run record (``erasure_config.json``): the training configuration plus what the run measured.
+
+It is not a second schema: every option is the configuration's own field (:meth:`ErasureTrainingConfig.record`),
+and ``run`` adds the statistics only a run knows (players, the LoRA's target modules, timings); ``license`` is the
+base model's own (from the card that travels with it), ``versions`` and ``created`` say what made it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from ...io import library_versions
+from ...models import model_license
+from ..config import ErasureTrainingConfig
+
+
+def run_record(config: ErasureTrainingConfig, *, players: list[str], target_modules: list[str],
+               train_seconds: float, pool_seconds: float, steps_skipped: int = 0) -> dict[str, Any]:
+    """``config.record()`` plus ``run`` statistics, ``license``, ``versions`` and ``created`` (ISO 8601, UTC)."""
+    return {
+        **config.record(),
+        "run": {"players": players, "target_modules": sorted(target_modules),
+                "train_seconds": round(train_seconds, 1), "latent_pool_seconds": round(pool_seconds, 1),
+                "steps_skipped": steps_skipped},
+        "license": model_license(config.pretrained_model_name_or_path),
+        "versions": library_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
