@@ -9,23 +9,50 @@ the ESD way's peak memory (a second bf16 UNet as teacher, the cross-attention la
 with AdamW) for the memory comparison at 512 px. Prints one table; writes ``results.json`` / ``results.md``.
 
     bash benchmarks/gpu_check.sh                                   # on the GPU machine (see the script)
-    python -m benchmarks.gpu_check --device cpu --tiny --output-dir /tmp/gpu-dry-run   # CPU dry run
+    python -m benchmarks.gpu_check --device cpu --tiny --output_dir /tmp/gpu-dry-run   # CPU dry run
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from benchmarks._common import (RESULTS_ROOT, build_unet, erasure_step, machine_info, markdown_table,
-                                random_erasure_batch, run_script, write_results)
+from munba_diffusion.config import check_options, option, parse_config
+from munba_diffusion.io import machine_record
+
+from ._common import (RESULTS_ROOT, build_unet, check_results, erasure_step, markdown_table, random_erasure_batch,
+                      run_script, tuples, write_results)
 
 VARIANTS = ("nash", "sum_plain", "single_backward")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class GpuCheckConfig:
+    """Options of ``python -m benchmarks.gpu_check``."""
+
+    device: str = option("cuda", "torch device (cpu with --tiny for a dry run)")
+    tiny: bool = option(False, "SD 1.5's block structure at a tiny width, 8x8 latents (dry run)")
+    latent_size: int | None = option(None, "latent height/width (default 64, i.e. 512 px; 8 with --tiny)", low=1)
+    batch_sizes: tuple[int, ...] = option((1, 4), "x_t per player", low=1)
+    variants: tuple[str, ...] = option(VARIANTS, "step variants timed", choices=VARIANTS)
+    attention: tuple[str, ...] = option(("sdpa", "xformers"), "attention backends (xformers is skipped, and said "
+                                        "so, when it does not import)", choices=("sdpa", "xformers"))
+    dtype: str = option("bf16", "UNet dtype (autocast; LoRA weights stay float32)", choices=tuple(DTYPES))
+    steps: int = option(10, "timed optimizer steps per row", low=1)
+    warmup: int = option(3, "untimed steps first", low=0)
+    esd: bool = option(True, "skip the ESD way's memory measurement", flag="no_esd")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)", low=1)
+    output_dir: Path = option(RESULTS_ROOT / "gpu_check", "folder for results.json and results.md")
+    overwrite: bool = option(False, "replace results already in --output_dir")
+
+    def __post_init__(self) -> None:
+        tuples(self)
+        check_options(self)
 
 
 def move_batch(batch, uncond, device: torch.device):
@@ -89,7 +116,7 @@ def time_steps(variant: str, unet, batch, uncond, params, device, dtype, steps: 
 def esd_peak(architecture: str, batch, uncond, device, dtype, steps: int) -> dict:
     """Peak memory of the ESD way: a fresh UNet in ``dtype`` whose cross-attention layers train fully in float32
     with AdamW, a second copy as frozen teacher; one backward of forget + preservation loss per step."""
-    from benchmarks.memory import esd_step, trained_layer_parameters
+    from .memory import esd_step, trained_layer_parameters
 
     student = build_unet(architecture).to(device, dtype).requires_grad_(False)
     teacher = copy.deepcopy(student)
@@ -129,43 +156,20 @@ def markdown(results: dict) -> str:
             f"{m['gpu'] or m['cpu']}; torch {m['libraries']['torch']}; {m['date_utc']}.\n")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--tiny", action="store_true",
-                   help="SD 1.5's block structure at a tiny width, 8x8 latents (dry run)")
-    p.add_argument("--latent-size", type=int, default=None, help="default 64 (512 px), 8 with --tiny")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--attention", nargs="+", choices=["sdpa", "xformers"], default=["sdpa", "xformers"],
-                   help="xformers is skipped (and said so) when it does not import")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--no-esd", dest="esd", action="store_false", help="skip the ESD way's memory measurement")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--output-dir", type=Path, default=RESULTS_ROOT / "gpu_check")
-    p.add_argument("--overwrite", action="store_true")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> dict:
+def run(config: GpuCheckConfig) -> dict:
     from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
 
-    from benchmarks._common import prepare_results_dir
-
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device is visible; run on a GPU machine or pass --device cpu --tiny for a dry run")
-    out = prepare_results_dir(args.output_dir, args.overwrite)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    architecture = "sd15-tiny" if args.tiny else "sd15"
-    latent_size = args.latent_size or (8 if args.tiny else 64)
-    backends = [b for b in args.attention if b != "xformers" or xformers_available()]
-    skipped = [b for b in args.attention if b not in backends]
+    check_results(config.output_dir, config.overwrite)
+    dtype = DTYPES[config.dtype]
+    architecture = "sd15-tiny" if config.tiny else "sd15"
+    latent_size = config.latent_size or (8 if config.tiny else 64)
+    backends = [b for b in config.attention if b != "xformers" or xformers_available()]
+    skipped = [b for b in config.attention if b not in backends]
     start = time.time()
     unet = build_unet(architecture).to(device, dtype)
     params = add_erasure_lora(unet, ErasureLoraConfig(rank=4, target="xattn"))
@@ -175,29 +179,35 @@ def main(argv: list[str] | None = None) -> dict:
           flush=True)
     rows, esd_rows = [], []
     batches = {b: move_batch(*random_erasure_batch(unet, b, latent_size, torch.Generator().manual_seed(0)), device)
-               for b in args.batch_sizes}
+               for b in config.batch_sizes}
     for backend in backends:
         set_attention(unet, backend)
         for batch_size, (batch, uncond) in batches.items():
-            for variant in args.variants:
+            for variant in config.variants:
                 row = {"attention": backend, "batch_size": batch_size, "variant": variant,
-                       **time_steps(variant, unet, batch, uncond, params, device, dtype, args.steps, args.warmup)}
+                       **time_steps(variant, unet, batch, uncond, params, device, dtype, config.steps,
+                                  config.warmup)}
                 rows.append(row)
                 print(f"{backend:8s} batch {batch_size} {variant:16s} {row['steps_per_second']:7.2f} steps/s "
                       f"peak {gib(row['peak_bytes'])} GiB", flush=True)
     del unet, params
-    if args.esd:  # SDPA, smallest batch: the memory comparison with our rows above
-        batch_size = min(args.batch_sizes)
+    if config.esd:  # SDPA, smallest batch: the memory comparison with our rows above
+        batch_size = min(config.batch_sizes)
         esd_rows.append({"attention": "sdpa", "batch_size": batch_size,
                          **esd_peak(architecture, *batches[batch_size], device, dtype, steps=2)})
         print(f"sdpa     batch {batch_size} ESD way peak {gib(esd_rows[-1]['peak_bytes'])} GiB", flush=True)
-    results = {"benchmark": "gpu_check", "machine": machine_info(),
+    results = {"benchmark": "gpu_check", "machine": machine_record(),
                "settings": {"architecture": architecture, "latent_size": latent_size, "resolution": latent_size * 8,
-                            "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup, "device": str(device),
+                            "dtype": config.dtype, "steps": config.steps, "warmup": config.warmup,
+                            "device": str(device),
                             "attention_skipped": skipped, "lora": {"rank": 4, "target": "xattn"}},
                "rows": rows, "esd_way": esd_rows, "total_seconds": time.time() - start}
-    write_results(out, results, markdown)
+    write_results(config.output_dir, results, markdown, overwrite=config.overwrite, echo=True)
     return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse_config(GpuCheckConfig, argv, description=__doc__, prog="python -m benchmarks.gpu_check"))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 # imports), plus the ESD way's peak memory. Random weights: nothing is downloaded. Finishes in a few minutes.
 #
 #   bash benchmarks/gpu_check.sh                       # writes benchmarks/results/gpu_check/ (or $OUT when set)
-#   bash benchmarks/gpu_check.sh --batch-sizes 1       # extra arguments go to python -m benchmarks.gpu_check
+#   bash benchmarks/gpu_check.sh --batch_sizes 1       # extra arguments go to python -m benchmarks.gpu_check
 #
 # Python packages the GPU image may lack (diffusers, often) can travel as wheels in .whl/ at the repository
 # root (pip download --no-deps --only-binary=:all: diffusers==<version> -d .whl); they are installed into
@@ -35,4 +35,4 @@ if missing:
 EOF
 
 OUTPUT_DIR=${OUT:-benchmarks/results/gpu_check}
-timeout 570 "$PYTHON" -m benchmarks.gpu_check --output-dir "$OUTPUT_DIR" "$@"
+timeout 570 "$PYTHON" -m benchmarks.gpu_check --output_dir "$OUTPUT_DIR" "$@"

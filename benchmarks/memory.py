@@ -298,23 +298,32 @@ def analytic_bytes(architecture: str, targets: list[str], rank: int) -> dict:
     return out
 
 
-def child_command(args: argparse.Namespace, variant: str, target: str) -> list[str]:
-    cmd = [sys.executable, "-m", "benchmarks.memory", "--child", variant, "--architecture", args.architecture,
-           "--lora-target", target, "--rank", str(args.rank), "--latent-size", str(args.latent_size),
-           "--steps", str(args.steps), "--threads", str(args.threads)]
-    if not args.write_unet:
-        cmd.append("--no-write-unet")
-    return cmd
+def child_command(config: MemoryConfig, variant: str, target: str) -> list[str]:
+    """The command that measures one variant in a fresh process (:func:`child_main` with a JSON spec)."""
+    spec = {"variant": variant, "architecture": config.architecture, "target": target, "rank": config.rank,
+            "latent_size": config.latent_size, "steps": config.steps, "write_unet": config.write_unet,
+            "threads": config.threads}
+    code = f"from {__package__}.memory import child_main; child_main()"
+    return [sys.executable, "-c", code, json.dumps(spec)]
 
 
-def run_children(args: argparse.Namespace, target: str) -> dict[str, dict]:
+def child_main() -> None:
+    """The child process: measure the variant of the JSON spec in ``sys.argv[1]`` and print its result line."""
+    spec = json.loads(sys.argv[1])
+    torch.set_num_threads(spec.pop("threads"))
+    print(CHILD_MARKER + json.dumps(child(**spec)), flush=True)
+
+
+def run_children(config: MemoryConfig, target: str) -> dict[str, dict]:
     """Each variant in its own process: one after the other, or all at once with ``--parallel`` (peak RSS is
     per process, so running them together changes only the wall time)."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(root)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(config.threads)}
+    if "." not in __package__:  # run from a checkout as ``benchmarks.memory``: the child needs the checkout too
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
 
     def start(variant: str) -> subprocess.Popen:
-        return subprocess.Popen(child_command(args, variant, target), cwd=root, env=env, stdout=subprocess.PIPE,
+        return subprocess.Popen(child_command(config, variant, target), env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
     def finish(variant: str, proc: subprocess.Popen) -> dict:
@@ -325,10 +334,10 @@ def run_children(args: argparse.Namespace, target: str) -> dict[str, dict]:
                                f"{stderr.strip()[-2000:]}")
         return json.loads(lines[-1][len(CHILD_MARKER):])
 
-    if args.parallel:
-        procs = {variant: start(variant) for variant in args.variants}
+    if config.parallel:
+        procs = {variant: start(variant) for variant in config.variants}
         return {variant: finish(variant, proc) for variant, proc in procs.items()}
-    return {variant: finish(variant, start(variant)) for variant in args.variants}
+    return {variant: finish(variant, start(variant)) for variant in config.variants}
 
 
 def gib(n: float) -> str:
@@ -348,8 +357,10 @@ def markdown(results: dict) -> str:
     for target, m in results["measured"].items():
         for variant, r in m["runs"].items():
             rows.append([target, VARIANT_LABELS[variant], f"{r['trainable_parameters'] / 1e6:.2f}M",
-                         gib(r["peak_minus_baseline_bytes"]), gib(r["peak_rss_bytes"])])
-    measured = markdown_table(["target", "variant", "trained params", "peak - baseline", "peak RSS"], rows)
+                         gib(r["peak_minus_baseline_bytes"]), gib(r["peak_rss_bytes"]), gib(r["held_tensor_bytes"]),
+                         gib(r["saved_activation_peak_bytes"])])
+    measured = markdown_table(["target", "variant", "trained params", "peak - baseline", "peak RSS",
+                               "tensors held (weights, Adam)", "peak saved for backward"], rows)
     ratios = [f"- {target} {name.replace('_over_', ' / ')}: **{value:.3f}x**"
               for target, m in results["measured"].items() for name, value in m["ratios"].items()]
     measured += "\n" + "\n".join(ratios) + "\n"
@@ -368,7 +379,8 @@ def markdown(results: dict) -> str:
     s, mach = results["settings"], results["machine"]
     return (f"# Peak memory of one erasure step and storage per concept ({s['architecture']}, latents "
             f"1x4x{s['latent_size']}x{s['latent_size']} per player, LoRA rank {s['rank']}, CPU float32)\n\n"
-            f"Measured (fresh subprocess per variant, ru_maxrss after {s['steps']} steps minus after imports):\n\n"
+            f"Measured (fresh subprocess per variant, ru_maxrss after {s['steps']} steps minus after imports; the "
+            "tensor columns are byte counts, independent of the allocator):\n\n"
             f"{measured}\nFrom parameter counts (fp32, no activations):\n\n{analytic}\nStorage:\n\n{storage}\n"
             f"{mach['cpu']}, {mach['nproc']} cores, {mach['memory_gib']} GiB, {mach['date_utc']}.\n\n"
             "![memory](memory.png)\n")
@@ -402,54 +414,31 @@ def plot(results: dict, path: Path) -> None:
     right.set_title("from parameter counts, per LoRA target set", fontsize=10)
     right.legend(fontsize=8)
     fig.tight_layout()
-    save_figure_atomic(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--architecture", choices=list(UNET_ARCHITECTURES), default="sd15")
-    p.add_argument("--lora-targets", nargs="+", default=["xattn"],
-                   help="target sets measured in subprocesses (noxattn's ESD way needs ~17 GiB for sd15)")
-    p.add_argument("--analytic-targets", nargs="+", default=["xattn", "noxattn", "attn", "full"])
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--latent-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--parallel", action="store_true", help="run the variants' processes at the same time")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-write-unet", dest="write_unet", action="store_false",
-                   help="compute the full UNet file size from parameter counts instead of writing it")
-    p.add_argument("--output-dir", type=Path, default=RESULTS_ROOT / "memory")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--child", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--lora-target", default="xattn", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> dict | None:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.child:
-        result = child(args.child, args.architecture, args.lora_target, args.rank, args.latent_size, args.steps,
-                       args.write_unet)
-        print(CHILD_MARKER + json.dumps(result), flush=True)
-        return None
-    out = prepare_results_dir(args.output_dir, args.overwrite)
-    machine = machine_info()
+def run(config: MemoryConfig) -> dict:
+    torch.set_num_threads(config.threads)
+    check_results(config.output_dir, config.overwrite)
+    machine = machine_record()
     measured = {}
-    for target in args.lora_targets:
-        runs = run_children(args, target)
-        delta = {v: r["peak_minus_baseline_bytes"] for v, r in runs.items()}
-        ratios = {f"ours_over_{b}": delta["ours"] / delta[b] for b in ("esd", "esd_two_players")
-                  if "ours" in delta and b in delta}
+    for target in config.lora_targets:
+        runs = run_children(config, target)
+        ratios = {}
+        for key, name in (("peak_minus_baseline_bytes", "ours_over_{}"), ("held_tensor_bytes", "held_ours_over_{}")):
+            ratios.update({name.format(b): runs["ours"][key] / runs[b][key] for b in ("esd", "esd_two_players")
+                           if "ours" in runs and b in runs})
         measured[target] = {"runs": runs, "ratios": ratios}
-    results = {"benchmark": "memory", "machine": machine,
-               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                            if k not in ("child", "lora_target")},
-               "measured": measured, "analytic": analytic_bytes(args.architecture, args.analytic_targets, args.rank)}
-    write_results(out, results, markdown, plot, "memory.png")
+    results = {"benchmark": "memory", "machine": machine, "settings": config_record(config), "measured": measured,
+               "analytic": analytic_bytes(config.architecture, list(config.analytic_targets), config.rank)}
+    write_results(config.output_dir, results, markdown, overwrite=config.overwrite, plot=plot,
+                  plot_name="memory.png", echo=True)
     return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse_config(MemoryConfig, argv, description=__doc__, prog="python -m benchmarks.memory"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Re-run every benchmark behind BENCHMARKS.md, one after the other (they share the machine's cores).
 
-    python -m benchmarks.run_all --dry-run             # print the commands
+    python -m benchmarks.run_all --dry_run             # print the commands
     python -m benchmarks.run_all --overwrite           # re-run all (several hours on 2 CPU cores)
     python -m benchmarks.run_all --only overhead_demo memory --overwrite
 
@@ -11,13 +11,15 @@ The commands are exactly the ones BENCHMARKS.md records. Results that exist are 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from munba_diffusion.config import check_options, option, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = "benchmarks/results"
@@ -25,23 +27,34 @@ RESULTS = "benchmarks/results"
 # lr 1e-3, sampler 10 DDIM steps at guidance 4; scores from 25 steps at guidance 4), recorded in each results.json.
 
 BENCHMARKS: dict[str, list[str]] = {
-    "overhead_demo": ["-m", "benchmarks.overhead", "--models", "munba-demo", "--batch-size", "4", "--lora-target",
-                      "attn", "--rounds", "30", "--output-dir", f"{RESULTS}/overhead_demo"],
-    "overhead_sd15": ["-m", "benchmarks.overhead", "--models", "sd15", "--latent-size", "16", "--rounds", "12",
-                      "--output-dir", f"{RESULTS}/overhead_sd15"],
-    "memory": ["-m", "benchmarks.memory", "--architecture", "sd15", "--output-dir", f"{RESULTS}/memory"],
-    "demo_settings": ["-m", "benchmarks.tradeoff", "--methods", "nash", "--seeds", "100", "--two-concepts",
-                      "--output-dir", f"{RESULTS}/demo_settings"],
-    "sampling": ["-m", "benchmarks.sampling", "--output-dir", f"{RESULTS}/sampling"],
-    "sampling_sampler50": ["-m", "benchmarks.sampling", "--sampler-steps", "50",
-                           "--output-dir", f"{RESULTS}/sampling_sampler50"],
-    "tradeoff": ["-m", "benchmarks.tradeoff", "--seeds", "0", "1", "2", "--output-dir", f"{RESULTS}/tradeoff"],
-    "classifier_digits": ["-m", "munba_diffusion.classifiers.cli", "--seeds", "0", "1", "2", "--forget", "random:0.1",
+    "overhead_demo": ["-m", "benchmarks.overhead", "--models", "munba-demo", "--batch_size", "4", "--lora_target",
+                      "attn", "--rounds", "30", "--output_dir", f"{RESULTS}/overhead_demo"],
+    "overhead_sd15": ["-m", "benchmarks.overhead", "--models", "sd15", "--latent_size", "16", "--rounds", "12",
+                      "--output_dir", f"{RESULTS}/overhead_sd15"],
+    "memory": ["-m", "benchmarks.memory", "--architecture", "sd15", "--output_dir", f"{RESULTS}/memory"],
+    "demo_settings": ["-m", "benchmarks.tradeoff", "--methods", "nash", "--seeds", "100", "--no_two_concepts",
+                      "--output_dir", f"{RESULTS}/demo_settings"],
+    "sampling": ["-m", "benchmarks.sampling", "--output_dir", f"{RESULTS}/sampling"],
+    "sampling_sampler50": ["-m", "benchmarks.sampling", "--sampler_steps", "50",
+                           "--output_dir", f"{RESULTS}/sampling_sampler50"],
+    "tradeoff": ["-m", "benchmarks.tradeoff", "--seeds", "0", "1", "2", "--output_dir", f"{RESULTS}/tradeoff"],
+    "classifier_digits": ["-m", "benchmarks.classifier", "--seeds", "0", "1", "2", "--forget", "random:0.1",
                           "class:3", "--methods", "retrain", "ft", "ga", "rl", "munba", "--threads", "1", "--quiet",
-                          "--output-dir", f"{RESULTS}/classifier_digits"],
-    "clip_demo": ["-m", "munba_diffusion.classifiers.clip_cli", "--threads", "1",
-                  "--output-dir", f"{RESULTS}/clip_demo"],
+                          "--output_dir", f"{RESULTS}/classifier_digits"],
+    "clip_demo": ["-m", "benchmarks.clip", "--threads", "1", "--output_dir", f"{RESULTS}/clip_demo"],
 }
+
+
+@dataclass(frozen=True)
+class RunAllConfig:
+    """Options of ``python -m benchmarks.run_all``."""
+
+    only: tuple[str, ...] = option(tuple(BENCHMARKS), "the benchmarks to run", choices=tuple(BENCHMARKS))
+    overwrite: bool = option(False, "replace existing results (passed to every command)")
+    dry_run: bool = option(False, "print the commands and exit")
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 def available(name: str) -> bool:
@@ -50,26 +63,18 @@ def available(name: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS))
-    p.add_argument("--overwrite", action="store_true", help="replace existing results (passed to every command)")
-    p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    config = parse_config(RunAllConfig, argv, description=__doc__, prog="python -m benchmarks.run_all")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     failed = []
-    for name in args.only:
-        cmd = [sys.executable, *BENCHMARKS[name], *(["--overwrite"] if args.overwrite else [])]
+    for name in config.only:
+        cmd = [sys.executable, *BENCHMARKS[name], *(["--overwrite"] if config.overwrite else [])]
         shown = " ".join(["python", *cmd[1:]])
         if not available(name):
             print(f"[{name}] skipped: {BENCHMARKS[name][1]} is not in this checkout", flush=True)
             continue
         print(f"[{name}] {shown}", flush=True)
-        if args.dry_run:
+        if config.dry_run:
             continue
         start = time.time()
         code = subprocess.run(cmd, cwd=ROOT, env=env).returncode

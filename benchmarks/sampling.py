@@ -7,22 +7,32 @@ sampler once per (prompt, trajectory) before training and draws stored x_t. We r
 per step, the pool's one-off build time (separately and amortised over the run), and the concept rate and
 preservation scores each erased model reaches on the demo prompt set (equal quality check).
 
-    python -m benchmarks.sampling --output-dir benchmarks/results/sampling
+    python -m benchmarks.sampling --output_dir benchmarks/results/sampling
 """
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from benchmarks._common import (RESULTS_ROOT, ErasureSettings, EvalSettings, concept_scores, generate_for_eval,
-                                machine_info, markdown_table, prepare_results_dir, run_erasure, run_script,
-                                save_figure_atomic, single_concept_scores, work_folder, write_results)
+from munba_diffusion.config import option, parse_config
+from munba_diffusion.io import machine_record
+
+from ._common import (RESULTS_ROOT, DemoBenchmarkOptions, check_results, concept_scores, generate_for_eval,
+                      markdown_table, run_erasure, run_script, save_figure, single_concept_scores, work_folder,
+                      write_results)
 
 SOURCES = ("pool", "fresh")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig(DemoBenchmarkOptions):
+    """Options of ``python -m benchmarks.sampling`` (the erasure and scoring options are shared with tradeoff)."""
+
+    seed: int = option(0, "seed of both erasures")
+    output_dir: Path = option(RESULTS_ROOT / "sampling", "folder for results.json, results.md and sampling.png")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -53,7 +63,7 @@ def plot(results: dict, path: Path) -> None:
     right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     right.set_title(f"erasing '{results['settings']['concept']}' (demo judge)")
     fig.tight_layout()
-    save_figure_atomic(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -79,68 +89,39 @@ def markdown(results: dict) -> str:
             f"{m['load_average_1_5_15']}, {m['date_utc']}.\n\n![pool vs fresh](sampling.png)\n")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    d, e = ErasureSettings(), EvalSettings()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--concept", default="circle")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    p.add_argument("--lora-target", default=d.lora_target)
-    p.add_argument("--sampler-steps", type=int, default=d.sampler_steps,
-                   help="DDIM steps of the frozen model's sampler")
-    p.add_argument("--sampler-guidance", type=float, default=d.sampler_guidance_scale)
-    p.add_argument("--pool-trajectories", type=int, default=d.pool_trajectories)
-    p.add_argument("--grid-steps", type=int, default=d.grid_steps, help="sampler steps of each run's before/after grid")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-prompts", default=e.prompts, help="bundled prompt set name or CSV with shape/colour columns")
-    p.add_argument("--eval-steps", type=int, default=e.steps)
-    p.add_argument("--eval-guidance", type=float, default=e.guidance_scale)
-    p.add_argument("--max-eval-prompts", type=int, default=None,
-                   help="score only the first N prompts of each (shape, colour)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--work-dir", type=Path, default=None,
-                   help="new or empty folder that keeps the erased models and images (default: a temporary folder)")
-    p.add_argument("--output-dir", type=Path, default=RESULTS_ROOT / "sampling")
-    p.add_argument("--overwrite", action="store_true")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = prepare_results_dir(args.output_dir, args.overwrite)
-    machine = machine_info()
-    settings = ErasureSettings(model=args.model, steps=args.steps, batch_size=args.batch_size,
-                               learning_rate=args.learning_rate, lora_target=args.lora_target,
-                               sampler_steps=args.sampler_steps, sampler_guidance_scale=args.sampler_guidance,
-                               pool_trajectories=args.pool_trajectories,
-                               grid_steps=args.grid_steps)
-    evaluation = EvalSettings(prompts=args.eval_prompts, steps=args.eval_steps, guidance_scale=args.eval_guidance,
-                              max_prompts=args.max_eval_prompts)
-    with work_folder(args.work_dir, "munba-sampling-") as work:
-        original = concept_scores(generate_for_eval(args.model, evaluation, work / "eval", "original"), [args.concept])
+def run(config: SamplingConfig) -> dict:
+    torch.set_num_threads(config.threads)
+    check_results(config.output_dir, config.overwrite)
+    machine = machine_record()
+    evaluation = config.evaluation
+    with work_folder(config.work_dir, "munba-sampling-") as work:
+        original = concept_scores(generate_for_eval(config.model, evaluation, work / "eval", "original"),
+                                  [config.concept])
         runs = {}
         for source in SOURCES:
-            timing = run_erasure(settings, [args.concept], work / source, seed=args.seed, combiner="nash",
+            timing = run_erasure(config, [config.concept], work / source, seed=config.seed, combiner="nash",
                                  latent_source=source)
             scores = concept_scores(generate_for_eval(str(work / source), evaluation, work / "eval", source),
-                                    [args.concept])
-            runs[source] = {**timing, "scores": single_concept_scores(scores, args.concept)}
+                                    [config.concept])
+            runs[source] = {**timing, "scores": single_concept_scores(scores, config.concept)}
     pool, fresh = runs["pool"], runs["fresh"]
-    amortised = pool["step_seconds"] + pool["setup_seconds"] / args.steps
+    amortised = pool["step_seconds"] + pool["setup_seconds"] / config.steps
     results = {
         "benchmark": "sampling", "machine": machine,
-        "settings": {"concept": args.concept, "seed": args.seed, "erasure": asdict(settings),
-                     "evaluation": asdict(evaluation), "combiner": "nash", "threads": args.threads},
-        "original": single_concept_scores(original, args.concept), "runs": runs,
+        "settings": {"concept": config.concept, "seed": config.seed, "erasure": config.erasure_record(),
+                     "evaluation": asdict(evaluation), "combiner": "nash", "threads": config.threads},
+        "original": single_concept_scores(original, config.concept), "runs": runs,
         "pool_step_seconds_amortised": amortised,
         "speedup_loop": fresh["step_seconds"] / pool["step_seconds"],
         "speedup_amortised": fresh["step_seconds"] / amortised,
     }
-    write_results(out, results, markdown, plot, "sampling.png")
+    write_results(config.output_dir, results, markdown, overwrite=config.overwrite, plot=plot,
+                  plot_name="sampling.png", echo=True)
     return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse_config(SamplingConfig, argv, description=__doc__, prog="python -m benchmarks.sampling"))
 
 
 if __name__ == "__main__":

@@ -10,30 +10,31 @@ Methods: ``nash`` (MUNBa), ``sum`` with forget weight 0.1 / 1 / 10 (preserve wei
 ``mgda``, ``pcgrad``, and ``forget_only`` (sum with weights 0, 1). Two concepts at once (K = 3 players:
 preserve + one forgetting player per concept): ``nash`` (iterative Nash bargaining) vs ``sum``.
 
-Runs are written one JSON file each into ``<output-dir>/runs/``; ``--resume`` skips the runs already there, so a
+Runs are written one JSON file each into ``<output_dir>/runs/``; ``--resume`` skips the runs already there, so a
 long run that was stopped can go on. The summary is ``results.json``, ``results.md`` and ``pareto.png``.
 
-    python -m benchmarks.tradeoff --seeds 0 1 2 --output-dir benchmarks/results/tradeoff
+    python -m benchmarks.tradeoff --seeds 0 1 2 --output_dir benchmarks/results/tradeoff
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks._common import (RESULTS_JSON, RESULTS_MD, RESULTS_ROOT, ErasureSettings, EvalSettings, concept_scores,
-                                generate_for_eval, machine_info, markdown_table, run_erasure, run_script,
-                                save_figure_atomic, single_concept_scores, work_folder, write_json_atomic,
-                                write_results)
+from munba_diffusion.config import option, parse_config
+from munba_diffusion.io import machine_record, write_json_atomic
+
+from ._common import (RESULTS_JSON, RESULTS_MD, RESULTS_ROOT, DemoBenchmarkOptions, ErasureSettings, EvalSettings,
+                      concept_scores, generate_for_eval, markdown_table, run_erasure, run_script, save_figure,
+                      single_concept_scores, work_folder, write_results)
 
 METHODS: dict[str, tuple[str, list[float] | None]] = {
     # name -> (combiner, fixed weights [preserve, forget])
@@ -48,6 +49,35 @@ METHODS: dict[str, tuple[str, list[float] | None]] = {
 }
 TWO_CONCEPT_METHODS: dict[str, tuple[str, list[float] | None]] = {"nash": ("nash", None), "sum": ("sum", None)}
 METRICS = ("concept_rate", "kept_attribute_accuracy", "other_accuracy", "judge_fid_other", "step_seconds")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TradeoffConfig(DemoBenchmarkOptions):
+    """Options of ``python -m benchmarks.tradeoff`` (the erasure and scoring options are shared with sampling)."""
+
+    methods: tuple[str, ...] = option(tuple(METHODS), "the single-concept methods", choices=tuple(METHODS))
+    two_concepts: tuple[str, ...] = option(("circle", "red"), "concepts erased together by each "
+                                           "--two_concept_methods (K = 1 + their number players)")
+    two_concept_methods: tuple[str, ...] = option(tuple(TWO_CONCEPT_METHODS), "the methods of the multi-concept "
+                                                  "runs", choices=tuple(TWO_CONCEPT_METHODS))
+    run_two_concepts: bool = option(True, "skip the multi-concept runs", flag="no_two_concepts")
+    seeds: tuple[int, ...] = option((0, 1, 2), "seeds of every method")
+    output_dir: Path = option(RESULTS_ROOT / "tradeoff", "folder for runs/, results.json, results.md and pareto.png")
+    resume: bool = option(False, "keep the runs already in --output_dir/runs and do the rest")
+    overwrite: bool = option(False, "discard earlier results in --output_dir")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other; pass one")
+        if self.run_two_concepts and len(self.two_concepts) < 2:
+            raise ValueError(f"two_concepts (--two_concepts) needs at least two concepts, got "
+                             f"{list(self.two_concepts)}; pass --no_two_concepts to skip those runs")
+
+    @property
+    def concept_sets(self) -> list[str]:
+        """The concepts of the multi-concept runs (empty when they are skipped)."""
+        return list(self.two_concepts) if self.run_two_concepts else []
 
 
 def run_name(method: str, seed: int, two_concepts: bool) -> str:
@@ -214,42 +244,8 @@ def plot(results: dict, path: Path) -> None:
     fig.suptitle(f"demo world, seeds {results['settings']['seeds']}, mean ± std, "
                  f"{results['settings']['erasure']['steps']} steps each")
     fig.tight_layout()
-    save_figure_atomic(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    d, e = ErasureSettings(), EvalSettings()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--concept", default="circle")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--two-concepts", nargs="*", default=["circle", "red"],
-                   help="erase these together with each of --two-concept-methods (none: skip)")
-    p.add_argument("--two-concept-methods", nargs="*", default=list(TWO_CONCEPT_METHODS),
-                   choices=list(TWO_CONCEPT_METHODS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    p.add_argument("--lora-target", default=d.lora_target)
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--sampler-steps", type=int, default=d.sampler_steps,
-                   help="DDIM steps of the frozen model's sampler")
-    p.add_argument("--sampler-guidance", type=float, default=d.sampler_guidance_scale)
-    p.add_argument("--pool-trajectories", type=int, default=d.pool_trajectories)
-    p.add_argument("--grid-steps", type=int, default=d.grid_steps, help="sampler steps of each run's before/after grid")
-    p.add_argument("--eval-prompts", default=e.prompts)
-    p.add_argument("--eval-steps", type=int, default=e.steps)
-    p.add_argument("--eval-guidance", type=float, default=e.guidance_scale)
-    p.add_argument("--max-eval-prompts", type=int, default=None)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--work-dir", type=Path, default=None, help="new or empty scratch folder (default: temporary)")
-    p.add_argument("--output-dir", type=Path, default=RESULTS_ROOT / "tradeoff")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="keep the runs already in --output-dir/runs and do the rest")
-    g.add_argument("--overwrite", action="store_true", help="discard earlier results in --output-dir")
-    return p.parse_args(argv)
 
 
 def prepare(out: Path, resume: bool, overwrite: bool) -> Path:
@@ -265,51 +261,50 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> Path:
     return runs
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    runs_dir = prepare(args.output_dir, args.resume, args.overwrite)
-    machine = machine_info()
-    settings = ErasureSettings(model=args.model, steps=args.steps, batch_size=args.batch_size,
-                               learning_rate=args.learning_rate, lora_target=args.lora_target, rank=args.rank,
-                               sampler_steps=args.sampler_steps, sampler_guidance_scale=args.sampler_guidance,
-                               pool_trajectories=args.pool_trajectories,
-                               grid_steps=args.grid_steps)
-    evaluation = EvalSettings(prompts=args.eval_prompts, steps=args.eval_steps, guidance_scale=args.eval_guidance,
-                              max_prompts=args.max_eval_prompts)
-    config = {"erasure": asdict(settings), "evaluation": asdict(evaluation)}
-    config_path = runs_dir.parent / "settings.json"
-    if config_path.exists() and args.resume and json.loads(config_path.read_text()) != config:
-        raise ValueError(f"--resume with other settings than {config_path}; use the same ones or --overwrite")
-    write_json_atomic(config_path, config)
-    jobs = [(m, METHODS[m], s, [args.concept]) for s in args.seeds for m in args.methods]
-    if len(args.two_concepts) > 1:
-        jobs += [(m, TWO_CONCEPT_METHODS[m], s, list(args.two_concepts))
-                 for s in args.seeds for m in args.two_concept_methods]
-    with work_folder(args.work_dir, "munba-tradeoff-") as work:
+def run(config: TradeoffConfig) -> dict:
+    torch.set_num_threads(config.threads)
+    runs_dir = prepare(config.output_dir, config.resume, config.overwrite)
+    machine = machine_record()
+    evaluation = config.evaluation
+    two = config.concept_sets
+    settings = {"erasure": config.erasure_record(), "evaluation": asdict(evaluation)}
+    settings_path = runs_dir.parent / "settings.json"
+    if settings_path.exists() and config.resume and json.loads(settings_path.read_text()) != settings:
+        raise ValueError(f"--resume with other settings than {settings_path}; use the same ones or --overwrite")
+    write_json_atomic(settings_path, settings)
+    jobs = [(m, METHODS[m], s, [config.concept]) for s in config.seeds for m in config.methods]
+    if two:
+        jobs += [(m, TWO_CONCEPT_METHODS[m], s, two) for s in config.seeds for m in config.two_concept_methods]
+    with work_folder(config.work_dir, "munba-tradeoff-") as work:
         original_path = runs_dir / "original.json"
         if not original_path.exists():
-            folder = generate_for_eval(args.model, evaluation, work / "eval", "original")
-            original = {"single": concept_scores(folder, [args.concept]),
-                        "two": concept_scores(folder, list(args.two_concepts)) if len(args.two_concepts) > 1 else None}
+            folder = generate_for_eval(config.model, evaluation, work / "eval", "original")
+            original = {"single": concept_scores(folder, [config.concept]),
+                        "two": concept_scores(folder, two) if two else None}
             write_json_atomic(original_path, original)
         for method, spec, seed, concepts in tqdm(jobs, desc="tradeoff runs"):
             path = runs_dir / f"{run_name(method, seed, len(concepts) > 1)}.json"
             if path.exists():
                 continue
-            write_json_atomic(path, one_run(settings, evaluation, concepts, method, spec, seed, work))
+            write_json_atomic(path, one_run(config, evaluation, concepts, method, spec, seed, work))
     original = json.loads(original_path.read_text())
     records = [json.loads((runs_dir / f"{run_name(m, s, len(c) > 1)}.json").read_text()) for m, _, s, c in jobs]
-    summary = summarise(records, original, args.concept, list(args.two_concepts))
-    summary["original"] = {"single": single_concept_scores(original["single"], args.concept),
+    summary = summarise(records, original, config.concept, two)
+    summary["original"] = {"single": single_concept_scores(original["single"], config.concept),
                            "two": original["two"]}
-    results = {"benchmark": "tradeoff", "machine": machine, "finished_utc": machine_info()["date_utc"],
-               "settings": {"concept": args.concept, "seeds": args.seeds,
-                            "methods": {m: METHODS[m] for m in args.methods},
-                            "two_concepts": args.two_concepts, "threads": args.threads, **config},
+    results = {"benchmark": "tradeoff", "machine": machine, "finished_utc": machine_record()["date_utc"],
+               "settings": {"concept": config.concept, "seeds": list(config.seeds),
+                            "methods": {m: METHODS[m] for m in config.methods},
+                            "two_concepts": two, "threads": config.threads, **settings},
                "summary": summary}
-    write_results(args.output_dir, results, markdown, plot, "pareto.png")
+    # --resume re-summarises a finished run: its results are replaced (the runs themselves are kept)
+    write_results(config.output_dir, results, markdown, overwrite=config.overwrite or config.resume, plot=plot,
+                  plot_name="pareto.png", echo=True)
     return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse_config(TradeoffConfig, argv, description=__doc__, prog="python -m benchmarks.tradeoff"))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ any model loads; interrupted runs resume where they stopped (rerun the same comm
 
 from __future__ import annotations
 
-from munba_diffusion.evaluation.evaluate import main
+from munba_diffusion.commands.evaluate import main
 
 __all__ = ["main"]
 

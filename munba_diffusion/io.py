@@ -234,7 +234,7 @@ def is_local_path(name_or_path: str | os.PathLike) -> bool:
     starting with ``-`` or ``.``, without ``--`` or ``..``). So it is local when it is a ``Path`` object, exists
     on disk, is absolute, starts with ``.`` or ``~``, has more than two ``/``-separated parts, a backslash, an
     empty part (``a//b``, a trailing ``/``) or any character a Hub id cannot have; otherwise it is a Hub id.
-    Bundled names such as ``munba-demo`` look like Hub ids: resolve them first (``munba_diffusion.models``).
+    Bundled model names look like Hub ids: resolve them first (``munba_diffusion.models``).
 
     ``"CompVis/stable-diffusion-v1-4"`` -> Hub; ``"./x"``, ``"/abs"``, ``"a/b/c"``, ``"~/m"``, ``"C:\\\\m"``,
     an existing folder ``"outputs"`` -> local.

@@ -1,7 +1,8 @@
 """Where a model id becomes a folder: bundled model names, local folders and Hub ids (one rule, one place).
 
-This is the only module that knows the bundled models' names. Everywhere a model is accepted (``--pretrained_model_name_or_path``,
-``--model``, ``--clip_model``, a benchmark's model), the value goes through :func:`resolve_model_path`:
+This is the only module that knows the bundled models' names. Everywhere a model is accepted
+(``--pretrained_model_name_or_path``, ``--model``, ``--clip_model``, a benchmark's model), the value goes through
+:func:`resolve_model_path`:
 
 - a bundled name (:data:`BUNDLED_MODELS`, e.g. ``"munba-demo"``) becomes the packaged folder of the asked ``kind``
   (``"pipeline"``: a diffusers pipeline folder; ``"clip"``: a ``CLIPModel`` folder with its processor);

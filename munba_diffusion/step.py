@@ -17,7 +17,7 @@ bargains once per optimizer step over the whole batch's gradients:
 
 .. math::
 
-    S_i = \sum_m \nabla_\theta (c_m\, s\, L_i^{(m)}), \qquad g_i = R(S_i) / s, \qquad
+    S_i = \sum_m c_m \nabla_\theta (s\, L_i^{(m)}), \qquad g_i = R(S_i) / s, \qquad
     \bar L_i = \frac{\sum_m c_m L_i^{(m)}}{\sum_m c_m},
 
 then, in this order: a non-finite ``g_i`` raises :class:`NonFiniteGradientError` (policy ``raise``) or skips the
@@ -225,7 +225,8 @@ class BargainedUpdate:
         self._weight_sum = 0.0
 
     def accumulate_losses(self, losses: Mapping[str, torch.Tensor], *, weight: float = 1.0) -> None:
-        """Add ``grad(weight * loss_scale * L_i)`` to player ``i``'s running sum, for each player in ``losses``.
+        """Add ``grad(weight * loss_scale * L_i)`` to player ``i``'s running sum, for each player in ``losses``
+        (the weight enters the backward's seed, so no extra pass over the gradients).
 
         Each gradient comes from ``torch.autograd.grad`` with the graph kept until the last player (the losses may
         share a forward pass); parameters a loss does not reach get zeros. The loss values enter the step's
@@ -250,14 +251,14 @@ class BargainedUpdate:
         *,
         weight: float = 1.0,
     ) -> None:
-        """:meth:`accumulate_losses` for gradients obtained some other way (e.g. one LoRA forward per player).
+        """:meth:`accumulate_losses` for gradients obtained some other way (e.g. one LoRA forward per player):
+        add ``weight * per_player[i]`` to player ``i``'s running sum.
 
         Args:
-            per_player: player -> its gradients aligned with ``params``, already of ``weight * loss_scale * L_i``
-                (scale the loss before its backward, as :meth:`accumulate_losses` does, so that fp16 gradients
-                do not underflow); they are not modified.
+            per_player: player -> its gradients of ``loss_scale * L_i``, aligned with ``params`` (scale the loss
+                before its backward so that fp16 gradients do not underflow); they are not modified.
             losses: player -> the unscaled loss value ``L_i``.
-            weight: the micro-batch's weight ``c_m`` in the loss values' weighted mean.
+            weight: the micro-batch's weight ``c_m``, for its gradients and in the loss values' weighted mean.
         """
         self._check_players(list(per_player), weight)
         if set(losses) != set(per_player):
@@ -265,7 +266,9 @@ class BargainedUpdate:
         for name, grads in per_player.items():
             if len(grads) != len(self.params):
                 raise ValueError(f"player {name!r} has {len(grads)} gradients for {len(self.params)} parameters")
-        self._add({name: list(grads) for name, grads in per_player.items()}, losses, weight)
+        weighted = {name: list(grads) if weight == 1.0 else [weight * g for g in grads]
+                    for name, grads in per_player.items()}
+        self._add(weighted, losses, weight)
 
     def write_gradients(self) -> StepDiagnostics:
         """Reduce, unscale, check, bargain and add ``sum_i w_i g_i`` to ``.grad`` of ``params``; clip; reset.

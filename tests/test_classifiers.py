@@ -1,24 +1,28 @@
-"""Tests for classifier unlearning: metrics, data handling, methods, the benchmark and its command line."""
+"""Tests for classifier unlearning: metrics, data handling, methods, the benchmark (benchmarks/classifier.py) and
+its command line."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from munba_diffusion.classifiers.benchmark import (
+from benchmarks._common import write_results
+from benchmarks.classifier import (
     DEFAULT_UNLEARN_LR,
     BenchmarkConfig,
+    ClassifierCommand,
+    main,
+    results_markdown,
     run_benchmark,
+    sweep_markdown,
     sweep_unlearn_lr,
-    write_results,
-    write_sweep,
 )
-from munba_diffusion.classifiers.cli import config_from_args, main, parse_args
 from munba_diffusion.classifiers.data import (
     ForgetSpec,
     classification_data_from_splits,
@@ -35,6 +39,7 @@ from munba_diffusion.classifiers.metrics import (
 )
 from munba_diffusion.classifiers.models import build_model
 from munba_diffusion.classifiers.unlearn import TrainConfig, UnlearnConfig, train_classifier, unlearn
+from munba_diffusion.config import parse_config
 from munba_diffusion.step import NonFiniteGradientError
 
 
@@ -278,7 +283,7 @@ def test_benchmark_end_to_end_writes_reports(tmp_path) -> None:
         seeds=(0,),
         forget=("class:1",),
         methods=("retrain", "ft", "munba"),
-        train=TrainConfig(epochs=2),
+        epochs=2,
         unlearn_epochs=1,
         max_train_samples=300,
         max_test_samples=100,
@@ -287,14 +292,15 @@ def test_benchmark_end_to_end_writes_reports(tmp_path) -> None:
     assert [r["method"] for r in results["runs"]] == ["original", "retrain", "ft", "munba"]
     retrain = next(r for r in results["runs"] if r["method"] == "retrain")
     assert retrain["avg_gap"] == 0.0 and retrain["UA"] == 100.0  # never saw the class
-    paths = write_results(results, tmp_path)
+    paths = write_results(tmp_path, results, results_markdown)
     saved = json.loads(paths[0].read_text())
     assert saved["summary"]["class:1"]["munba"]["UA"]["n"] == 1
+    assert saved["machine"]["nproc"] >= 1 and saved["runs"][-1]["skipped_steps"] == 0
     markdown = paths[1].read_text()
     assert "| munba |" in markdown and "Avg. Gap" in markdown and "seeds: 0" in markdown
     with pytest.raises(FileExistsError, match="--overwrite"):
-        write_results(results, tmp_path)
-    write_results(replace_protocol(results), tmp_path, overwrite=True)
+        write_results(tmp_path, results, results_markdown)
+    write_results(tmp_path, replace_protocol(results), results_markdown, overwrite=True)
     assert json.loads(paths[0].read_text())["protocol"]["dataset"] == "changed"
 
 
@@ -305,19 +311,20 @@ def replace_protocol(results: dict) -> dict:
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--methods", "retrain", "salun"], "unknown unlearning method(s) salun"),
+        (["--methods", "retrain", "salun"], "methods (--methods) must be one of retrain, ft, ga, rl, munba"),
         (["--forget", "random:1.5"], "forget fraction must be in (0, 1)"),
         (["--forget", "class:10"], "forget class 10 is out of range"),
-        (["--combiner", "nope"], "unknown combiner"),
-        (["--unlearn-lr", "munba=-1"], "--unlearn-lr expects"),
+        (["--combiner", "nope"], "combiner (--combiner) must be one of nash"),
+        (["--unlearn-lr", "munba=-1"], "--unlearn_lr expects"),
+        (["--lr_grid", "0.1", "0"], "lr_grid (--lr_grid) must be > 0"),
     ],
 )
 def test_cli_bad_input_is_a_one_line_error(arguments, message, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--output-dir", str(tmp_path / "out"), "--quiet", *arguments])
     assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip()
-    assert "\n" not in error and message in error
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage line, if any
+    assert error.startswith("munba-unlearn-classifier: error:") and message in error
     assert not (tmp_path / "out").exists()
 
 
@@ -335,7 +342,7 @@ def test_learning_rate_sweep_picks_the_lowest_gap(tmp_path) -> None:
         seeds=(5,),
         forget=("class:2",),
         methods=("ft", "munba"),
-        train=TrainConfig(epochs=2),
+        epochs=2,
         unlearn_epochs=1,
         max_train_samples=300,
         max_test_samples=100,
@@ -346,15 +353,17 @@ def test_learning_rate_sweep_picks_the_lowest_gap(tmp_path) -> None:
         assert sweep["best_lr"]["class"][method] == (0.001 if gaps["0.001"] <= gaps["0.1"] else 0.1)
         runs = [r for r in sweep["runs"] if r["method"] == method]
         assert sorted(r["lr"] for r in runs) == [0.001, 0.1]
-    json_path, md_path = write_sweep(sweep, tmp_path)
+    json_path, md_path = write_results(tmp_path, sweep, sweep_markdown, stem="lr_sweep")
+    assert json_path.name == "lr_sweep.json" and md_path.name == "lr_sweep.md"
     assert "| munba |" in md_path.read_text() and json.loads(json_path.read_text())["grid"] == [0.001, 0.1]
 
 
 def test_cli_learning_rate_overrides_per_kind() -> None:
-    args = parse_args(["--output-dir", "out", "--unlearn-lr", "class:munba=0.5", "ft=0.2"])
-    config = config_from_args(args)
-    assert config.unlearn_lr["class"]["munba"] == 0.5
-    assert config.unlearn_lr["random"]["munba"] == DEFAULT_UNLEARN_LR["random"]["munba"] != 0.5
-    assert config.unlearn_lr["class"]["ft"] == config.unlearn_lr["random"]["ft"] == 0.2
+    config = parse_config(ClassifierCommand, ["--output-dir", "out", "--unlearn-lr", "class:munba=0.5", "ft=0.2"])
+    rates = config.learning_rates
+    assert rates["class"]["munba"] == 0.5
+    assert rates["random"]["munba"] == DEFAULT_UNLEARN_LR["random"]["munba"] != 0.5
+    assert rates["class"]["ft"] == rates["random"]["ft"] == 0.2
     assert DEFAULT_UNLEARN_LR["class"]["ft"] != 0.2  # defaults are not mutated
     assert config.unlearn_config("munba", "class").lr == 0.5
+    assert config.train == TrainConfig() and config.output_dir == Path("out")

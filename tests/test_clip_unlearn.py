@@ -1,4 +1,5 @@
-"""Tests for CLIP zero-shot class unlearning on the bundled demo CLIP (offline)."""
+"""Tests for CLIP zero-shot class unlearning on the bundled demo CLIP (offline), and its benchmark
+(benchmarks/clip.py)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,20 @@ from dataclasses import replace
 import pytest
 import torch
 
-from munba_diffusion.bargaining import get_combiner
-from munba_diffusion.classifiers.clip_benchmark import (
+from benchmarks._common import write_results
+from benchmarks.clip import (
     DEMO_SHAPE_TEMPLATES,
     ClipBenchmarkConfig,
     acceptance,
     load_clip_model,
     load_demo_data,
+    main,
     render_demo_split,
+    results_markdown,
     run_clip_benchmark,
     summarize,
-    write_results,
 )
-from munba_diffusion.classifiers.clip_cli import main
+from munba_diffusion.bargaining import get_combiner
 from munba_diffusion.classifiers import clip_unlearn
 from munba_diffusion.classifiers.clip_unlearn import (
     ClipUnlearnConfig,
@@ -153,18 +155,19 @@ def test_templates_need_a_label_slot() -> None:
     ("arguments", "message"),
     [
         (["--forget", "hexagon"], "valid labels: circle, square, triangle, cross"),
-        (["--methods", "munba", "salun"], "unknown method 'salun'"),
-        (["--params", "vision"], "unknown parameter set 'vision'"),
-        (["--dtype", "float8"], "unknown dtype 'float8'"),
+        (["--methods", "munba", "salun"], "methods (--methods) must be one of ft, rl, munba; got 'salun'"),
+        (["--params", "vision"], "params (--params) must be one of text-attention"),
+        (["--dtype", "float8"], "dtype (--dtype) must be one of float32, float16, bfloat16; got 'float8'"),
         (["--templates", "a photo"], "lack '{label}'"),
+        (["--lora_rank", "0"], "lora_rank (--lora_rank) must be >= 1"),
     ],
 )
 def test_cli_bad_input_is_a_one_line_error(arguments, message, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([*arguments, "--seeds", "0", "--steps", "1", "--quiet", "--output-dir", str(tmp_path / "out")])
     assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip()
-    assert message in error and "\n" not in error
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage line, if any
+    assert error.startswith("munba-unlearn-clip: error:") and message in error
     assert not (tmp_path / "out").exists()
 
 
@@ -246,7 +249,7 @@ def test_benchmark_on_an_image_folder_writes_reports(demo, tmp_path, monkeypatch
     config = ClipBenchmarkConfig(
         dataset=str(tmp_path / "shapes"), forget=("round shape",), templates=("a {label}",),
         heldout_dataset=str(tmp_path / "colours"), heldout_templates=("a {label} object",),
-        params=("text-attention",), adapters=("lora",), seeds=(0,), unlearn=ClipUnlearnConfig(steps=2, batch_size=4),
+        params=("text-attention",), adapters=("lora",), seeds=(0,), steps=2, batch_size=4,
     )
     results = run_clip_benchmark(config, progress=False)
     protocol = results["protocol"]
@@ -255,9 +258,14 @@ def test_benchmark_on_an_image_folder_writes_reports(demo, tmp_path, monkeypatch
     assert list(results["summary"]["text-attention/lora"]) == ["original", "ft", "rl", "munba"]
 
     out = tmp_path / "report"
-    paths = write_results(results, out)
+    assert protocol["unlearn"]["steps"] == 2 and "method" not in protocol["unlearn"]
+    assert config.unlearn_config("ft", "text-attention", "lora") == ClipUnlearnConfig(
+        method="ft", params="text-attention", adapter="lora", steps=2, batch_size=4)
+
+    out = tmp_path / "report"
+    paths = write_results(out, results, results_markdown)
     assert json.loads(paths[0].read_text())["protocol"]["forget"] == ["round shape"]
     table = paths[1].read_text()
     assert "| munba (nash) |" in table and "Held-out acc (" in table and "munba acceptance" in table
     with pytest.raises(FileExistsError, match="--overwrite"):
-        write_results(results, out)
+        write_results(out, results, results_markdown)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from munba_diffusion.clip_features import clip_image_embeddings, clip_text_embeddings
 from munba_diffusion.demo import COLOURS, SHAPES, WEIGHTS_DIR, canonical_caption, demo_clip_path, load_demo_judge, render_scene
-from munba_diffusion.models import resolve_model_path
 from munba_diffusion.demo.world import SHAPE_NAMES, caption, scenes_to_tensor
+from munba_diffusion.models import resolve_model_path
 
 
 def _renders(n: int, seed: int):

@@ -113,17 +113,24 @@ def test_two_models_are_generated_scored_and_reported_with_their_protocol(assets
     assert made == [] and list(json.loads((out / "report.json").read_text())["results"][labels[0]]) == ["nudenet"]
 
 
-def run_cli(argv: list[str]) -> str:
-    """Run eval/evaluate.py's main in this process; return its exit message."""
+def run_cli(argv: list[str], capsys) -> str:
+    """Run eval/evaluate.py's main in this process; return its one-line error (exit message or the parser's)."""
     spec = importlib.util.spec_from_file_location("evaluate_cli", REPO / "eval" / "evaluate.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
-    return str(exit_info.value.code)
+    code = exit_info.value.code
+    if code == 2:  # refused by the parser: usage, then one "error:" line
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1
+        return errors[0][errors[0].index("error:"):]
+    assert isinstance(code, str)
+    return code
 
 
-def test_cli_reports_bad_input_in_one_line(assets, tmp_path):
+def test_cli_reports_bad_input_in_one_line(assets, tmp_path, capsys):
     out = tmp_path / "eval"
     out.mkdir()
     (out / "report.json").write_text("{}")
@@ -137,12 +144,12 @@ def test_cli_reports_bad_input_in_one_line(assets, tmp_path):
         "--steps",
         "1",
     ]
-    existing = run_cli([*common, "--metrics", "nudenet"])
+    existing = run_cli([*common, "--metrics", "nudenet"], capsys)
     assert existing.startswith("error:") and "--overwrite" in existing and "\n" not in existing
-    no_reference = run_cli([*common, "--metrics", "fid", "--overwrite"])
-    assert "--reference-dir" in no_reference and "\n" not in no_reference
-    no_labels = run_cli([*common, "--metrics", "objects", "--overwrite"])
+    no_reference = run_cli([*common, "--metrics", "fid", "--overwrite"], capsys)
+    assert "reference_dir (--reference_dir) is required" in no_reference and "\n" not in no_reference
+    no_labels = run_cli([*common, "--metrics", "objects", "--overwrite"], capsys)
     assert "'label' column" in no_labels and "\n" not in no_labels
-    two_labels = run_cli([*common, "--label", "a", "--label", "b", "--metrics", "nudenet", "--overwrite"])
-    assert "one per model" in two_labels and "\n" not in two_labels
+    two_labels = run_cli([*common, "--label", "a", "--label", "b", "--metrics", "nudenet", "--overwrite"], capsys)
+    assert "label (--label)" in two_labels and "one per model" in two_labels and "\n" not in two_labels
     assert json.loads((out / "report.json").read_text()) == {} and not (out / "images").exists()

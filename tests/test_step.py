@@ -275,6 +275,22 @@ def test_accumulate_gradients_matches_accumulate_losses() -> None:
         update.accumulate_gradients({name: grads[:2] for name, grads in per_player.items()}, values)
 
 
+def test_accumulate_gradients_weights_the_given_gradients() -> None:
+    """Gradients of ``s L_i`` with weight ``c``: the same sums as ``accumulate_losses`` with that weight."""
+    by_losses, by_gradients = tiny_model(), tiny_model()
+    expected = BargainedUpdate(list(by_losses.parameters()), SumWeighting(), loss_scale=8.0)
+    update = BargainedUpdate(list(by_gradients.parameters()), SumWeighting(), loss_scale=8.0)
+    for seed in range(3):
+        expected.accumulate_losses(two_losses(by_losses, seed), weight=1 / 3)
+        losses = two_losses(by_gradients, seed)
+        grads = {name: player_gradients(8.0 * loss, list(by_gradients.parameters()), retain_graph=True)
+                 for name, loss in losses.items()}
+        update.accumulate_gradients(grads, {name: float(loss.detach()) for name, loss in losses.items()}, weight=1 / 3)
+    assert update.write_gradients().losses == pytest.approx(expected.write_gradients().losses, rel=1e-12)
+    for p, q in zip(by_gradients.parameters(), by_losses.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+
+
 def nan_forget_losses(model: nn.Module) -> dict[str, torch.Tensor]:
     losses = two_losses(model)
     losses["forget"] = losses["forget"] * float("nan")

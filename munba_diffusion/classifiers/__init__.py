@@ -1,6 +1,9 @@
-"""Image classifier unlearning (random data or whole classes) with MUNBa and baselines, SalUn-style metrics."""
+"""Image classifier unlearning (random data or whole classes) with MUNBa and baselines, SalUn-style metrics.
 
-from .benchmark import BenchmarkConfig, results_markdown, run_benchmark, write_results
+The benchmarks that compare the methods (``munba-unlearn-classifier``, ``munba-unlearn-clip``) live in
+``benchmarks/classifier.py`` and ``benchmarks/clip.py`` (installed as ``munba_diffusion.benchmarks``).
+"""
+
 from .data import ClassificationData, ForgetSpec, load_classification_data, parse_forget_spec, split_forget
 from .metrics import UnlearningMetrics, average_gap, evaluate_unlearning, mia_efficacy
 from .models import MODELS, SmallResNet, build_model
@@ -9,7 +12,6 @@ from .unlearn import METHODS, TrainConfig, UnlearnConfig, train_classifier, unle
 __all__ = [
     "METHODS",
     "MODELS",
-    "BenchmarkConfig",
     "ClassificationData",
     "ForgetSpec",
     "SmallResNet",
@@ -22,10 +24,7 @@ __all__ = [
     "load_classification_data",
     "mia_efficacy",
     "parse_forget_spec",
-    "results_markdown",
-    "run_benchmark",
     "split_forget",
     "train_classifier",
     "unlearn",
-    "write_results",
 ]

@@ -1,7 +1,7 @@
 """Erase concepts from a Stable Diffusion model with MUNBa (Nash-bargained LoRA fine-tuning).
 
     accelerate launch train_erase.py --concept nudity --output_dir sd14-no-nudity
-    munba-erase --pretrained_model_name_or_path munba-demo --concept circle --output_dir demo-no-circle
+    munba-erase --pretrained_model_name_or_path path/to/diffusers-folder --concept circle --output_dir no-circle
 
 Every step bargains between a preservation player and one forgetting player per --concept; the output folder loads
 with diffusers (README "Using an erased model"). Every option is declared once, in

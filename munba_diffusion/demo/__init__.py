@@ -9,7 +9,6 @@ trained and measured them live outside the package, in ``scripts/demo/``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -45,17 +44,3 @@ def load_demo_judge(device: str | torch.device = "cpu") -> DemoJudge:
     """The demo world's shape/colour classifier, in eval mode with gradients off."""
     return DemoJudge.load(bundled_folder("judge"), device=device)
 
-
-# Transitional: names that moved to munba_diffusion.models, kept importable only until the modules that still
-# import them from here (classifiers/clip_cli.py, classifiers/clip_benchmark.py, diffusion/finish.py) move over.
-# Delete this block then; new code imports munba_diffusion.models.
-_MOVED_TO_MODELS = {"DEMO_MODEL_NAME": "DEMO_MODEL", "is_demo_model": "is_bundled_model",
-                    "resolve_model_path": "resolve_model_path"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_MODELS:
-        from .. import models
-
-        return getattr(models, _MOVED_TO_MODELS[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

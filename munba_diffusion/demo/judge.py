@@ -80,7 +80,8 @@ class DemoJudge(nn.Module):
     def load(cls, directory: Path, device: str | torch.device = "cpu") -> "DemoJudge":
         directory = Path(directory)
         if not (directory / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"no judge weights in {directory}; train them from a checkout with `python scripts/demo/train_demo.py --output_dir DIR --stage judge`")
+            raise FileNotFoundError(f"no judge weights in {directory}; train them from a checkout with "
+                                    "`python scripts/demo/train_demo.py --output_dir DIR --stage judge`")
         config = json.loads((directory / CONFIG_NAME).read_text())
         judge = cls(width=config["width"], feature_dim=config["feature_dim"])
         judge.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))

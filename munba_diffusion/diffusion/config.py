@@ -16,6 +16,7 @@ from typing import Any
 
 from ..bargaining import COMBINERS
 from ..config import check_options, config_record, option
+from ..models import bundled_model_names
 from ..presets import ConceptPreset, read_prompt_file, resolve_concept
 from ..step import NONFINITE_POLICIES
 from .latents import LATENT_SOURCES
@@ -41,7 +42,7 @@ class ErasureTrainingConfig:
     output_dir: Path = option(help="where the erased model folder is written (checkpoints and logs go inside it)")
     # the model
     pretrained_model_name_or_path: str = option(
-        DEFAULT_MODEL, "Hub id, local diffusers folder, or a bundled model name such as munba-demo")
+        DEFAULT_MODEL, f"Hub id, local diffusers folder, or a bundled model ({', '.join(bundled_model_names('pipeline'))})")
     revision: str | None = option(None, "Hub revision of the base model")
     variant: str | None = option(None, "weight variant of the base model, e.g. fp16")
     forget_prompts_file: Path | None = option(

@@ -162,9 +162,8 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
             update.accumulate_gradients(dict(zip(names, grads)), values,
                                         weight=1.0 / config.gradient_accumulation_steps)
         diag = update.write_gradients()
-        if diag.skipped:
+        if diag.skipped:  # the update owner has logged which player's gradient was not finite
             skipped_steps += 1
-            logger.warning("step %d skipped: %s", step + 1, diag.status)
         else:
             optimizer.step()
         lr_scheduler.step()
@@ -173,8 +172,7 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
             zero_steps += 1
             if zero_steps == warn_after:
                 logger.warning(stalled_message(config.combiner, zero_steps, diag.status))
-        record = {"step": step + 1, "lr": lr_scheduler.get_last_lr()[0], "skipped": diag.skipped,
-                  **diag.as_log_dict()}
+        record = {"step": step + 1, "lr": lr_scheduler.get_last_lr()[0], **diag.as_log_dict()}
         if accelerator.is_main_process:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -27,7 +27,8 @@ def clip_scores_from_embeddings(image_embeds: torch.Tensor, text_embeds: torch.T
 
 
 def load_clip(name_or_path: str | Path, device: str | torch.device):
-    """(CLIPModel, CLIPProcessor) from a Hub id, a local folder or a bundled CLIP name (:mod:`munba_diffusion.models`)."""
+    """(CLIPModel, CLIPProcessor) from a Hub id, a local folder or a bundled CLIP name
+    (:mod:`munba_diffusion.models`)."""
     from transformers import CLIPModel, CLIPProcessor
 
     from ..models import resolve_model_path

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import inspect
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -62,7 +60,8 @@ class MetricOptions:
         f"CLIP for the clip metric: Hub id, folder, or a bundled CLIP ({', '.join(bundled_model_names('clip'))})",
     )
     classifier: str = option(
-        TORCHVISION_RESNET50, "ImageNet classifier of the objects metric: torchvision/resnet50 or a transformers id/folder"
+        TORCHVISION_RESNET50,
+        "ImageNet classifier of the objects metric: torchvision/resnet50 or a transformers id/folder",
     )
     nudenet_threshold: float = option(0.6, "NudeNet score from which an exposed part counts", low=0, high=1)
     attack_threshold: float | None = option(
@@ -107,7 +106,8 @@ class EvaluationConfig:
     output_dir: str = option(help="folder for images/, report.json, report.md and grid.png")
     label: list[str] | None = option(None, "table label per --model, in the same order", repeat=True)
     metrics: list[str] = option(
-        default_factory=lambda: ["clip"], help=f"metrics to compute, one or more of {', '.join(METRICS)} (default: clip)",
+        default_factory=lambda: ["clip"],
+        help=f"metrics to compute, one or more of {', '.join(METRICS)} (default: clip)",
         choices=METRICS
     )
     nudity_only: bool = option(False, "keep rows with nudity_percentage > 0 (I2P layout)")
@@ -139,6 +139,8 @@ class EvaluationConfig:
             for value in values if isinstance(values, list) else [values]:
                 if isinstance(value, str) and not value.strip():
                     raise ValueError(f"{field.name} ({flag_name(field)}) must not be empty")
+        if not self.model:
+            raise ValueError("model (--model) is required: give at least one model to evaluate")
         for text in self.model:
             try:
                 ModelSpec.parse(text)
@@ -348,14 +350,3 @@ def run_evaluation(config: EvaluationConfig) -> str:
         device=config.device,
         overwrite=config.overwrite,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``eval/evaluate.py``: parse and check every option (one line and exit 2 on a bad one), then evaluate."""
-    config = parse_config(EvaluationConfig, argv, description=inspect.cleandoc(EvaluationConfig.__doc__))
-    try:
-        table = run_evaluation(config)
-    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError) as error:
-        sys.exit(f"error: {error}")
-    if table:
-        print(table)

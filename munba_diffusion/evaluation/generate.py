@@ -77,7 +77,8 @@ class GenerationSettings:
     resolution: int | None = option(None, "image size in pixels, a multiple of 8 (default: the model's native size)",
                                     low=8, high=4096)
     batch_size: int = option(4, "images per pipeline call (never changes an image)", low=1, high=4096)
-    scheduler: str | None = option(None, "diffusers scheduler class name, e.g. DDIMScheduler (default: the model's own)")
+    scheduler: str | None = option(None,
+                                   "diffusers scheduler class name, e.g. DDIMScheduler (default: the model's own)")
     dtype: str = option("float32", f"dtype of the pipeline: {', '.join(_DTYPES)}", choices=tuple(_DTYPES))
     use_prompt_settings: bool = option(False, "take guidance and size from the prompt set's columns where given")
 

@@ -1,4 +1,5 @@
-"""The CLIP zero-shot class-unlearning benchmark: data, runs over settings x seeds x methods, reports.
+"""The CLIP zero-shot class-unlearning benchmark (``munba-unlearn-clip``): data, runs over settings x seeds x
+methods, reports and the command line. The library it measures is :mod:`munba_diffusion.classifiers.clip_unlearn`.
 
 Data:
 
@@ -11,39 +12,56 @@ Data:
   ``validation``) measures. A held-out task is optional: another such dataset, its test split.
 
 Images go through the model's own ``CLIPImageProcessor`` (resize, crop, CLIP mean/std). For every
-(parameter set, adapter) setting, seed and method, :func:`~.clip_unlearn.unlearn_clip` runs from the same
-original model; the report gives mean ± std over seeds of forget/retain/held-out accuracy and wall-clock time.
+(parameter set, adapter) setting, seed and method, :func:`~munba_diffusion.classifiers.clip_unlearn.unlearn_clip`
+runs from the same original model; the report gives mean ± std over seeds of forget/retain/held-out accuracy and
+wall-clock time.
+
+The offline demo (the bundled tiny CLIP forgets "circle"; held-out task: colours)::
+
+    munba-unlearn-clip --threads 1 --output_dir benchmarks/results/clip_demo
+
+A real CLIP and dataset (needs the Hub once)::
+
+    munba-unlearn-clip --model openai/clip-vit-base-patch32 \\
+        --dataset timm/oxford-iiit-pet --forget "abyssinian" "bengal" "birman" \\
+        --templates "a photo of a {label}, a type of pet." --heldout_dataset uoft-cs/cifar10 \\
+        --params text-attention --adapters direct --steps 200 --device cuda --output_dir runs/clip_pets
 """
 
 from __future__ import annotations
 
-import json
 import platform
+import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..demo import COLOURS, DEMO_MODEL_NAME, SHAPES, render_scene
-from .benchmark import check_output_dir, write_text_atomically
-from .clip_unlearn import (
+from munba_diffusion.classifiers.clip_unlearn import (
     ADAPTERS,
     CLIP_METHODS,
     PARAM_SETS,
     ClipUnlearnConfig,
     LabelledImages,
     ZeroShotTask,
-    check_choice,
     check_templates,
     evaluate_clip_unlearning,
     unlearn_clip,
 )
-from .data import _find_columns
+from munba_diffusion.classifiers.data import _find_columns
+from munba_diffusion.config import check_options, option, parse_config
+from munba_diffusion.demo import COLOURS, SHAPES, render_scene
+from munba_diffusion.models import DEMO_MODEL
 
+from ._common import check_results, options_of, same_option, tuples, write_results
+
+PROG = "munba-unlearn-clip"
+DEMO_DATASET = "munba-demo"  # the demo world's renders as a dataset (the benchmark's own data, not a model)
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {label}.",)
 DEMO_SHAPE_TEMPLATES: tuple[str, ...] = ("a {label}", "a photo of a {label}", "an image of a {label}")
 DEMO_COLOUR_TEMPLATES: tuple[str, ...] = ("a {label} object", "something {label}", "a photo of something {label}")
@@ -51,6 +69,11 @@ DEMO_TRAIN_SEED, DEMO_TEST_SEED = 1000, 2000
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REPORT_COLUMNS: tuple[str, ...] = ("forget_acc", "retain_acc", "heldout_acc", "time_s")
 RETAIN_TOLERANCE = 5.0  # points of retain / held-out accuracy the acceptance check allows to lose
+PER_RUN = ("method", "params", "adapter")  # the ClipUnlearnConfig fields a run sets; the others are options here
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass
@@ -69,33 +92,45 @@ class ClipBenchmarkData:
 class ClipBenchmarkConfig:
     """Everything that defines a benchmark run (written next to the results as its protocol)."""
 
-    model: str = DEMO_MODEL_NAME
-    dataset: str = DEMO_MODEL_NAME
-    forget: tuple[str, ...] = ("circle",)
-    templates: tuple[str, ...] | None = None  # None: DEMO_SHAPE_TEMPLATES for the demo, else DEFAULT_TEMPLATES
-    heldout_dataset: str | None = None  # None: the colour task for the demo, no held-out task otherwise
-    heldout_templates: tuple[str, ...] = DEFAULT_TEMPLATES
-    methods: tuple[str, ...] = CLIP_METHODS
-    params: tuple[str, ...] = ("text-attention", "all-attention")
-    adapters: tuple[str, ...] = ("direct", "lora")
-    seeds: tuple[int, ...] = (0, 1, 2)
-    unlearn: ClipUnlearnConfig = ClipUnlearnConfig()  # its method/params/adapter are set per run
-    dtype: str = "float32"
-    device: str = "cpu"
-    demo_train_per_pair: int = 48
-    demo_test_per_pair: int = 40
-    max_train_samples: int | None = None
-    max_test_samples: int | None = None
+    model: str = option(DEMO_MODEL, "CLIP Hub id or folder, or a bundled CLIP (munba-demo)")
+    dataset: str = option(DEMO_DATASET, f"{DEMO_DATASET} (rendered shapes) or a datasets name/folder with Image and "
+                          "ClassLabel columns")
+    forget: tuple[str, ...] = option(("circle",), "class name(s) to forget")
+    templates: tuple[str, ...] | None = option(
+        None, "prompt templates with {label} (default: the demo's, else 'a photo of a {label}.')")
+    heldout_dataset: str | None = option(
+        None, "datasets name/folder of a held-out zero-shot task (default: colours for the demo, none otherwise)")
+    heldout_templates: tuple[str, ...] = option(DEFAULT_TEMPLATES, "prompt templates of the held-out task")
+    methods: tuple[str, ...] = option(CLIP_METHODS, "the methods compared", choices=CLIP_METHODS)
+    params: tuple[str, ...] = option(("text-attention", "all-attention"), "which attention projections train, one "
+                                     "setting each", choices=tuple(PARAM_SETS))
+    adapters: tuple[str, ...] = option(("direct", "lora"), "train the projections directly or through LoRA, one "
+                                       "setting each", choices=ADAPTERS)
+    seeds: tuple[int, ...] = option((0, 1, 2), "seeds of every setting and method (batches, random labels, LoRA init)")
+    combiner: str = same_option(ClipUnlearnConfig, "combiner")
+    lora_rank: int = same_option(ClipUnlearnConfig, "lora_rank")
+    lora_alpha: float = same_option(ClipUnlearnConfig, "lora_alpha")
+    steps: int = same_option(ClipUnlearnConfig, "steps")
+    batch_size: int = same_option(ClipUnlearnConfig, "batch_size")
+    lr: float = same_option(ClipUnlearnConfig, "lr")
+    momentum: float = same_option(ClipUnlearnConfig, "momentum")
+    weight_decay: float = same_option(ClipUnlearnConfig, "weight_decay")
+    max_grad_norm: float | None = same_option(ClipUnlearnConfig, "max_grad_norm")
+    nonfinite_gradients: str = same_option(ClipUnlearnConfig, "nonfinite_gradients")
+    dtype: str = option("float32", "model dtype (trained parameters and losses stay float32)", choices=tuple(DTYPES))
+    device: str = option(default_factory=_default_device, help="torch device (default: cuda when available)")
+    demo_train_per_pair: int = option(48, "demo training renders per (shape, colour) pair", low=1)
+    demo_test_per_pair: int = option(40, "demo test renders per (shape, colour) pair", low=1)
+    max_train_samples: int | None = option(None, "use a random subset of the training split this large", low=1)
+    max_test_samples: int | None = option(None, "use a random subset of the test split this large", low=1)
+
+    def __post_init__(self) -> None:
+        tuples(self)
+        check_options(self)
+        self.validate()
 
     def validate(self) -> None:
-        """Check every name before any work (class names are checked once the data is loaded)."""
-        check_choice("dtype", self.dtype, tuple(DTYPES))
-        for method in self.methods:
-            check_choice("method", method, CLIP_METHODS)
-        for params in self.params:
-            check_choice("parameter set", params, tuple(PARAM_SETS))
-        for adapter in self.adapters:
-            check_choice("adapter", adapter, ADAPTERS)
+        """Check what the options' rules do not (class names are checked once the data is loaded)."""
         if not (self.seeds and self.methods and self.params and self.adapters and self.forget):
             raise ValueError("seeds, methods, params, adapters and forget each need at least one value")
         check_templates(self.shape_templates)
@@ -105,13 +140,28 @@ class ClipBenchmarkConfig:
     def shape_templates(self) -> tuple[str, ...]:
         if self.templates is not None:
             return self.templates
-        return DEMO_SHAPE_TEMPLATES if self.dataset == DEMO_MODEL_NAME else DEFAULT_TEMPLATES
+        return DEMO_SHAPE_TEMPLATES if self.dataset == DEMO_DATASET else DEFAULT_TEMPLATES
 
     def settings(self) -> list[tuple[str, str]]:
         return [(params, adapter) for params in self.params for adapter in self.adapters]
 
+    def unlearn_options(self) -> dict[str, Any]:
+        """The :class:`ClipUnlearnConfig` options every run shares (all but method, params and adapter)."""
+        return {k: v for k, v in options_of(self, ClipUnlearnConfig).items() if k not in PER_RUN}
+
     def unlearn_config(self, method: str, params: str, adapter: str) -> ClipUnlearnConfig:
-        return replace(self.unlearn, method=method, params=params, adapter=adapter)
+        return ClipUnlearnConfig(method=method, params=params, adapter=adapter, **self.unlearn_options())
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipCommand(ClipBenchmarkConfig):
+    """Make a CLIP zero-shot classifier forget classes with MUNBa and compare with fine-tuning (ft) and random
+    labels (rl)."""
+
+    output_dir: Path = option(help="folder for results.json and results.md")
+    overwrite: bool = option(False, "replace results already in --output_dir")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)", low=1)
+    quiet: bool = option(False, "no progress bars")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -142,7 +192,7 @@ def load_demo_data(processor, templates: Sequence[str], train_per_pair: int, tes
     test_images, test_shapes, test_colours = render_demo_split(test_per_pair, DEMO_TEST_SEED)
     test_pixels = preprocess_images(processor, test_images, progress=progress)
     return ClipBenchmarkData(
-        name=DEMO_MODEL_NAME,
+        name=DEMO_DATASET,
         task=ZeroShotTask(SHAPES, tuple(templates)),
         train=LabelledImages(preprocess_images(processor, train_images, progress=progress), train_shapes),
         test=LabelledImages(test_pixels, test_shapes),
@@ -199,7 +249,7 @@ def load_hf_data(config: ClipBenchmarkConfig, processor, progress: bool = True) 
 
 def load_benchmark_data(config: ClipBenchmarkConfig, processor, progress: bool = True) -> ClipBenchmarkData:
     """The demo or a ``datasets`` task; ``config.heldout_dataset`` (when set) replaces the held-out task."""
-    if config.dataset == DEMO_MODEL_NAME:
+    if config.dataset == DEMO_DATASET:
         data = load_demo_data(processor, config.shape_templates, config.demo_train_per_pair, config.demo_test_per_pair,
                               progress)
     else:
@@ -212,8 +262,9 @@ def load_benchmark_data(config: ClipBenchmarkConfig, processor, progress: bool =
 
 
 def load_clip_model(name_or_path: str, dtype: str, device: str):
-    """(CLIPModel in ``dtype`` on ``device``, eval mode; CLIPProcessor) from a Hub id, folder or ``munba-demo``."""
-    from ..evaluation.clip_score import load_clip
+    """(CLIPModel in ``dtype`` on ``device``, eval mode; CLIPProcessor) from a Hub id, a folder or a bundled CLIP
+    name (resolved by :func:`munba_diffusion.models.resolve_model_path`)."""
+    from munba_diffusion.evaluation.clip_score import load_clip
 
     model, processor = load_clip(name_or_path, device)
     return model.to(DTYPES[dtype]), processor
@@ -296,11 +347,11 @@ def _protocol(config: ClipBenchmarkConfig, data: ClipBenchmarkData, forget_ids: 
             "name": data.heldout_name, "classes": list(data.heldout[0].class_names),
             "templates": list(data.heldout[0].templates), "size": len(data.heldout[1]),
         },
-        "demo_seeds": {"train": DEMO_TRAIN_SEED, "test": DEMO_TEST_SEED} if data.name == DEMO_MODEL_NAME else None,
+        "demo_seeds": {"train": DEMO_TRAIN_SEED, "test": DEMO_TEST_SEED} if data.name == DEMO_DATASET else None,
         "seeds": list(config.seeds),
         "methods": list(config.methods),
         "settings": [f"{p}/{a}" for p, a in config.settings()],
-        "unlearn": {k: v for k, v in asdict(config.unlearn).items() if k not in ("method", "params", "adapter")},
+        "unlearn": config.unlearn_options(),
         "device": config.device,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -360,11 +411,23 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: Mapping[str, Any], output_dir: str | Path, overwrite: bool = False) -> list[Path]:
-    """Write ``results.json`` and ``results.md`` atomically into ``output_dir``; returns their paths."""
-    output_dir = check_output_dir(output_dir, overwrite)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = [output_dir / "results.json", output_dir / "results.md"]
-    write_text_atomically(paths[0], json.dumps(results, indent=2) + "\n")
-    write_text_atomically(paths[1], results_markdown(results))
-    return paths
+def main(argv: Sequence[str] | None = None) -> None:
+    command = parse_config(ClipCommand, argv, prog=PROG)
+    if command.threads is not None:
+        torch.set_num_threads(command.threads)
+    if command.quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    try:
+        check_results(command.output_dir, command.overwrite)
+        results = run_clip_benchmark(command, progress=not command.quiet)
+        paths = write_results(command.output_dir, results, results_markdown, overwrite=command.overwrite)
+    except (ValueError, FileExistsError, FileNotFoundError, FloatingPointError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print("wrote " + ", ".join(map(str, paths)))
+
+
+if __name__ == "__main__":
+    main()

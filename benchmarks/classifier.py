@@ -1,20 +1,24 @@
-"""The classifier unlearning benchmark: original model per seed, each method per forget setting, SalUn metrics.
+"""The classifier unlearning benchmark (``munba-unlearn-classifier``): runner, report and command line.
 
 For every seed: train the original model on the full training set once; then, for every forget setting, split
 forget/retain (random subsets depend on the seed), train ``retrain`` from scratch on the retain set, run each
 other method from the original model, and measure UA/RA/TA/MIA, the Avg. Gap to that seed's Retrain and the
-method's wall-clock time. The report gives mean ± std over seeds.
+method's wall-clock time. The report gives mean ± std over seeds. The library it measures is
+:mod:`munba_diffusion.classifiers`.
+
+Example::
+
+    munba-unlearn-classifier --seeds 0 1 2 --forget random:0.1 class:3 \\
+        --methods retrain ft ga rl munba --output_dir benchmarks/results/classifier_digits
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +26,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..bargaining import get_combiner
-from .data import ClassificationData, ForgetSpec, load_classification_data, parse_forget_spec, split_forget
-from .metrics import METRIC_NAMES, UnlearningMetrics, average_gap, evaluate_unlearning
-from .models import build_model
-from .unlearn import METHODS, TrainConfig, UnlearnConfig, check_methods, train_classifier, unlearn
+from munba_diffusion.classifiers.data import (ClassificationData, ForgetSpec, load_classification_data,
+                                              parse_forget_spec, split_forget)
+from munba_diffusion.classifiers.metrics import METRIC_NAMES, UnlearningMetrics, average_gap, evaluate_unlearning
+from munba_diffusion.classifiers.models import MODELS, build_model
+from munba_diffusion.classifiers.unlearn import METHODS, TrainConfig, UnlearnConfig, train_classifier, unlearn
+from munba_diffusion.config import check_options, option, parse_config
 
-# Learning rates per forget kind and method, chosen once by `--lr-grid` on seed 100 (never a reported seed):
+from ._common import check_results, same_option, tuples, write_results
+
+PROG = "munba-unlearn-classifier"
+# Learning rates per forget kind and method, chosen once by `--lr_grid` on seed 100 (never a reported seed):
 # the grid 1e-4 ... 1e-1 (half-decades) for every method, the same 5-epoch budget, lowest Avg. Gap to Retrain on
 # digits / small-resnet, ties to the smaller rate (benchmarks/results/classifier_digits/lr_sweep.md).
 DEFAULT_UNLEARN_LR: Mapping[str, Mapping[str, float]] = {
@@ -39,55 +47,110 @@ REPORT_COLUMNS = (*METRIC_NAMES, "avg_gap", "time_s")
 COLUMN_TITLES = {"UA": "UA", "RA": "RA", "TA": "TA", "MIA": "MIA-Eff.", "avg_gap": "Avg. Gap ↓", "time_s": "Time (s)"}
 
 
+def _default_learning_rates() -> dict[str, dict[str, float]]:
+    return {kind: dict(lrs) for kind, lrs in DEFAULT_UNLEARN_LR.items()}
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_method_lr(text: str) -> tuple[str | None, str, float]:
+    """``[KIND:]METHOD=LR`` -> ``(kind or None for every kind, method, lr)``; a one-line ValueError otherwise."""
+    target, sep, value = text.partition("=")
+    kind, _, method = target.rpartition(":")
+    try:
+        lr = float(value) if sep else float("nan")
+    except ValueError:
+        lr = float("nan")
+    if kind not in ("", *DEFAULT_UNLEARN_LR) or method not in METHODS or method == "retrain" or not lr > 0:
+        raise ValueError(f"--unlearn_lr expects [KIND:]METHOD=LR with KIND in {', '.join(DEFAULT_UNLEARN_LR)}, "
+                         f"METHOD in ft, ga, rl, munba and LR > 0, such as class:munba=0.03; got {text!r}")
+    return kind or None, method, lr
+
+
 @dataclass(frozen=True)
 class BenchmarkConfig:
     """Everything that defines a benchmark run (the protocol written next to the results)."""
 
-    dataset: str = "digits"
-    model: str = "small-resnet"
-    image_size: int | None = None
-    seeds: tuple[int, ...] = (0, 1, 2)
-    forget: tuple[str, ...] = ("random:0.1", "class:3")
-    methods: tuple[str, ...] = METHODS
-    train: TrainConfig = field(default_factory=TrainConfig)
-    unlearn_epochs: int = 5
-    unlearn_lr: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_UNLEARN_LR))
-    batch_size: int = 64
-    combiner: str = "nash"
-    max_grad_norm: float | None = None
-    device: str = "cpu"
-    max_train_samples: int | None = None
-    max_test_samples: int | None = None
+    dataset: str = option("digits", "'digits' (scikit-learn, offline) or a datasets name/folder, e.g. cifar10")
+    model: str = option("small-resnet", "the classifier", choices=MODELS)
+    image_size: int | None = option(None, "resize images (digits default: 16)", low=1)
+    seeds: tuple[int, ...] = option((0, 1, 2), "one original model and one run of every method per seed")
+    forget: tuple[str, ...] = option(("random:0.1", "class:3"), "what to forget: random:FRACTION and/or class:ID")
+    methods: tuple[str, ...] = option(METHODS, "the methods compared", choices=METHODS)
+    epochs: int = same_option(TrainConfig, "epochs")
+    lr: float = same_option(TrainConfig, "lr")
+    batch_size: int = same_option(TrainConfig, "batch_size")
+    unlearn_epochs: int = option(5, "epochs of every unlearning method", low=1)
+    unlearn_lr: tuple[str, ...] = option(
+        (), "override unlearning learning rates, for one forget kind (random, class) or both; defaults: "
+        + ", ".join(f"{k}:{m}={lr:g}" for k, lrs in DEFAULT_UNLEARN_LR.items() for m, lr in lrs.items()),
+        metavar="[KIND:]METHOD=LR")
+    combiner: str = same_option(UnlearnConfig, "combiner")
+    max_grad_norm: float | None = same_option(UnlearnConfig, "max_grad_norm")
+    nonfinite_gradients: str = same_option(UnlearnConfig, "nonfinite_gradients")
+    device: str = option(default_factory=_default_device, help="torch device (default: cuda when available)")
+    max_train_samples: int | None = option(None, "use a random subset of the training set this large", low=1)
+    max_test_samples: int | None = option(None, "use a random subset of the test set this large", low=1)
+
+    def __post_init__(self) -> None:
+        tuples(self)
+        check_options(self)
+        self.validate()
 
     def validate(self) -> list[ForgetSpec]:
         """Check names and specs before any work; returns the parsed forget specs."""
-        check_methods(self.methods)
-        get_combiner(self.combiner)
         if not self.seeds:
             raise ValueError("no seeds given; pass e.g. --seeds 0 1 2")
         specs = [parse_forget_spec(text) for text in self.forget]
-        missing = sorted(
-            {
-                f"{spec.kind}:{m}"
-                for spec in specs
-                for m in self.methods
-                if m != "retrain" and m not in self.unlearn_lr.get(spec.kind, {})
-            }
-        )
+        rates = self.learning_rates
+        missing = sorted({f"{spec.kind}:{m}" for spec in specs for m in self.methods
+                          if m != "retrain" and m not in rates.get(spec.kind, {})})
         if missing:
-            raise ValueError(f"no learning rate for {', '.join(missing)}; set one with --unlearn-lr KIND:METHOD=LR")
+            raise ValueError(f"no learning rate for {', '.join(missing)}; set one with --unlearn_lr KIND:METHOD=LR")
         return specs
+
+    @property
+    def train(self) -> TrainConfig:
+        """How the original and Retrain models are trained."""
+        return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size)
+
+    @property
+    def learning_rates(self) -> dict[str, dict[str, float]]:
+        """``learning_rates[kind][method]``: :data:`DEFAULT_UNLEARN_LR` with the ``unlearn_lr`` overrides."""
+        rates = _default_learning_rates()
+        for kind, method, lr in map(parse_method_lr, self.unlearn_lr):
+            for target in [kind] if kind else rates:
+                rates[target][method] = lr
+        return rates
 
     def unlearn_config(self, method: str, kind: str) -> UnlearnConfig:
         """The unlearning config of ``method`` for a forget setting of ``kind`` (``random`` or ``class``)."""
         return UnlearnConfig(
             method=method,
             epochs=self.unlearn_epochs,
-            lr=self.unlearn_lr[kind][method],
+            lr=self.learning_rates[kind][method],
             batch_size=self.batch_size,
             combiner=self.combiner,
             max_grad_norm=self.max_grad_norm,
+            nonfinite_gradients=self.nonfinite_gradients,
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassifierCommand(BenchmarkConfig):
+    """Unlearn random data or a class from an image classifier and compare methods with UA/RA/TA/MIA-efficacy/Avg.
+    Gap (SalUn convention)."""
+
+    output_dir: Path = option(help="folder for results.json and results.md (lr_sweep.json and lr_sweep.md with "
+                              "--lr_grid)")
+    overwrite: bool = option(False, "replace results already in --output_dir")
+    lr_grid: tuple[float, ...] | None = option(
+        None, "instead of the table, sweep every method over these learning rates and write lr_sweep.json/md (use "
+        "seeds you will not report)", low=0, low_open=True, metavar="LR")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)", low=1)
+    quiet: bool = option(False, "no progress bars")
 
 
 def _fresh_model(config: BenchmarkConfig, data: ClassificationData, seed: int) -> torch.nn.Module:
@@ -128,18 +191,20 @@ def _run_setting(
             "lr": None,
             "metrics": _evaluate(original, data, forget, retain, seed, config.device),
             "time_s": original_time,
+            "skipped_steps": 0,
         }
     ]
     for variant in variants:
         generator = torch.Generator().manual_seed(seed)  # the same batches and labels for every method
         start = time.perf_counter()
+        skipped = 0
         if variant is None:
             model = _fresh_model(config, data, seed)
             train_classifier(
                 model, data.train_images, data.train_labels, retain, config.train, generator, config.device
             )
         else:
-            model, _ = unlearn(
+            model, record = unlearn(
                 original,
                 data.train_images,
                 data.train_labels,
@@ -150,11 +215,13 @@ def _run_setting(
                 generator,
                 config.device,
             )
+            skipped = record["skipped_steps"]
         elapsed = time.perf_counter() - start
         method = "retrain" if variant is None else variant.method
         metrics = _evaluate(model, data, forget, retain, seed, config.device)
         rows.append(
-            {"method": method, "lr": None if variant is None else variant.lr, "metrics": metrics, "time_s": elapsed}
+            {"method": method, "lr": None if variant is None else variant.lr, "metrics": metrics, "time_s": elapsed,
+             "skipped_steps": skipped}
         )
         if progress:
             tqdm.write(f"seed {seed} {spec} {method}: {metrics} ({elapsed:.1f} s)")
@@ -169,6 +236,7 @@ def _run_setting(
             **row["metrics"].as_dict(),
             "avg_gap": average_gap(row["metrics"], reference) if reference is not None else None,
             "time_s": row["time_s"],
+            "skipped_steps": row["skipped_steps"],
         }
         for row in rows
     ]
@@ -234,23 +302,11 @@ def sweep_unlearn_lr(config: BenchmarkConfig, grid: Sequence[float], progress: b
     lowest in grid order, so an ascending grid breaks ties towards the smaller learning rate), ready to
     be used as :attr:`BenchmarkConfig.unlearn_lr`. Use seeds that are not reported afterwards.
     """
-    data, specs = _load_checked_data(replace(config, unlearn_lr={}, methods=("retrain",)))
-    check_methods(config.methods)
+    data, specs = _load_checked_data(config)
     methods = [m for m in config.methods if m != "retrain"]
 
     def variants(spec: ForgetSpec) -> list[UnlearnConfig | None]:
-        return [None] + [
-            UnlearnConfig(
-                m,
-                config.unlearn_epochs,
-                lr,
-                config.batch_size,
-                combiner=config.combiner,
-                max_grad_norm=config.max_grad_norm,
-            )
-            for m in methods
-            for lr in grid
-        ]
+        return [None] + [replace(config.unlearn_config(m, spec.kind), lr=lr) for m in methods for lr in grid]
 
     runs = _runs(config, data, specs, variants, progress)
     kinds = sorted({spec.kind for spec in specs})
@@ -313,10 +369,6 @@ def best_unlearning_methods(summary_for_setting: Mapping[str, Mapping[str, Mappi
     return [m for m, gap in gaps.items() if gap <= lowest + 1e-9]
 
 
-def _plain(learning_rates: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
-    return {kind: dict(lrs) for kind, lrs in learning_rates.items()}
-
-
 def _protocol(
     config: BenchmarkConfig, data: ClassificationData, specs: list[ForgetSpec], model: torch.nn.Module
 ) -> dict[str, Any]:
@@ -338,7 +390,7 @@ def _protocol(
             for spec in specs
         },
         "unlearn_epochs": config.unlearn_epochs,
-        "unlearn_lr_is_default": _plain(config.unlearn_lr) == _plain(DEFAULT_UNLEARN_LR),
+        "unlearn_lr_is_default": config.learning_rates == _default_learning_rates(),
         "mia": "SVC(rbf, C=3, gamma=auto) on true-class confidence; members = random retain subset of test size, "
         "non-members = test set; MIA-Eff. = % of forget samples called non-members",
         "avg_gap": "mean |metric - Retrain| over UA, RA, TA, MIA, per seed against that seed's Retrain",
@@ -434,34 +486,6 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def check_output_dir(
-    output_dir: str | Path, overwrite: bool = False, names: Sequence[str] = ("results.json", "results.md")
-) -> Path:
-    """The output folder, refusing to replace earlier results (``names``) unless ``overwrite``."""
-    output_dir = Path(output_dir)
-    existing = [name for name in names if (output_dir / name).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} already holds {', '.join(existing)}; pass --overwrite or choose another --output-dir"
-        )
-    return output_dir
-
-
-def write_results(results: Mapping[str, Any], output_dir: str | Path, overwrite: bool = False) -> list[Path]:
-    """Write ``results.json`` and ``results.md`` atomically into ``output_dir``; returns their paths."""
-    return _write_report(output_dir, "results", results, results_markdown(results), overwrite)
-
-
 def sweep_markdown(sweep: Mapping[str, Any]) -> str:
     """Mean Avg. Gap per forget kind, method and learning rate of a :func:`sweep_unlearn_lr` result."""
     protocol, grid = sweep["protocol"], sweep["grid"]
@@ -493,17 +517,26 @@ def sweep_markdown(sweep: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_sweep(sweep: Mapping[str, Any], output_dir: str | Path, overwrite: bool = False) -> list[Path]:
-    """Write ``lr_sweep.json`` and ``lr_sweep.md`` atomically into ``output_dir``; returns their paths."""
-    return _write_report(output_dir, "lr_sweep", sweep, sweep_markdown(sweep), overwrite)
+def main(argv: Sequence[str] | None = None) -> None:
+    command = parse_config(ClassifierCommand, argv, prog=PROG)
+    if command.threads is not None:
+        torch.set_num_threads(command.threads)
+    progress = not command.quiet
+    try:
+        if command.lr_grid is not None:
+            check_results(command.output_dir, command.overwrite, stem="lr_sweep")
+            sweep = sweep_unlearn_lr(command, command.lr_grid, progress=progress)
+            paths = write_results(command.output_dir, sweep, sweep_markdown, overwrite=command.overwrite,
+                                  stem="lr_sweep")
+        else:
+            check_results(command.output_dir, command.overwrite)
+            paths = write_results(command.output_dir, run_benchmark(command, progress=progress), results_markdown,
+                                  overwrite=command.overwrite)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print("wrote " + ", ".join(map(str, paths)))
 
 
-def _write_report(
-    output_dir: str | Path, stem: str, data: Mapping[str, Any], markdown: str, overwrite: bool
-) -> list[Path]:
-    output_dir = check_output_dir(output_dir, overwrite, (f"{stem}.json", f"{stem}.md"))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = [output_dir / f"{stem}.json", output_dir / f"{stem}.md"]
-    write_text_atomically(paths[0], json.dumps(data, indent=2) + "\n")
-    write_text_atomically(paths[1], markdown)
-    return paths
+if __name__ == "__main__":
+    main()
