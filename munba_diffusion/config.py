@@ -174,15 +174,6 @@ def check_options(config: Any) -> None:
             _check_value(field, spec, kind, value)
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def _converter(kind: Any) -> Any:
     if kind is Path:
         return Path

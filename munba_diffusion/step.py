@@ -35,14 +35,28 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .bargaining.base import Combiner, name_players
+from .config import option
 
 NONFINITE_POLICIES: tuple[str, ...] = ("raise", "skip")
 
 logger = logging.getLogger(__name__)
+
+
+def nonfinite_gradients_option() -> Any:
+    """The configuration field every trainer shares for the non-finite policy (declared once, here)."""
+    return option("raise", "what to do when a player's gradient is not finite: raise (stop with a one-line error) or "
+                  "skip (leave the parameters unchanged for that step and log it)", choices=NONFINITE_POLICIES)
+
+
+def max_grad_norm_option(default: float | None = None) -> Any:
+    """The configuration field every trainer shares for clipping the trained parameters' combined gradient."""
+    return option(default, "clip the total gradient norm of the trained parameters to this (none: no clipping)",
+                  low=0.0, low_open=True)
 
 
 class NonFiniteGradientError(FloatingPointError):

@@ -45,7 +45,8 @@ from ..bargaining import COMBINERS, get_combiner
 from ..clip_features import clip_image_embeddings, clip_text_embeddings
 from ..config import check_options, option
 from ..step import (
-    NONFINITE_POLICIES,
+    max_grad_norm_option,
+    nonfinite_gradients_option,
     clip_gradients_,
     nonfinite_players,
     write_bargained_gradients,
@@ -139,12 +140,8 @@ class ClipUnlearnConfig:
     lr: float = option(0.01, "constant learning rate", low=0, low_open=True)
     momentum: float = option(0.9, "SGD momentum", low=0, high=1, high_open=True)
     weight_decay: float = option(5e-4, "SGD weight decay (L2 penalty)", low=0)
-    max_grad_norm: float | None = option(
-        None, "clip the total gradient norm of the trained parameters to this (none: no clipping)", low=0,
-        low_open=True)
-    nonfinite_gradients: str = option(
-        "raise", "what to do when a player's gradient is not finite: raise (stop with a one-line error) or skip "
-        "(leave the parameters unchanged for that step and log it)", choices=NONFINITE_POLICIES)
+    max_grad_norm: float | None = max_grad_norm_option()
+    nonfinite_gradients: str = nonfinite_gradients_option()
 
     def __post_init__(self) -> None:
         check_options(self)

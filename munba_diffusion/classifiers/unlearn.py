@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from ..bargaining import COMBINERS, get_combiner
 from ..config import check_options, option
 from ..step import (
-    NONFINITE_POLICIES,
+    max_grad_norm_option,
+    nonfinite_gradients_option,
     clip_gradients_,
     nonfinite_players,
     write_bargained_gradients,
@@ -71,22 +72,11 @@ class UnlearnConfig:
     momentum: float = option(0.9, "SGD momentum", low=0, high=1, high_open=True)
     weight_decay: float = option(5e-4, "SGD weight decay (L2 penalty)", low=0)
     combiner: str = option("nash", "how munba combines the players' gradients", choices=COMBINERS)
-    max_grad_norm: float | None = option(
-        None, "clip the total gradient norm of the trained parameters to this (none: no clipping)", low=0,
-        low_open=True)
-    nonfinite_gradients: str = option(
-        "raise", "what to do when a player's gradient is not finite: raise (stop with a one-line error) or skip "
-        "(leave the parameters unchanged for that step and log it)", choices=NONFINITE_POLICIES)
+    max_grad_norm: float | None = max_grad_norm_option()
+    nonfinite_gradients: str = nonfinite_gradients_option()
 
     def __post_init__(self) -> None:
         check_options(self)
-
-
-def check_methods(methods: list[str] | tuple[str, ...]) -> None:
-    """Raise a one-line ValueError for any name not in :data:`METHODS`."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown unlearning method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
 
 
 def _batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

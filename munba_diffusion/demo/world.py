@@ -8,7 +8,6 @@ erasing a *word*. Rendering is deterministic given a ``numpy.random.Generator``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -51,15 +50,6 @@ FULL_TEMPLATES = (
 )
 SHAPE_TEMPLATES = ("{a} {shape}", "a photo of {a} {shape}", "an image of {a} {shape}")
 COLOUR_TEMPLATES = ("{a} {colour} object", "something {colour}", "a photo of something {colour}")
-
-
-@dataclass(frozen=True)
-class Scene:
-    """One rendered image and what is in it."""
-
-    image: Image.Image
-    shape: str
-    colour: str
 
 
 def _article(word: str) -> str:
@@ -137,13 +127,6 @@ def render_scene(rng: np.random.Generator, shape: str, colour: str) -> Image.Ima
     else:
         draw.polygon(_shape_polygon(shape, cx, cy, r, rng.uniform(-0.3, 0.3)), fill=fill)
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-
-
-def sample_scene(rng: np.random.Generator) -> Scene:
-    """A uniformly random shape and colour, rendered."""
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    colour = COLOURS[rng.integers(len(COLOURS))]
-    return Scene(render_scene(rng, shape, colour), shape, colour)
 
 
 def scenes_to_tensor(images: list[Image.Image]) -> "np.ndarray":

@@ -18,7 +18,7 @@ from ..bargaining import COMBINERS
 from ..config import check_options, config_record, option
 from ..models import bundled_model_names
 from ..presets import ConceptPreset, read_prompt_file, resolve_concept
-from ..step import NONFINITE_POLICIES
+from ..step import nonfinite_gradients_option
 from .latents import LATENT_SOURCES
 from .lora import TARGET_SETS, ErasureLoraConfig
 from .losses import FORGET_LOSSES
@@ -86,9 +86,7 @@ class ErasureTrainingConfig:
     checkpointing_steps: int = option(500, "save a resumable checkpoint every this many steps (0: never)", low=0)
     checkpoints_total_limit: int | None = option(None, "keep at most this many checkpoints", low=1)
     resume_from_checkpoint: str | None = option(None, 'a checkpoint-N folder or "latest"')
-    nonfinite_gradients: str = option(
-        "raise", "when a player's gradient is not finite: raise (stop with one line) or skip (leave the LoRA "
-        "unchanged for that step and log it)", choices=NONFINITE_POLICIES)
+    nonfinite_gradients: str = nonfinite_gradients_option()
     # validation and sharing
     validation_prompts: list[str] | None = option(
         None, "prompts of the before/after grid (default: a few forget and preserve prompts); repeat for several",

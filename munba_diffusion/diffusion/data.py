@@ -10,7 +10,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from .config import ErasureTrainingConfig
-from .latents import FreshTrajectories, NoisedImages, SamplerSettings, TrajectoryPool, encode_image_folder
+from .latents import (FreshTrajectories, LatentSource, NoisedImages, SamplerSettings, TrajectoryPool,
+                      encode_image_folder)
 from .lora import adapters_disabled
 from .players import ErasureBatch
 
@@ -20,7 +21,8 @@ PROMPT_CHUNK_SIZE = 32  # prompts per text-encoder call: bounds its memory for l
 class ErasureData:
     """Text contexts and latent sources of every player; draws one micro-batch per call."""
 
-    def __init__(self, forget_sources, forget_contexts, anchor_contexts, preserve_source, preserve_contexts,
+    def __init__(self, forget_sources: list[LatentSource], forget_contexts: list[torch.Tensor],
+                 anchor_contexts: list[torch.Tensor], preserve_source: LatentSource, preserve_contexts: torch.Tensor,
                  uncond: torch.Tensor):
         self.uncond = uncond  # the empty prompt's context
         self.forget_sources, self.forget_contexts = forget_sources, forget_contexts

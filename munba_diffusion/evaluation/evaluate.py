@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..config import check_options, flag_name, option, parse_config
+from ..config import check_options, flag_name, option
 from ..models import bundled_model_names
 from .clip_score import DEFAULT_CLIP_MODEL, clip_score_metrics
 from .generate import (
