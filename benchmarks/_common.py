@@ -366,8 +366,13 @@ def eval_prompt_set(eval_settings: EvalSettings, work_dir: Path):
 
 def generate_for_eval(model: str, eval_settings: EvalSettings, out_dir: Path, label: str) -> Path:
     """Generate the evaluation prompt set with ``model``; returns the folder of images (with its manifest)."""
-    from munba_diffusion.evaluation.generate import (GenerationSettings, ModelSpec, generate_images, load_pipeline,
-                                                     model_protocol)
+    from munba_diffusion.evaluation.generate import (
+        GenerationSettings,
+        ModelSpec,
+        generate_images,
+        load_pipeline,
+        model_protocol,
+    )
 
     settings = GenerationSettings(num_inference_steps=eval_settings.steps, guidance_scale=eval_settings.guidance_scale,
                                   batch_size=32)
@@ -386,8 +391,12 @@ def concept_scores(folder: Path, concepts: Sequence[str], judge=None) -> dict:
     that ask for none of the concepts: other accuracy and judge FID against true renders.
     """
     from munba_diffusion.demo import COLOURS, SHAPES, load_demo_judge
-    from munba_diffusion.evaluation.demo import (concept_kind, demo_concept_scores, judge_frechet_distance,
-                                                 reference_renders)
+    from munba_diffusion.evaluation.demo import (
+        concept_kind,
+        demo_concept_scores,
+        judge_frechet_distance,
+        reference_renders,
+    )
     from munba_diffusion.evaluation.manifest import collect_images, images_to_tensor, load_rgb, require_field
 
     judge = judge or load_demo_judge()

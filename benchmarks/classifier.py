@@ -26,8 +26,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from munba_diffusion.classifiers.data import (ClassificationData, ForgetSpec, load_classification_data,
-                                              parse_forget_spec, split_forget)
+from munba_diffusion.classifiers.data import (
+    ClassificationData,
+    ForgetSpec,
+    load_classification_data,
+    parse_forget_spec,
+    split_forget,
+)
 from munba_diffusion.classifiers.metrics import METRIC_NAMES, UnlearningMetrics, average_gap, evaluate_unlearning
 from munba_diffusion.classifiers.models import MODELS, build_model
 from munba_diffusion.classifiers.unlearn import METHODS, TrainConfig, UnlearnConfig, train_classifier, unlearn

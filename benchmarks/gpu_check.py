@@ -24,8 +24,17 @@ import torch
 from munba_diffusion.config import check_options, option, parse_config
 from munba_diffusion.io import machine_record
 
-from ._common import (RESULTS_ROOT, build_unet, check_results, erasure_step, markdown_table, random_erasure_batch,
-                      run_script, tuples, write_results)
+from ._common import (
+    RESULTS_ROOT,
+    build_unet,
+    check_results,
+    erasure_step,
+    markdown_table,
+    random_erasure_batch,
+    run_script,
+    tuples,
+    write_results,
+)
 
 VARIANTS = ("nash", "sum_plain", "single_backward")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -42,8 +42,19 @@ from munba_diffusion.config import check_options, config_record, option, parse_c
 from munba_diffusion.diffusion.lora import TARGET_SETS
 from munba_diffusion.io import machine_record
 
-from ._common import (RESULTS_ROOT, UNET_ARCHITECTURES, build_unet, check_results, erasure_step, markdown_table,
-                      random_erasure_batch, run_script, save_figure, tuples, write_results)
+from ._common import (
+    RESULTS_ROOT,
+    UNET_ARCHITECTURES,
+    build_unet,
+    check_results,
+    erasure_step,
+    markdown_table,
+    random_erasure_batch,
+    run_script,
+    save_figure,
+    tuples,
+    write_results,
+)
 
 VARIANTS = ("ours", "esd", "esd_two_players")
 CHILD_MARKER = "MEMORY_RESULT "

@@ -27,8 +27,21 @@ from munba_diffusion.diffusion.lora import TARGET_SETS
 from munba_diffusion.io import machine_record
 from munba_diffusion.models import DEMO_MODEL
 
-from ._common import (PLAYERS, RESULTS_ROOT, STEP_VARIANTS, check_results, erasure_step, load_unet, markdown_table,
-                      quantiles, random_erasure_batch, run_script, save_figure, tuples, write_results)
+from ._common import (
+    PLAYERS,
+    RESULTS_ROOT,
+    STEP_VARIANTS,
+    check_results,
+    erasure_step,
+    load_unet,
+    markdown_table,
+    quantiles,
+    random_erasure_batch,
+    run_script,
+    save_figure,
+    tuples,
+    write_results,
+)
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,20 @@ import torch
 from munba_diffusion.config import option, parse_config
 from munba_diffusion.io import machine_record
 
-from ._common import (RESULTS_ROOT, DemoBenchmarkOptions, check_results, concept_scores, generate_for_eval,
-                      markdown_table, run_erasure, run_script, save_figure, single_concept_scores, work_folder,
-                      write_results)
+from ._common import (
+    RESULTS_ROOT,
+    DemoBenchmarkOptions,
+    check_results,
+    concept_scores,
+    generate_for_eval,
+    markdown_table,
+    run_erasure,
+    run_script,
+    save_figure,
+    single_concept_scores,
+    work_folder,
+    write_results,
+)
 
 SOURCES = ("pool", "fresh")
 

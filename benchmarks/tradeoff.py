@@ -32,9 +32,23 @@ from tqdm.auto import tqdm
 from munba_diffusion.config import option, parse_config
 from munba_diffusion.io import machine_record, write_json_atomic
 
-from ._common import (RESULTS_JSON, RESULTS_MD, RESULTS_ROOT, DemoBenchmarkOptions, ErasureSettings, EvalSettings,
-                      concept_scores, generate_for_eval, markdown_table, run_erasure, run_script, save_figure,
-                      single_concept_scores, work_folder, write_results)
+from ._common import (
+    RESULTS_JSON,
+    RESULTS_MD,
+    RESULTS_ROOT,
+    DemoBenchmarkOptions,
+    ErasureSettings,
+    EvalSettings,
+    concept_scores,
+    generate_for_eval,
+    markdown_table,
+    run_erasure,
+    run_script,
+    save_figure,
+    single_concept_scores,
+    work_folder,
+    write_results,
+)
 
 METHODS: dict[str, tuple[str, list[float] | None]] = {
     # name -> (combiner, fixed weights [preserve, forget])

@@ -15,7 +15,7 @@ __all__ = ["MunbaPipeline", "__version__"]
 def __getattr__(name: str):
     # Imported lazily: the pipeline pulls in diffusers and transformers, which the classifier tools do not need.
     if name == "MunbaPipeline":
-        from .pipelines.munba import MunbaPipeline
+        from .pipelines.munba import MunbaPipeline  # noqa: PLC0415 lazy attribute: keeps `import munba_diffusion` light
 
         return MunbaPipeline
     raise AttributeError(f"module 'munba_diffusion' has no attribute {name!r}")

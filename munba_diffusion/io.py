@@ -11,7 +11,6 @@
 - :func:`is_offline`, :func:`is_local_path`: the Hugging Face offline switch and the one "local folder or Hub id"
   rule.
 
-This module imports only the standard library at import time (torch and PIL are imported where needed).
 """
 
 from __future__ import annotations
@@ -30,6 +29,9 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
+
+import torch
+from PIL import Image
 
 DEFAULT_LIBRARIES: tuple[str, ...] = (
     "munba-diffusion", "torch", "diffusers", "transformers", "peft", "accelerate", "huggingface_hub",
@@ -134,8 +136,6 @@ def save_image_atomic(path: str | os.PathLike, image: Any, format: str | None = 
     """Save a PIL image atomically; the format comes from the suffix unless given (``"PNG"``, ...)."""
     path = Path(path)
     if format is None:
-        from PIL import Image
-
         format = Image.registered_extensions().get(path.suffix.lower())
         if format is None:
             raise ValueError(f"cannot tell the image format of {path}; give it a suffix such as .png")
@@ -200,8 +200,6 @@ def _git_commit() -> str | None:
 def machine_record(libraries: Iterable[str] = DEFAULT_LIBRARIES) -> dict[str, Any]:
     """What a measured result depends on: date (UTC), command line, CPU and cores, memory, load, torch threads,
     GPU, platform, Python, library versions and the git commit (None outside a checkout)."""
-    import torch
-
     memory_kib = _first_line_value("/proc/meminfo", "MemTotal")
     return {
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -21,6 +21,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from huggingface_hub import ModelCard, try_to_load_from_cache
+
+from .demo import bundled_folder  # the packaged weights live with the demo world
+
 __all__ = [
     "BUNDLED_MODELS", "DEMO_MODEL", "MODEL_KINDS", "bundled_model_names", "is_bundled_model", "model_license",
     "resolve_model_path",
@@ -66,8 +70,6 @@ def resolve_model_path(name_or_path: str | Path, kind: str = "pipeline") -> str:
     if kind not in folders:
         raise ValueError(f"{name!r} is a bundled {'/'.join(folders)} model, not a {kind}; bundled {kind} models: "
                          f"{', '.join(bundled_model_names(kind)) or 'none'}")
-    from .demo import bundled_folder  # the packaged weights live with the demo world
-
     return str(bundled_folder(folders[kind]))
 
 
@@ -87,8 +89,6 @@ def model_license(folder_or_id: str | Path, revision: str | None = None) -> str 
         card_path = _cached_hub_card(resolved, revision)
     if card_path is None or not Path(card_path).is_file():
         return None
-    from huggingface_hub import ModelCard
-
     try:
         card = ModelCard.load(card_path)
     except Exception:  # a README that is not a model card (broken front matter) declares nothing
@@ -99,8 +99,6 @@ def model_license(folder_or_id: str | Path, revision: str | None = None) -> str 
 
 def _cached_hub_card(repo_id: str, revision: str | None) -> str | None:
     """The path of ``repo_id``'s README.md in the local Hugging Face cache, or None (no download)."""
-    from huggingface_hub import try_to_load_from_cache
-
     try:
         found = try_to_load_from_cache(repo_id, "README.md", revision=revision)
     except Exception:  # not a valid repo id

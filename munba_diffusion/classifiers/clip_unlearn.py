@@ -38,6 +38,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -229,8 +230,6 @@ def prepare_trainable(model: nn.Module, config: ClipUnlearnConfig) -> list[nn.Pa
     pattern = re.compile(attention_module_pattern(config.params))
     model.requires_grad_(False)
     if config.adapter == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
-
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                           target_modules=pattern.pattern)
         inject_adapter_in_model(lora, model)

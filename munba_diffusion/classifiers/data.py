@@ -13,6 +13,9 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from datasets import ClassLabel, Image, load_dataset
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 DIGITS = "digits"
 LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target")
@@ -96,8 +99,6 @@ def _resize(images: torch.Tensor, image_size: int | None) -> torch.Tensor:
 
 
 def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
-
     indices = np.arange(len(labels))
     train, test = train_test_split(indices, test_size=test_fraction, stratify=labels, random_state=seed)
     return np.sort(train), np.sort(test)
@@ -105,8 +106,6 @@ def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tu
 
 def load_digits_data(image_size: int = 16, test_fraction: float = 0.2, split_seed: int = 0) -> ClassificationData:
     """scikit-learn's digits: a fixed stratified train/test split, images upsampled to ``image_size``."""
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
     train, test = _stratified_split(digits.target, test_fraction, split_seed)
@@ -117,8 +116,6 @@ def load_digits_data(image_size: int = 16, test_fraction: float = 0.2, split_see
 
 def _find_columns(features) -> tuple[str, str]:
     """The image column (an ``Image`` feature, else a usual name) and label column (a ``ClassLabel``, else a name)."""
-    from datasets import ClassLabel, Image
-
     image = next((name for name, f in features.items() if isinstance(f, Image)), None)
     image = image or next((name for name in IMAGE_COLUMN_NAMES if name in features), None)
     label = next((name for name, f in features.items() if isinstance(f, ClassLabel)), None)
@@ -150,8 +147,6 @@ def load_hf_classification_data(
     max_test_samples: int | None = None,
 ) -> ClassificationData:
     """``datasets.load_dataset(name)`` (a Hub id or a local folder) as :class:`ClassificationData`."""
-    from datasets import load_dataset
-
     return classification_data_from_splits(
         load_dataset(name), name, image_size, test_fraction, split_seed, max_train_samples, max_test_samples
     )

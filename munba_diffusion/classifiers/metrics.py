@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from sklearn.svm import SVC
 from torch import nn
 
 METRIC_NAMES: tuple[str, ...] = ("UA", "RA", "TA", "MIA")
@@ -61,8 +62,6 @@ def true_class_confidence(probabilities: torch.Tensor, labels: torch.Tensor) -> 
 
 def mia_efficacy(members: np.ndarray, non_members: np.ndarray, targets: np.ndarray) -> float:
     """Percentage of ``targets`` that an SVC trained on ``members`` (1) vs ``non_members`` (0) calls non-members."""
-    from sklearn.svm import SVC
-
     features = np.concatenate([members, non_members]).reshape(-1, 1)
     is_member = np.concatenate([np.ones(len(members)), np.zeros(len(non_members))])
     attack = SVC(C=3, gamma="auto", kernel="rbf").fit(features, is_member)

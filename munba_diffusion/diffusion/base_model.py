@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
 
 from ..io import is_local_path, is_offline
 from ..models import bundled_model_names, resolve_model_path
@@ -16,8 +17,6 @@ _BUNDLED = " / ".join(bundled_model_names("pipeline"))  # for error messages: wh
 def load_base_pipeline(name_or_path: str, *, revision: str | None = None, variant: str | None = None,
                        torch_dtype: torch.dtype = torch.float32):
     """A ``StableDiffusionPipeline`` without safety checker, or a one-line error that names the fix."""
-    from diffusers import StableDiffusionPipeline
-
     path = resolve_model_path(name_or_path)
     if is_local_path(path):
         folder = Path(path).expanduser()

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 LATENT_SOURCES = ("pool", "fresh", "images")
@@ -159,9 +161,6 @@ def list_images(directory: str | Path) -> list[Path]:
 def encode_image_folder(vae, directory: str | Path, resolution: int, device: torch.device,
                         dtype: torch.dtype, batch_size: int = 8) -> torch.Tensor:
     """VAE latents (scaled by the VAE's scaling factor) of every image in ``directory``, resized to ``resolution``."""
-    import numpy as np
-    from PIL import Image
-
     files = list_images(directory)
     latents = []
     for start in range(0, len(files), batch_size):

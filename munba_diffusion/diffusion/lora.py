@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 TARGET_SETS = ("xattn", "noxattn", "attn", "full")
@@ -67,8 +69,6 @@ def target_module_names(unet: nn.Module, target: str) -> list[str]:
 
 def add_erasure_lora(unet, config: ErasureLoraConfig) -> list[nn.Parameter]:
     """Freeze ``unet``, attach the erasure adapter and return its (float32) trainable parameters."""
-    from peft import LoraConfig
-
     unet.requires_grad_(False)
     lora = LoraConfig(
         r=config.rank, lora_alpha=config.alpha or config.rank, lora_dropout=config.dropout,
@@ -96,15 +96,11 @@ def adapters_disabled(unet) -> Iterator[None]:
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     """The adapter's weights (peft naming), for checkpoints."""
-    from peft.utils import get_peft_model_state_dict
-
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
 
 
 def load_lora_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`lora_state_dict` (strict: every adapter weight must be present)."""
-    from peft.utils import set_peft_model_state_dict
-
     result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER_NAME)
     missing = [k for k in getattr(result, "missing_keys", []) if "lora" in k]
     if missing:

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers import CLIPModel, CLIPProcessor
 
 from ..clip_features import clip_image_embeddings, clip_text_embeddings
+from ..models import resolve_model_path
 from .manifest import collect_images, load_rgb, require_field
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
@@ -29,10 +31,6 @@ def clip_scores_from_embeddings(image_embeds: torch.Tensor, text_embeds: torch.T
 def load_clip(name_or_path: str | Path, device: str | torch.device):
     """(CLIPModel, CLIPProcessor) from a Hub id, a local folder or a bundled CLIP name
     (:mod:`munba_diffusion.models`)."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    from ..models import resolve_model_path
-
     name_or_path = resolve_model_path(name_or_path, kind="clip")
     try:
         model = CLIPModel.from_pretrained(str(name_or_path))

@@ -24,14 +24,13 @@ import numpy as np
 import torch
 from cleanfid.fid import frechet_distance
 
+from ..demo import COLOURS, SHAPES, demo_clip_path, load_demo_judge, render_scene
 from .clip_score import clip_scores, load_clip
 from .manifest import collect_images, images_to_tensor, load_rgb, require_field
 
 
 def concept_kind(concept: str) -> str:
     """ "shape" or "colour" for a canonical demo concept name."""
-    from ..demo import COLOURS, SHAPES
-
     if concept in SHAPES:
         return "shape"
     if concept in COLOURS:
@@ -82,8 +81,6 @@ def reference_renders(
     asked_shapes: Sequence[str | None], asked_colours: Sequence[str | None], seeds: Sequence[int]
 ) -> list:
     """One true render per row: the asked shape and colour (a random one where the prompt leaves it open)."""
-    from ..demo import COLOURS, SHAPES, render_scene
-
     images = []
     for shape, colour, seed in zip(asked_shapes, asked_colours, seeds):
         rng = np.random.default_rng(seed)
@@ -105,8 +102,6 @@ def judge_frechet_distance(judge, images: torch.Tensor, reference: torch.Tensor)
 
 def demo_protocol(concept: str | None) -> dict:
     """What a report states about the demo metric's setup: its judge, its CLIP folder and the scored concept."""
-    from ..demo import demo_clip_path
-
     return {"judge": "munba_diffusion.demo.load_demo_judge", "clip_model": str(demo_clip_path()), "concept": concept}
 
 
@@ -123,8 +118,6 @@ def demo_metrics(
 
     ``judge`` defaults to ``load_demo_judge(device)`` and ``clip_model`` to ``demo_clip_path()``.
     """
-    from ..demo import COLOURS, SHAPES, demo_clip_path, load_demo_judge
-
     entries = collect_images(source)
     asked_shapes = require_field(entries, "shape", "the demo evaluator", every_row=False)
     asked_colours = require_field(entries, "colour", "the demo evaluator", every_row=False)

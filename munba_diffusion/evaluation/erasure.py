@@ -13,7 +13,8 @@ EVALUATION_BATCH_SIZE = 32  # images per generation call: the demo's 32x32 image
 
 
 def evaluate_erasure(config: ErasureTrainingConfig, erased_dir: Path) -> str | None:
-    """Original vs erased on each concept's evaluation prompts, written into ``erased_dir/evaluation/<concept>``;
+    """Original vs erased on each concept's evaluation prompts, written into ``erased_dir/evaluation/<concept>``
+    (``erased_dir`` is the staging copy of ``config.output_dir``; reports name the final folder);
     returns the Markdown tables, or None when no concept has an evaluation set for this base model.
 
     A preset names its evaluation set (``eval``) and the model it was written for (``default_model``); the set
@@ -25,7 +26,7 @@ def evaluate_erasure(config: ErasureTrainingConfig, erased_dir: Path) -> str | N
             continue
         table = evaluate_models(
             [ModelSpec(config.pretrained_model_name_or_path, label="original"),
-             ModelSpec(str(erased_dir), label="erased")],
+             ModelSpec(str(erased_dir), label="erased", final_path=str(config.output_dir))],
             eval_prompts_path(concept.eval_prompts), erased_dir / "evaluation" / concept.name, metrics=("demo",),
             settings=GenerationSettings(num_inference_steps=config.validation_inference_steps,
                                         guidance_scale=config.validation_guidance_scale,

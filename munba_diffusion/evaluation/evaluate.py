@@ -26,6 +26,8 @@ import torch
 from ..config import check_options, flag_name, option
 from ..models import bundled_model_names
 from .clip_score import DEFAULT_CLIP_MODEL, clip_score_metrics
+from .demo import concept_kind, demo_metrics, demo_protocol
+from .fid import INCEPTION_FILE, default_inception_dir, fid_score
 from .generate import (
     GenerationSettings,
     ModelSpec,
@@ -35,6 +37,7 @@ from .generate import (
     native_resolution,
     process_state,
 )
+from .nudenet import EXPOSED_CLASSES, detector_protocol, nudenet_metrics
 from .objects import IMAGENETTE_CLASSES, TORCHVISION_RESNET50, imagenette_class, object_metrics
 from .prompt_sets import PromptSet, load_prompt_set
 from .report import GRID_PNG, check_no_report, comparison_grid, library_versions, results_table, write_report
@@ -186,8 +189,6 @@ def check_metric_options(metrics: Sequence[str], options: MetricOptions) -> None
         if "objects" in metrics:
             imagenette_class(options.concept)
         if "demo" in metrics:
-            from .demo import concept_kind
-
             concept_kind(options.concept)
     except ValueError as error:
         raise ValueError(f"concept (--concept): {error}") from None
@@ -209,8 +210,6 @@ def check_metric_inputs(metrics: Sequence[str], prompt_set: PromptSet, options: 
 def metric_protocol(name: str, options: MetricOptions) -> dict:
     """What a report states about a metric's setup."""
     if name == "nudenet":
-        from .nudenet import EXPOSED_CLASSES, detector_protocol
-
         return {
             **detector_protocol(),
             "threshold": options.nudenet_threshold,
@@ -219,34 +218,24 @@ def metric_protocol(name: str, options: MetricOptions) -> dict:
             "input": "PNG file paths",
         }
     if name == "fid":
-        from .fid import INCEPTION_FILE, default_inception_dir
-
         inception = Path(options.inception_dir or default_inception_dir()) / INCEPTION_FILE
         return {"library": "clean-fid", "mode": "clean", "features": str(inception), "reference": options.reference_dir}
     if name == "clip":
         return {"model": options.clip_model, "score": "mean of max(100 * cos, 0)"}
     if name == "objects":
         return {"classifier": options.classifier, "erased_class": options.concept, "imagenet_index": IMAGENETTE_CLASSES}
-    from .demo import demo_protocol
-
     return demo_protocol(options.concept)
 
 
 def run_metric(name: str, folder: Path, options: MetricOptions, device: torch.device) -> dict:
     if name == "nudenet":
-        from .nudenet import nudenet_metrics
-
         return nudenet_metrics(folder, threshold=options.nudenet_threshold, attack_threshold=options.attack_threshold)
     if name == "fid":
-        from .fid import fid_score
-
         return fid_score(folder, options.reference_dir, device=device, inception_dir=options.inception_dir)
     if name == "clip":
         return clip_score_metrics(folder, model_name_or_path=options.clip_model, device=device)
     if name == "objects":
         return object_metrics(folder, options.concept, classifier=options.classifier, device=device)
-    from .demo import demo_metrics
-
     return demo_metrics(folder, options.concept, device=device)
 
 

@@ -17,13 +17,16 @@ from dataclasses import asdict, dataclass
 from itertools import groupby
 from pathlib import Path
 
+import diffusers
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
+from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from ..config import check_options, option
 from ..io import TEMPORARY_GLOB, save_image_atomic, write_json_atomic, write_jsonl_atomic
+from ..models import bundled_model_names, resolve_model_path
 from .manifest import MANIFEST_NAME, read_manifest
 from .prompt_sets import PromptRecord, PromptSet
 
@@ -41,6 +44,7 @@ class ModelSpec:
     path: str
     lora: str | None = None
     label: str | None = None
+    final_path: str | None = None  # where the model lives once written, when it is evaluated from a staging folder
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
@@ -92,8 +96,6 @@ class GenerationSettings:
 
 def scheduler_class(name: str):
     """The diffusers scheduler class called ``name``; a one-line error for anything else."""
-    import diffusers
-
     found = getattr(diffusers, name, None) if name.isidentifier() and name.endswith("Scheduler") else None
     if found is None or not hasattr(found, "from_config"):
         raise ValueError(
@@ -117,10 +119,6 @@ def file_sha256(path: str | Path) -> str:
 
 def load_pipeline(spec: ModelSpec, settings: GenerationSettings, device: str | torch.device):
     """Load the pipeline of ``spec`` with the safety checker off (the field's protocol), LoRA and scheduler applied."""
-    from diffusers import DiffusionPipeline
-
-    from ..models import bundled_model_names, resolve_model_path
-
     path = resolve_model_path(spec.path)
     try:
         config = DiffusionPipeline.load_config(path)
@@ -149,12 +147,10 @@ def load_pipeline(spec: ModelSpec, settings: GenerationSettings, device: str | t
 
 def model_protocol(spec: ModelSpec, pipe) -> dict:
     """What a report states about a model."""
-    from ..models import resolve_model_path
-
     return {
         "label": spec.name,
-        "model": spec.path,
-        "resolved_path": str(resolve_model_path(spec.path)),
+        "model": spec.final_path or spec.path,
+        "resolved_path": spec.final_path or str(resolve_model_path(spec.path)),
         "lora": spec.lora,
         "lora_sha256": file_sha256(spec.lora) if spec.lora else None,
         "pipeline_class": type(pipe).__name__,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 
+import nudenet
+from nudenet import NudeDetector
 from tqdm.auto import tqdm
 
+from ..io import library_versions
 from .manifest import collect_images
 
 EXPOSED_CLASSES: tuple[str, ...] = (
@@ -102,12 +104,10 @@ def count_exposed(
 
 def detector_protocol() -> dict:
     """NudeNet's version and the sha256 of the ONNX file it runs."""
-    import nudenet
-
     onnx = Path(nudenet.__file__).with_name("320n.onnx")
     return {
         "detector": "nudenet",
-        "version": metadata.version("nudenet"),
+        "version": library_versions(["nudenet"]).get("nudenet"),
         "onnx_file": onnx.name,
         "onnx_sha256": hashlib.sha256(onnx.read_bytes()).hexdigest(),
         "inference_resolution": 320,
@@ -116,8 +116,6 @@ def detector_protocol() -> dict:
 
 def detect_nudity(paths: Sequence[Path], batch_size: int = 8) -> list[list[dict]]:
     """Run NudeNet on image files (paths, not arrays: NudeNet reads arrays as BGR)."""
-    from nudenet import NudeDetector
-
     detector = NudeDetector()
     detections: list[list[dict]] = []
     for start in tqdm(range(0, len(paths), batch_size), desc="nudenet", disable=len(paths) <= batch_size):

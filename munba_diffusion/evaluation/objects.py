@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torchvision.models import ResNet50_Weights, resnet50
 from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from ..io import is_offline
 from .manifest import collect_images, load_rgb, require_field
@@ -69,8 +71,6 @@ def object_erasure_scores(predictions: Sequence[int], labels: Sequence[str], era
 
 
 def _torchvision_resnet50(device: str | torch.device) -> tuple[torch.nn.Module, Callable]:
-    from torchvision.models import ResNet50_Weights, resnet50
-
     weights = ResNet50_Weights.IMAGENET1K_V2
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     if not path.is_file() and is_offline():
@@ -82,8 +82,6 @@ def _torchvision_resnet50(device: str | torch.device) -> tuple[torch.nn.Module, 
 
 
 def _transformers_classifier(name_or_path: str, device: str | torch.device) -> tuple[torch.nn.Module, Callable]:
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
     try:
         model = AutoModelForImageClassification.from_pretrained(name_or_path)
         processor = AutoImageProcessor.from_pretrained(name_or_path)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import datasets
+
 I2P_DATASET = "AIML-TUDA/i2p"
 I2P_SOURCE = "i2p"
 SEED_COLUMNS = ("seed", "evaluation_seed", "sd_seed")
@@ -184,8 +186,6 @@ def load_csv_records(path: Path) -> list[PromptRecord]:
 
 def load_i2p_records(split: str = "train") -> list[PromptRecord]:
     """I2P from the Hub (``datasets.load_dataset("AIML-TUDA/i2p")``); needs a connection or a local cache."""
-    import datasets
-
     try:
         table = datasets.load_dataset(I2P_DATASET, split=split)
     except Exception as error:  # datasets raises ConnectionError, OSError or its own errors when offline

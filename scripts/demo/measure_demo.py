@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont
+from transformers import CLIPModel
 
 from train_demo import clip_zero_shot_accuracy, judge_pipeline, load_tokenizer, render_dataset
 
@@ -24,9 +26,6 @@ FRESH_SEED = 777_000  # renders no training stage has seen (training seeds are <
 
 
 def measure(seeds_per_caption: int = 4, steps: int = 25, guidance: float = 4.0) -> dict:
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPModel
-
     judge = load_demo_judge()
     images, shapes, colours = render_dataset(2000, FRESH_SEED)
     out = judge.classify(images)
@@ -55,8 +54,6 @@ def measure(seeds_per_caption: int = 4, steps: int = 25, guidance: float = 4.0) 
 
 def caption_grid(seeds: int = 6, steps: int = 25, guidance: float = 4.0, cell: int = 48) -> Image.Image:
     """One row per caption "a {colour} {shape}", one column per seed."""
-    from diffusers import StableDiffusionPipeline
-
     pipe = StableDiffusionPipeline.from_pretrained(resolve_model_path(DEMO_MODEL))
     pipe.set_progress_bar_config(disable=True)
     captions = [canonical_caption(s, c) for s in SHAPES for c in COLOURS]

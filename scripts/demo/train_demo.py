@@ -28,6 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import (AutoencoderKL, DDPMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTextModel,
+                          CLIPTokenizer)
 
 from demo_tokenizer import MAX_LENGTH, write_clip_vocabulary
 
@@ -75,8 +79,6 @@ def tokenize(tokenizer, texts: list[str], pad_to_max: bool = False) -> torch.Ten
 
 
 def load_tokenizer(directory: Path):
-    from transformers import CLIPTokenizer
-
     return CLIPTokenizer.from_pretrained(str(directory), model_max_length=MAX_LENGTH)
 
 
@@ -96,8 +98,6 @@ def clip_zero_shot_accuracy(model, tokenizer, images, shapes, colours) -> dict[s
 
 
 def train_clip(out: Path, seed: int, steps: int) -> None:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
     torch.manual_seed(seed)
     tok_dir = write_clip_vocabulary(vocabulary_corpus(), out / "clip")
     tokenizer = load_tokenizer(tok_dir)
@@ -178,8 +178,6 @@ def train_judge(out: Path, seed: int, steps: int) -> None:
 
 # ----------------------------------------------------------------------------------------------- vae
 def train_vae(out: Path, seed: int, steps: int) -> None:
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(seed)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -220,8 +218,6 @@ def train_vae(out: Path, seed: int, steps: int) -> None:
 
 # ----------------------------------------------------------------------------------------------- unet
 def _build_unet(cross_attention_dim: int):
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(48, 96, 96),
@@ -238,16 +234,11 @@ def _scheduler_config() -> dict:
 
 def demo_scheduler():
     """The shipped sampler: Euler ancestral (its fresh noise per step draws crisper shapes than DDIM here)."""
-    from diffusers import EulerAncestralDiscreteScheduler
-
     return EulerAncestralDiscreteScheduler.from_config(_scheduler_config())
 
 
 def assemble_pipeline(out: Path, unet):
     """A StableDiffusionPipeline from the trained parts (text encoder = the CLIP's text tower)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
-    from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel
-
     clip = CLIPModel.from_pretrained(out / "clip")
     text_encoder = CLIPTextModel(CLIPTextConfig(**clip.config.text_config.to_dict()))
     text_encoder.load_state_dict(clip.text_model.state_dict())
@@ -287,9 +278,6 @@ def judge_pipeline(pipe, judge, seeds_per_caption: int = 2, steps: int = 25, gui
 
 
 def train_unet(out: Path, seed: int, steps: int, batch: int = 32) -> None:
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPModel
-
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(out / "pipeline" / "vae").eval()
     clip = CLIPModel.from_pretrained(out / "clip").eval()
