@@ -34,25 +34,47 @@ PLAYERS = ["preserve", "forget"]
 
 SD15_UNET_CONFIG = dict(
     # stable-diffusion-v1-5/unet/config.json, written out (random weights: no download needed)
-    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    center_input_sample=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     mid_block_type="UNetMidBlock2DCrossAttn",
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    only_cross_attention=False, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-    downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
-    cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False,
+    only_cross_attention=False,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    use_linear_projection=False,
 )
 SD15_TINY_UNET_CONFIG = {
     # SD 1.5's block structure at a tiny width, for tests and CPU dry runs of the GPU script
-    **SD15_UNET_CONFIG, "sample_size": 8, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1,
-    "norm_num_groups": 8, "cross_attention_dim": 32,
+    **SD15_UNET_CONFIG,
+    "sample_size": 8,
+    "block_out_channels": (32, 32, 64, 64),
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "cross_attention_dim": 32,
 }
 SD15_SMALL_UNET_CONFIG = {
     # SD 1.5's block structure at a fifth of its width (25M parameters), for quick memory comparisons
-    **SD15_UNET_CONFIG, "sample_size": 8, "block_out_channels": (64, 128, 256, 256), "layers_per_block": 1,
+    **SD15_UNET_CONFIG,
+    "sample_size": 8,
+    "block_out_channels": (64, 128, 256, 256),
+    "layers_per_block": 1,
 }
 UNET_ARCHITECTURES = {
-    "sd15": SD15_UNET_CONFIG, "sd15-small": SD15_SMALL_UNET_CONFIG, "sd15-tiny": SD15_TINY_UNET_CONFIG,
+    "sd15": SD15_UNET_CONFIG,
+    "sd15-small": SD15_SMALL_UNET_CONFIG,
+    "sd15-tiny": SD15_TINY_UNET_CONFIG,
 }
 TEXT_SEQUENCE_LENGTH = 77
 
@@ -64,10 +86,17 @@ def check_results(output_dir: str | Path, overwrite: bool, stem: str = "results"
     return check_results_dir(output_dir, (f"{stem}.json", f"{stem}.md"), overwrite=overwrite)
 
 
-def write_results(output_dir: str | Path, results: Mapping[str, Any], markdown: Callable[[Mapping[str, Any]], str], *,
-                  overwrite: bool = False, stem: str = "results",
-                  plot: Callable[[Mapping[str, Any], Path], None] | None = None, plot_name: str | None = None,
-                  echo: bool = False) -> list[Path]:
+def write_results(
+    output_dir: str | Path,
+    results: Mapping[str, Any],
+    markdown: Callable[[Mapping[str, Any]], str],
+    *,
+    overwrite: bool = False,
+    stem: str = "results",
+    plot: Callable[[Mapping[str, Any], Path], None] | None = None,
+    plot_name: str | None = None,
+    echo: bool = False,
+) -> list[Path]:
     """The results writer of every benchmark: ``<stem>.json`` (strict JSON; NaN becomes null), the plot (if any),
     ``<stem>.md`` (``markdown(results)``), each written atomically into ``output_dir`` (created if needed).
 
@@ -162,9 +191,11 @@ def random_erasure_batch(unet, batch_size: int, latent_size: int, generator: tor
     channels, dim = unet.config.in_channels, unet.config.cross_attention_dim
 
     def latents() -> LatentBatch:
-        return LatentBatch(torch.zeros(batch_size, dtype=torch.long),
-                           torch.randn(batch_size, channels, latent_size, latent_size, generator=generator),
-                           torch.randint(0, 1000, (batch_size,), generator=generator))
+        return LatentBatch(
+            torch.zeros(batch_size, dtype=torch.long),
+            torch.randn(batch_size, channels, latent_size, latent_size, generator=generator),
+            torch.randint(0, 1000, (batch_size,), generator=generator),
+        )
 
     def context() -> torch.Tensor:
         return torch.randn(batch_size, TEXT_SEQUENCE_LENGTH, dim, generator=generator)
@@ -185,8 +216,16 @@ STEP_VARIANTS = ("nash", "sum", "sum_plain", "single_backward")
 """
 
 
-def erasure_gradients(variant: str, unet, batch, uncond, params: list[torch.nn.Parameter], device: torch.device,
-                      dtype: torch.dtype = torch.float32, autocast: bool = False) -> None:
+def erasure_gradients(
+    variant: str,
+    unet,
+    batch,
+    uncond,
+    params: list[torch.nn.Parameter],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    autocast: bool = False,
+) -> None:
     """Write the update direction of ``variant`` (see :data:`STEP_VARIANTS`) on ``batch`` into ``params``' ``.grad``."""
     from munba_diffusion.bargaining import get_combiner
     from munba_diffusion.diffusion.players import erasure_player_gradients
@@ -201,8 +240,9 @@ def erasure_gradients(variant: str, unet, batch, uncond, params: list[torch.nn.P
     if variant == "single_backward":
         single_backward(unet, batch, uncond, device, dtype, autocast_context)
         return
-    grads, values = erasure_player_gradients(unet, batch, uncond, "esd", 1.0, PLAYERS, params, device, dtype,
-                                             autocast=autocast_context)
+    grads, values = erasure_player_gradients(
+        unet, batch, uncond, "esd", 1.0, PLAYERS, params, device, dtype, autocast=autocast_context
+    )
     if variant == "sum_plain":
         for p, *player_grads in zip(params, *grads):
             p.grad = reduce(torch.add, player_grads)
@@ -220,16 +260,27 @@ def single_backward(unet, batch, uncond, device: torch.device, dtype: torch.dtyp
     (lat, ctx, _), (plat, pctx) = batch.forget[0], batch.preserve
     with autocast_context():
         targets = frozen_targets(unet, batch, uncond, "esd", 1.0, PLAYERS, device, dtype)
-        eps = unet(torch.cat([lat.latents, plat.latents]).to(device, dtype),
-                   torch.cat([lat.timesteps, plat.timesteps]).to(device),
-                   encoder_hidden_states=torch.cat([ctx, pctx]).to(device, dtype)).sample
+        eps = unet(
+            torch.cat([lat.latents, plat.latents]).to(device, dtype),
+            torch.cat([lat.timesteps, plat.timesteps]).to(device),
+            encoder_hidden_states=torch.cat([ctx, pctx]).to(device, dtype),
+        ).sample
     b = lat.latents.shape[0]
     (forget_loss(eps[:b], targets["forget"]) + preservation_loss(eps[b:], targets["preserve"])).backward()
 
 
-def erasure_step(variant: str, unet, batch, uncond, params: list[torch.nn.Parameter], optimizer,
-                 device: torch.device, dtype: torch.dtype = torch.float32, max_grad_norm: float = 1.0,
-                 autocast: bool = False) -> None:
+def erasure_step(
+    variant: str,
+    unet,
+    batch,
+    uncond,
+    params: list[torch.nn.Parameter],
+    optimizer,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    max_grad_norm: float = 1.0,
+    autocast: bool = False,
+) -> None:
     """One optimizer step of ``variant``: its gradients, clipping of ``params`` to ``max_grad_norm``, AdamW."""
     from munba_diffusion.step import clip_gradients_
 
@@ -260,8 +311,11 @@ class ErasureSettings:
     rank: int = option(4, "LoRA rank", low=1)
     sampler_steps: int = option(10, "DDIM steps of the frozen model's sampler", low=1)
     sampler_guidance_scale: float = option(
-        4.0, "guidance of the frozen model's sampler (also the guidance of each run's before/after grid)", low=0,
-        flag="sampler_guidance")
+        4.0,
+        "guidance of the frozen model's sampler (also the guidance of each run's before/after grid)",
+        low=0,
+        flag="sampler_guidance",
+    )
     pool_trajectories: int = option(2, "frozen-model trajectories per prompt in the pool", low=1)
     latent_source: str = option("pool", "where x_t comes from (the benchmark sets it per run)", cli=False)
     grid_steps: int = option(10, "sampler steps of each run's before/after grid (not used by the scores)", low=1)
@@ -296,7 +350,8 @@ class DemoBenchmarkOptions(ErasureSettings):
     max_eval_prompts: int | None = option(None, "score only the first N prompts of each (shape, colour)", low=1)
     threads: int = option(1, "torch CPU threads", low=1)
     work_dir: Path | None = option(
-        None, "new or empty folder that keeps the erased models and images (default: a temporary folder)")
+        None, "new or empty folder that keeps the erased models and images (default: a temporary folder)"
+    )
     overwrite: bool = option(False, "replace results already in --output_dir")
 
     @property
@@ -304,21 +359,41 @@ class DemoBenchmarkOptions(ErasureSettings):
         return EvalSettings(self.eval_prompts, self.eval_steps, self.eval_guidance, self.max_eval_prompts)
 
 
-def run_erasure(settings: ErasureSettings, concepts: Sequence[str], output_dir: Path, *, seed: int,
-                combiner: str, combiner_weights: list[float] | None = None, latent_source: str | None = None) -> dict:
+def run_erasure(
+    settings: ErasureSettings,
+    concepts: Sequence[str],
+    output_dir: Path,
+    *,
+    seed: int,
+    combiner: str,
+    combiner_weights: list[float] | None = None,
+    latent_source: str | None = None,
+) -> dict:
     """Train one erasure with the library's trainer (no final evaluation); returns its timing."""
     from munba_diffusion.diffusion.config import ErasureTrainingConfig
     from munba_diffusion.diffusion.train import train_erasure
 
     config = ErasureTrainingConfig(
-        pretrained_model_name_or_path=settings.model, concepts=list(concepts), output_dir=output_dir,
-        combiner=combiner, combiner_weights=combiner_weights, lora_target=settings.lora_target, rank=settings.rank,
-        train_batch_size=settings.batch_size, max_train_steps=settings.steps, learning_rate=settings.learning_rate,
-        seed=seed, latent_source=latent_source or settings.latent_source,
-        pool_trajectories=settings.pool_trajectories, sampler_steps=settings.sampler_steps,
+        pretrained_model_name_or_path=settings.model,
+        concepts=list(concepts),
+        output_dir=output_dir,
+        combiner=combiner,
+        combiner_weights=combiner_weights,
+        lora_target=settings.lora_target,
+        rank=settings.rank,
+        train_batch_size=settings.batch_size,
+        max_train_steps=settings.steps,
+        learning_rate=settings.learning_rate,
+        seed=seed,
+        latent_source=latent_source or settings.latent_source,
+        pool_trajectories=settings.pool_trajectories,
+        sampler_steps=settings.sampler_steps,
         sampler_guidance_scale=settings.sampler_guidance_scale,
         validation_guidance_scale=settings.sampler_guidance_scale,
-        checkpointing_steps=0, validation_seeds=1, validation_inference_steps=settings.grid_steps, evaluate=False,
+        checkpointing_steps=0,
+        validation_seeds=1,
+        validation_inference_steps=settings.grid_steps,
+        evaluate=False,
         overwrite_output_dir=True,
     )
     train_erasure(config)
@@ -326,11 +401,18 @@ def run_erasure(settings: ErasureSettings, concepts: Sequence[str], output_dir: 
     pool = float(run["latent_pool_seconds"])
     train = float(run["train_seconds"])
     log = [json.loads(line) for line in (output_dir / "logs" / "train_log.jsonl").read_text().splitlines() if line]
-    return {"setup_seconds": pool, "loop_seconds": train - pool, "step_seconds": (train - pool) / settings.steps,
-            "skipped_steps": sum(bool(r.get("skipped")) for r in log), "final_log": log[-1],
-            "saved_bytes": {"lora_file": (output_dir / "pytorch_lora_weights.safetensors").stat().st_size,
-                            "unet_folder": folder_bytes(output_dir / "unet"),
-                            "output_folder": folder_bytes(output_dir)}}
+    return {
+        "setup_seconds": pool,
+        "loop_seconds": train - pool,
+        "step_seconds": (train - pool) / settings.steps,
+        "skipped_steps": sum(bool(r.get("skipped")) for r in log),
+        "final_log": log[-1],
+        "saved_bytes": {
+            "lora_file": (output_dir / "pytorch_lora_weights.safetensors").stat().st_size,
+            "unet_folder": folder_bytes(output_dir / "unet"),
+            "output_folder": folder_bytes(output_dir),
+        },
+    }
 
 
 def folder_bytes(path: Path) -> int:
@@ -374,13 +456,20 @@ def generate_for_eval(model: str, eval_settings: EvalSettings, out_dir: Path, la
         model_protocol,
     )
 
-    settings = GenerationSettings(num_inference_steps=eval_settings.steps, guidance_scale=eval_settings.guidance_scale,
-                                  batch_size=32)
+    settings = GenerationSettings(
+        num_inference_steps=eval_settings.steps, guidance_scale=eval_settings.guidance_scale, batch_size=32
+    )
     spec = ModelSpec(model, label=label)
     pipe = load_pipeline(spec, settings, torch.device("cpu"))
     folder = out_dir / "images" / label
-    generate_images(pipe, eval_prompt_set(eval_settings, out_dir), folder, settings,
-                    model=model_protocol(spec, pipe), overwrite=True)
+    generate_images(
+        pipe,
+        eval_prompt_set(eval_settings, out_dir),
+        folder,
+        settings,
+        model=model_protocol(spec, pipe),
+        overwrite=True,
+    )
     return folder
 
 
@@ -417,8 +506,9 @@ def concept_scores(folder: Path, concepts: Sequence[str], judge=None) -> dict:
     other = [i for i in range(len(entries)) if all(asks[concept_kind(c)][i] != c for c in concepts)]
     pick = lambda values: [values[i] for i in other]  # noqa: E731
     result["num_other_images"] = len(other)
-    result["other_accuracy"] = demo_concept_scores(pick(shapes), pick(colours), pick(judged_shapes),
-                                                   pick(judged_colours), None)["other_accuracy"]
+    result["other_accuracy"] = demo_concept_scores(
+        pick(shapes), pick(colours), pick(judged_shapes), pick(judged_colours), None
+    )["other_accuracy"]
     seeds = [int(entries[i].record["seed"]) for i in other]
     reference = images_to_tensor(reference_renders(pick(shapes), pick(colours), seeds))
     result["judge_fid_other"] = judge_frechet_distance(judge, images[other], reference)

@@ -69,8 +69,10 @@ def parse_method_lr(text: str) -> tuple[str | None, str, float]:
     except ValueError:
         lr = float("nan")
     if kind not in ("", *DEFAULT_UNLEARN_LR) or method not in METHODS or method == "retrain" or not lr > 0:
-        raise ValueError(f"--unlearn_lr expects [KIND:]METHOD=LR with KIND in {', '.join(DEFAULT_UNLEARN_LR)}, "
-                         f"METHOD in ft, ga, rl, munba and LR > 0, such as class:munba=0.03; got {text!r}")
+        raise ValueError(
+            f"--unlearn_lr expects [KIND:]METHOD=LR with KIND in {', '.join(DEFAULT_UNLEARN_LR)}, "
+            f"METHOD in ft, ga, rl, munba and LR > 0, such as class:munba=0.03; got {text!r}"
+        )
     return kind or None, method, lr
 
 
@@ -89,9 +91,11 @@ class BenchmarkConfig:
     batch_size: int = same_option(TrainConfig, "batch_size")
     unlearn_epochs: int = option(5, "epochs of every unlearning method", low=1)
     unlearn_lr: tuple[str, ...] = option(
-        (), "override unlearning learning rates, for one forget kind (random, class) or both; defaults: "
+        (),
+        "override unlearning learning rates, for one forget kind (random, class) or both; defaults: "
         + ", ".join(f"{k}:{m}={lr:g}" for k, lrs in DEFAULT_UNLEARN_LR.items() for m, lr in lrs.items()),
-        metavar="[KIND:]METHOD=LR")
+        metavar="[KIND:]METHOD=LR",
+    )
     combiner: str = same_option(UnlearnConfig, "combiner")
     max_grad_norm: float | None = same_option(UnlearnConfig, "max_grad_norm")
     nonfinite_gradients: str = same_option(UnlearnConfig, "nonfinite_gradients")
@@ -110,8 +114,14 @@ class BenchmarkConfig:
             raise ValueError("no seeds given; pass e.g. --seeds 0 1 2")
         specs = [parse_forget_spec(text) for text in self.forget]
         rates = self.learning_rates
-        missing = sorted({f"{spec.kind}:{m}" for spec in specs for m in self.methods
-                          if m != "retrain" and m not in rates.get(spec.kind, {})})
+        missing = sorted(
+            {
+                f"{spec.kind}:{m}"
+                for spec in specs
+                for m in self.methods
+                if m != "retrain" and m not in rates.get(spec.kind, {})
+            }
+        )
         if missing:
             raise ValueError(f"no learning rate for {', '.join(missing)}; set one with --unlearn_lr KIND:METHOD=LR")
         return specs
@@ -148,12 +158,18 @@ class ClassifierCommand(BenchmarkConfig):
     """Unlearn random data or a class from an image classifier and compare methods with UA/RA/TA/MIA-efficacy/Avg.
     Gap (SalUn convention)."""
 
-    output_dir: Path = option(help="folder for results.json and results.md (lr_sweep.json and lr_sweep.md with "
-                              "--lr_grid)")
+    output_dir: Path = option(
+        help="folder for results.json and results.md (lr_sweep.json and lr_sweep.md with --lr_grid)"
+    )
     overwrite: bool = option(False, "replace results already in --output_dir")
     lr_grid: tuple[float, ...] | None = option(
-        None, "instead of the table, sweep every method over these learning rates and write lr_sweep.json/md (use "
-        "seeds you will not report)", low=0, low_open=True, metavar="LR")
+        None,
+        "instead of the table, sweep every method over these learning rates and write lr_sweep.json/md (use "
+        "seeds you will not report)",
+        low=0,
+        low_open=True,
+        metavar="LR",
+    )
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)", low=1)
     quiet: bool = option(False, "no progress bars")
 
@@ -225,8 +241,13 @@ def _run_setting(
         method = "retrain" if variant is None else variant.method
         metrics = _evaluate(model, data, forget, retain, seed, config.device)
         rows.append(
-            {"method": method, "lr": None if variant is None else variant.lr, "metrics": metrics, "time_s": elapsed,
-             "skipped_steps": skipped}
+            {
+                "method": method,
+                "lr": None if variant is None else variant.lr,
+                "metrics": metrics,
+                "time_s": elapsed,
+                "skipped_steps": skipped,
+            }
         )
         if progress:
             tqdm.write(f"seed {seed} {spec} {method}: {metrics} ({elapsed:.1f} s)")
@@ -531,12 +552,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         if command.lr_grid is not None:
             check_results(command.output_dir, command.overwrite, stem="lr_sweep")
             sweep = sweep_unlearn_lr(command, command.lr_grid, progress=progress)
-            paths = write_results(command.output_dir, sweep, sweep_markdown, overwrite=command.overwrite,
-                                  stem="lr_sweep")
+            paths = write_results(
+                command.output_dir, sweep, sweep_markdown, overwrite=command.overwrite, stem="lr_sweep"
+            )
         else:
             check_results(command.output_dir, command.overwrite)
-            paths = write_results(command.output_dir, run_benchmark(command, progress=progress), results_markdown,
-                                  overwrite=command.overwrite)
+            paths = write_results(
+                command.output_dir,
+                run_benchmark(command, progress=progress),
+                results_markdown,
+                overwrite=command.overwrite,
+            )
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -93,19 +93,26 @@ class ClipBenchmarkConfig:
     """Everything that defines a benchmark run (written next to the results as its protocol)."""
 
     model: str = option(DEMO_MODEL, "CLIP Hub id or folder, or a bundled CLIP (munba-demo)")
-    dataset: str = option(DEMO_DATASET, f"{DEMO_DATASET} (rendered shapes) or a datasets name/folder with Image and "
-                          "ClassLabel columns")
+    dataset: str = option(
+        DEMO_DATASET, f"{DEMO_DATASET} (rendered shapes) or a datasets name/folder with Image and ClassLabel columns"
+    )
     forget: tuple[str, ...] = option(("circle",), "class name(s) to forget")
     templates: tuple[str, ...] | None = option(
-        None, "prompt templates with {label} (default: the demo's, else 'a photo of a {label}.')")
+        None, "prompt templates with {label} (default: the demo's, else 'a photo of a {label}.')"
+    )
     heldout_dataset: str | None = option(
-        None, "datasets name/folder of a held-out zero-shot task (default: colours for the demo, none otherwise)")
+        None, "datasets name/folder of a held-out zero-shot task (default: colours for the demo, none otherwise)"
+    )
     heldout_templates: tuple[str, ...] = option(DEFAULT_TEMPLATES, "prompt templates of the held-out task")
     methods: tuple[str, ...] = option(CLIP_METHODS, "the methods compared", choices=CLIP_METHODS)
-    params: tuple[str, ...] = option(("text-attention", "all-attention"), "which attention projections train, one "
-                                     "setting each", choices=tuple(PARAM_SETS))
-    adapters: tuple[str, ...] = option(("direct", "lora"), "train the projections directly or through LoRA, one "
-                                       "setting each", choices=ADAPTERS)
+    params: tuple[str, ...] = option(
+        ("text-attention", "all-attention"),
+        "which attention projections train, one setting each",
+        choices=tuple(PARAM_SETS),
+    )
+    adapters: tuple[str, ...] = option(
+        ("direct", "lora"), "train the projections directly or through LoRA, one setting each", choices=ADAPTERS
+    )
     seeds: tuple[int, ...] = option((0, 1, 2), "seeds of every setting and method (batches, random labels, LoRA init)")
     combiner: str = same_option(ClipUnlearnConfig, "combiner")
     lora_rank: int = same_option(ClipUnlearnConfig, "lora_rank")
@@ -165,13 +172,15 @@ class ClipCommand(ClipBenchmarkConfig):
 
 
 # ----------------------------------------------------------------------------------------------- data
-def preprocess_images(processor, images: Sequence, batch_size: int = 256, desc: str = "images",
-                      progress: bool = True) -> torch.Tensor:
+def preprocess_images(
+    processor, images: Sequence, batch_size: int = 256, desc: str = "images", progress: bool = True
+) -> torch.Tensor:
     """``(N, 3, H, W)`` pixel values from CLIP's own image processor (RGB, resize, crop, CLIP mean/std)."""
     chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False,
-                      disable=not progress or len(images) <= batch_size):
-        batch = [image.convert("RGB") for image in images[start:start + batch_size]]
+    for start in tqdm(
+        range(0, len(images), batch_size), desc=desc, leave=False, disable=not progress or len(images) <= batch_size
+    ):
+        batch = [image.convert("RGB") for image in images[start : start + batch_size]]
         chunks.append(processor.image_processor(images=batch, return_tensors="pt")["pixel_values"])
     return torch.cat(chunks)
 
@@ -185,8 +194,9 @@ def render_demo_split(per_pair: int, seed: int) -> tuple[list, torch.Tensor, tor
     return images, torch.tensor([s for s, _ in pairs]), torch.tensor([c for _, c in pairs])
 
 
-def load_demo_data(processor, templates: Sequence[str], train_per_pair: int, test_per_pair: int,
-                   progress: bool = True) -> ClipBenchmarkData:
+def load_demo_data(
+    processor, templates: Sequence[str], train_per_pair: int, test_per_pair: int, progress: bool = True
+) -> ClipBenchmarkData:
     """Shapes to unlearn (train seed 1000, test seed 2000); colours of the test renders as the held-out task."""
     train_images, train_shapes, _ = render_demo_split(train_per_pair, DEMO_TRAIN_SEED)
     test_images, test_shapes, test_colours = render_demo_split(test_per_pair, DEMO_TEST_SEED)
@@ -208,8 +218,9 @@ def _evaluation_split(splits, name: str):
     raise ValueError(f"dataset {name!r} has no 'test' or 'validation' split (it has {', '.join(splits)})")
 
 
-def _labelled_split(split, processor, max_samples: int | None, desc: str, progress: bool = True
-                    ) -> tuple[tuple[str, ...], LabelledImages]:
+def _labelled_split(
+    split, processor, max_samples: int | None, desc: str, progress: bool = True
+) -> tuple[tuple[str, ...], LabelledImages]:
     """(class names, images) of one ``datasets`` split; the label column must be a ``ClassLabel`` (names needed)."""
     from datasets import ClassLabel
 
@@ -224,8 +235,9 @@ def _labelled_split(split, processor, max_samples: int | None, desc: str, progre
     return names, LabelledImages(pixels, torch.tensor(list(split[label_column]), dtype=torch.long))
 
 
-def load_heldout_task(name: str, templates: Sequence[str], processor, max_samples: int | None = None,
-                      progress: bool = True) -> tuple[ZeroShotTask, LabelledImages]:
+def load_heldout_task(
+    name: str, templates: Sequence[str], processor, max_samples: int | None = None, progress: bool = True
+) -> tuple[ZeroShotTask, LabelledImages]:
     """A held-out zero-shot task: the test (else validation) split of the ``datasets`` name or folder ``name``."""
     from datasets import load_dataset
 
@@ -250,14 +262,16 @@ def load_hf_data(config: ClipBenchmarkConfig, processor, progress: bool = True) 
 def load_benchmark_data(config: ClipBenchmarkConfig, processor, progress: bool = True) -> ClipBenchmarkData:
     """The demo or a ``datasets`` task; ``config.heldout_dataset`` (when set) replaces the held-out task."""
     if config.dataset == DEMO_DATASET:
-        data = load_demo_data(processor, config.shape_templates, config.demo_train_per_pair, config.demo_test_per_pair,
-                              progress)
+        data = load_demo_data(
+            processor, config.shape_templates, config.demo_train_per_pair, config.demo_test_per_pair, progress
+        )
     else:
         data = load_hf_data(config, processor, progress)
     if config.heldout_dataset is not None:
         data.heldout_name = config.heldout_dataset
-        data.heldout = load_heldout_task(config.heldout_dataset, config.heldout_templates, processor,
-                                         config.max_test_samples, progress)
+        data.heldout = load_heldout_task(
+            config.heldout_dataset, config.heldout_templates, processor, config.max_test_samples, progress
+        )
     return data
 
 
@@ -286,16 +300,31 @@ def run_clip_benchmark(config: ClipBenchmarkConfig, progress: bool = True) -> di
     jobs = [(s, seed, m) for s in config.settings() for seed in config.seeds for m in config.methods]
     for (params, adapter), seed, method in tqdm(jobs, desc="runs", disable=not progress):
         start = time.perf_counter()
-        unlearned, record = unlearn_clip(model, tokenizer, data.task, data.train, forget_ids,
-                                         config.unlearn_config(method, params, adapter), seed=seed)
+        unlearned, record = unlearn_clip(
+            model,
+            tokenizer,
+            data.task,
+            data.train,
+            forget_ids,
+            config.unlearn_config(method, params, adapter),
+            seed=seed,
+        )
         elapsed = time.perf_counter() - start
-        row = {"setting": f"{params}/{adapter}", "method": method, "seed": seed, **evaluate(unlearned),
-               "time_s": elapsed, "training": record}
+        row = {
+            "setting": f"{params}/{adapter}",
+            "method": method,
+            "seed": seed,
+            **evaluate(unlearned),
+            "time_s": elapsed,
+            "training": record,
+        }
         runs.append(row)
         if progress:
             heldout = "–" if row["heldout_acc"] is None else f"{row['heldout_acc']:.1f}"
-            tqdm.write(f"{row['setting']} seed {seed} {method}: forget {row['forget_acc']:.1f}, retain "
-                       f"{row['retain_acc']:.1f}, held-out {heldout}, {elapsed:.1f} s")
+            tqdm.write(
+                f"{row['setting']} seed {seed} {method}: forget {row['forget_acc']:.1f}, retain "
+                f"{row['retain_acc']:.1f}, held-out {heldout}, {elapsed:.1f} s"
+            )
     return {"protocol": _protocol(config, data, forget_ids, model), "runs": runs, "summary": summarize(runs)}
 
 
@@ -309,16 +338,19 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict[
             if r["setting"] == setting:
                 rows_by_method.setdefault(r["method"], []).append(r)
         summary[setting] = {
-            method: {column: {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
-                     for column in REPORT_COLUMNS
-                     if (values := [r[column] for r in rows if r[column] is not None])}
+            method: {
+                column: {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+                for column in REPORT_COLUMNS
+                if (values := [r[column] for r in rows if r[column] is not None])
+            }
             for method, rows in rows_by_method.items()
         }
     return summary
 
 
-def acceptance(summary_for_setting: Mapping[str, Mapping[str, Mapping[str, float]]], method: str,
-               chance: float) -> dict[str, bool]:
+def acceptance(
+    summary_for_setting: Mapping[str, Mapping[str, Mapping[str, float]]], method: str, chance: float
+) -> dict[str, bool]:
     """Whether ``method``'s mean forget accuracy is at most ``chance`` and its mean retain and held-out accuracies
     are within :data:`RETAIN_TOLERANCE` points of the original's."""
     cells, original = summary_for_setting[method], summary_for_setting["original"]
@@ -343,9 +375,13 @@ def _protocol(config: ClipBenchmarkConfig, data: ClipBenchmarkData, forget_ids: 
         "chance_acc": 100.0 / len(data.task.class_names),
         "train_size": len(data.train),
         "test_size": len(data.test),
-        "heldout": None if data.heldout is None else {
-            "name": data.heldout_name, "classes": list(data.heldout[0].class_names),
-            "templates": list(data.heldout[0].templates), "size": len(data.heldout[1]),
+        "heldout": None
+        if data.heldout is None
+        else {
+            "name": data.heldout_name,
+            "classes": list(data.heldout[0].class_names),
+            "templates": list(data.heldout[0].templates),
+            "size": len(data.heldout[1]),
         },
         "demo_seeds": {"train": DEMO_TRAIN_SEED, "test": DEMO_TEST_SEED} if data.name == DEMO_DATASET else None,
         "seeds": list(config.seeds),
@@ -380,12 +416,20 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         f"- task: {len(protocol['classes'])} classes ({', '.join(protocol['classes'][:12])}"
         f"{', ...' if len(protocol['classes']) > 12 else ''}), templates {protocol['templates']}; "
         f"{protocol['train_size']} train / {protocol['test_size']} test images"
-        + (f" (demo renders, seeds {protocol['demo_seeds']['train']} / {protocol['demo_seeds']['test']})"
-           if protocol["demo_seeds"] else ""),
+        + (
+            f" (demo renders, seeds {protocol['demo_seeds']['train']} / {protocol['demo_seeds']['test']})"
+            if protocol["demo_seeds"]
+            else ""
+        ),
         f"- forget: {', '.join(protocol['forget'])} (chance {protocol['chance_acc']:.1f}%); forget acc and retain acc "
         "are zero-shot accuracies on the test images of the forgotten / retained classes, over all classes",
-        "- held-out task: " + (f"{heldout['name']}, {len(heldout['classes'])} classes, templates "
-                               f"{heldout['templates']}, {heldout['size']} images" if heldout else "none"),
+        "- held-out task: "
+        + (
+            f"{heldout['name']}, {len(heldout['classes'])} classes, templates "
+            f"{heldout['templates']}, {heldout['size']} images"
+            if heldout
+            else "none"
+        ),
         f"- methods: ft (retain CE), rl (retain CE + random-label CE on the forget classes, summed), munba (the same "
         f"two players, combiner `{unlearn['combiner']}`); each {unlearn['steps']} SGD steps, lr {unlearn['lr']}, "
         f"momentum {unlearn['momentum']}, weight decay {unlearn['weight_decay']}, batch {unlearn['batch_size']} retain "

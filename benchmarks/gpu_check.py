@@ -49,8 +49,11 @@ class GpuCheckConfig:
     latent_size: int | None = option(None, "latent height/width (default 64, i.e. 512 px; 8 with --tiny)", low=1)
     batch_sizes: tuple[int, ...] = option((1, 4), "x_t per player", low=1)
     variants: tuple[str, ...] = option(VARIANTS, "step variants timed", choices=VARIANTS)
-    attention: tuple[str, ...] = option(("sdpa", "xformers"), "attention backends (xformers is skipped, and said "
-                                        "so, when it does not import)", choices=("sdpa", "xformers"))
+    attention: tuple[str, ...] = option(
+        ("sdpa", "xformers"),
+        "attention backends (xformers is skipped, and said so, when it does not import)",
+        choices=("sdpa", "xformers"),
+    )
     dtype: str = option("bf16", "UNet dtype (autocast; LoRA weights stay float32)", choices=tuple(DTYPES))
     steps: int = option(10, "timed optimizer steps per row", low=1)
     warmup: int = option(3, "untimed steps first", low=0)
@@ -66,9 +69,14 @@ class GpuCheckConfig:
 
 def move_batch(batch, uncond, device: torch.device):
     """The random ``ErasureBatch`` and unconditional context on ``device``."""
+
     def move(lat):
-        return replace(lat, latents=lat.latents.to(device), timesteps=lat.timesteps.to(device),
-                       prompt_index=lat.prompt_index.to(device))
+        return replace(
+            lat,
+            latents=lat.latents.to(device),
+            timesteps=lat.timesteps.to(device),
+            prompt_index=lat.prompt_index.to(device),
+        )
 
     (lat, ctx, anchor), (plat, pctx) = batch.forget[0], batch.preserve
     moved = type(batch)(forget=[(move(lat), ctx.to(device), anchor.to(device))], preserve=(move(plat), pctx.to(device)))
@@ -141,8 +149,11 @@ def esd_peak(architecture: str, batch, uncond, device, dtype, steps: int) -> dic
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             esd_step(student, teacher, batch, uncond, params, optimizer, preserve=True)
     synchronize(device)
-    result = {"seconds_per_step": (time.perf_counter() - start) / steps, "peak_bytes": peak_bytes(device),
-              "trainable_parameters": sum(p.numel() for p in params)}
+    result = {
+        "seconds_per_step": (time.perf_counter() - start) / steps,
+        "peak_bytes": peak_bytes(device),
+        "trainable_parameters": sum(p.numel() for p in params),
+    }
     del student, teacher, optimizer, params
     reset_peak(device)
     return result
@@ -153,16 +164,35 @@ def gib(n: int | None) -> str:
 
 
 def markdown(results: dict) -> str:
-    rows = [[r["attention"], r["batch_size"], r["variant"], f"{r['steps_per_second']:.2f}",
-             f"{r['seconds_per_step'] * 1e3:.0f}", gib(r["peak_bytes"])] for r in results["rows"]]
+    rows = [
+        [
+            r["attention"],
+            r["batch_size"],
+            r["variant"],
+            f"{r['steps_per_second']:.2f}",
+            f"{r['seconds_per_step'] * 1e3:.0f}",
+            gib(r["peak_bytes"]),
+        ]
+        for r in results["rows"]
+    ]
     for r in results["esd_way"]:
-        rows.append([r["attention"], r["batch_size"], "ESD way (teacher copy, full xattn FT, +preserve)", "-",
-                     f"{r['seconds_per_step'] * 1e3:.0f}", gib(r["peak_bytes"])])
+        rows.append(
+            [
+                r["attention"],
+                r["batch_size"],
+                "ESD way (teacher copy, full xattn FT, +preserve)",
+                "-",
+                f"{r['seconds_per_step'] * 1e3:.0f}",
+                gib(r["peak_bytes"]),
+            ]
+        )
     table = markdown_table(["attention", "batch/player", "variant", "steps/s", "ms/step", "peak GiB"], rows)
     s, m = results["settings"], results["machine"]
-    return (f"# GPU check: {s['architecture']} UNet, {s['resolution']} px ({s['latent_size']}x{s['latent_size']} "
-            f"latents), {s['dtype']}, LoRA xattn r4\n\n{table}\n"
-            f"{m['gpu'] or m['cpu']}; torch {m['libraries']['torch']}; {m['date_utc']}.\n")
+    return (
+        f"# GPU check: {s['architecture']} UNet, {s['resolution']} px ({s['latent_size']}x{s['latent_size']} "
+        f"latents), {s['dtype']}, LoRA xattn r4\n\n{table}\n"
+        f"{m['gpu'] or m['cpu']}; torch {m['libraries']['torch']}; {m['date_utc']}.\n"
+    )
 
 
 def run(config: GpuCheckConfig) -> dict:
@@ -182,35 +212,62 @@ def run(config: GpuCheckConfig) -> dict:
     start = time.time()
     unet = build_unet(architecture).to(device, dtype)
     params = add_erasure_lora(unet, ErasureLoraConfig(rank=4, target="xattn"))
-    print(f"built {architecture} ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M parameters) in "
-          f"{time.time() - start:.0f} s; attention backends {backends}"
-          + (f" (skipped: {skipped}, not importable)" if skipped else ""),
-          flush=True)
+    print(
+        f"built {architecture} ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M parameters) in "
+        f"{time.time() - start:.0f} s; attention backends {backends}"
+        + (f" (skipped: {skipped}, not importable)" if skipped else ""),
+        flush=True,
+    )
     rows, esd_rows = [], []
-    batches = {b: move_batch(*random_erasure_batch(unet, b, latent_size, torch.Generator().manual_seed(0)), device)
-               for b in config.batch_sizes}
+    batches = {
+        b: move_batch(*random_erasure_batch(unet, b, latent_size, torch.Generator().manual_seed(0)), device)
+        for b in config.batch_sizes
+    }
     for backend in backends:
         set_attention(unet, backend)
         for batch_size, (batch, uncond) in batches.items():
             for variant in config.variants:
-                row = {"attention": backend, "batch_size": batch_size, "variant": variant,
-                       **time_steps(variant, unet, batch, uncond, params, device, dtype, config.steps,
-                                  config.warmup)}
+                row = {
+                    "attention": backend,
+                    "batch_size": batch_size,
+                    "variant": variant,
+                    **time_steps(variant, unet, batch, uncond, params, device, dtype, config.steps, config.warmup),
+                }
                 rows.append(row)
-                print(f"{backend:8s} batch {batch_size} {variant:16s} {row['steps_per_second']:7.2f} steps/s "
-                      f"peak {gib(row['peak_bytes'])} GiB", flush=True)
+                print(
+                    f"{backend:8s} batch {batch_size} {variant:16s} {row['steps_per_second']:7.2f} steps/s "
+                    f"peak {gib(row['peak_bytes'])} GiB",
+                    flush=True,
+                )
     del unet, params
     if config.esd:  # SDPA, smallest batch: the memory comparison with our rows above
         batch_size = min(config.batch_sizes)
-        esd_rows.append({"attention": "sdpa", "batch_size": batch_size,
-                         **esd_peak(architecture, *batches[batch_size], device, dtype, steps=2)})
+        esd_rows.append(
+            {
+                "attention": "sdpa",
+                "batch_size": batch_size,
+                **esd_peak(architecture, *batches[batch_size], device, dtype, steps=2),
+            }
+        )
         print(f"sdpa     batch {batch_size} ESD way peak {gib(esd_rows[-1]['peak_bytes'])} GiB", flush=True)
-    results = {"benchmark": "gpu_check", "machine": machine_record(),
-               "settings": {"architecture": architecture, "latent_size": latent_size, "resolution": latent_size * 8,
-                            "dtype": config.dtype, "steps": config.steps, "warmup": config.warmup,
-                            "device": str(device),
-                            "attention_skipped": skipped, "lora": {"rank": 4, "target": "xattn"}},
-               "rows": rows, "esd_way": esd_rows, "total_seconds": time.time() - start}
+    results = {
+        "benchmark": "gpu_check",
+        "machine": machine_record(),
+        "settings": {
+            "architecture": architecture,
+            "latent_size": latent_size,
+            "resolution": latent_size * 8,
+            "dtype": config.dtype,
+            "steps": config.steps,
+            "warmup": config.warmup,
+            "device": str(device),
+            "attention_skipped": skipped,
+            "lora": {"rank": 4, "target": "xattn"},
+        },
+        "rows": rows,
+        "esd_way": esd_rows,
+        "total_seconds": time.time() - start,
+    }
     write_results(config.output_dir, results, markdown, overwrite=config.overwrite, echo=True)
     return results
 

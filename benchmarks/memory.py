@@ -66,18 +66,22 @@ class MemoryConfig:
 
     architecture: str = option("sd15", "the UNet architecture (random weights)", choices=tuple(UNET_ARCHITECTURES))
     lora_targets: tuple[str, ...] = option(
-        ("xattn",), "target sets measured in subprocesses (noxattn's ESD way needs ~17 GiB for sd15)",
-        choices=TARGET_SETS)
+        ("xattn",),
+        "target sets measured in subprocesses (noxattn's ESD way needs ~17 GiB for sd15)",
+        choices=TARGET_SETS,
+    )
     analytic_targets: tuple[str, ...] = option(
-        ("xattn", "noxattn", "attn", "full"), "target sets compared from parameter counts", choices=TARGET_SETS)
+        ("xattn", "noxattn", "attn", "full"), "target sets compared from parameter counts", choices=TARGET_SETS
+    )
     rank: int = option(4, "LoRA rank", low=1)
     latent_size: int = option(16, "latent height/width (one x_t per player)", low=1)
     steps: int = option(2, "optimizer steps before the peak is read (AdamW's states exist after the first)", low=1)
     variants: tuple[str, ...] = option(VARIANTS, "the variants measured", choices=VARIANTS)
     parallel: bool = option(False, "run the variants' processes at the same time")
     threads: int = option(1, "torch CPU threads of each process", low=1)
-    write_unet: bool = option(True, "compute the full UNet file size from parameter counts instead of writing it",
-                              flag="no_write_unet")
+    write_unet: bool = option(
+        True, "compute the full UNet file size from parameter counts instead of writing it", flag="no_write_unet"
+    )
     output_dir: Path = option(RESULTS_ROOT / "memory", "folder for results.json, results.md and memory.png")
     overwrite: bool = option(False, "replace results already in --output_dir")
 
@@ -110,8 +114,9 @@ def warm_up(target: str, rank: int) -> None:
     erasure_step("nash", unet, batch, uncond, params, torch.optim.AdamW(params), torch.device("cpu"))
 
 
-def esd_step(student, teacher, batch, uncond, params, optimizer, max_grad_norm: float = 1.0,
-             preserve: bool = False) -> None:
+def esd_step(
+    student, teacher, batch, uncond, params, optimizer, max_grad_norm: float = 1.0, preserve: bool = False
+) -> None:
     """ESD's step: the teacher copy gives eps(x_t, "") and eps(x_t, c_f); the student regresses onto the negative
     guidance target; one backward; AdamW over the trained layers. ``preserve`` adds our preservation loss (the
     teacher's prediction on the preserve batch) to the one backward."""
@@ -126,13 +131,16 @@ def esd_step(student, teacher, batch, uncond, params, optimizer, max_grad_norm: 
         frozen = teacher(torch.cat(xs), torch.cat(ts), encoder_hidden_states=torch.cat(cs)).sample
     b = lat.latents.shape[0]
     if preserve:
-        student_eps = student(torch.cat([lat.latents, plat.latents]), torch.cat([lat.timesteps, plat.timesteps]),
-                              encoder_hidden_states=torch.cat([ctx, pctx])).sample
+        student_eps = student(
+            torch.cat([lat.latents, plat.latents]),
+            torch.cat([lat.timesteps, plat.timesteps]),
+            encoder_hidden_states=torch.cat([ctx, pctx]),
+        ).sample
     else:
         student_eps = student(lat.latents, lat.timesteps, encoder_hidden_states=ctx).sample
-    loss = forget_loss(student_eps[:b], esd_target(frozen[:b], frozen[b:2 * b], 1.0))
+    loss = forget_loss(student_eps[:b], esd_target(frozen[:b], frozen[b : 2 * b], 1.0))
     if preserve:
-        loss = loss + preservation_loss(student_eps[b:], frozen[2 * b:])
+        loss = loss + preservation_loss(student_eps[b:], frozen[2 * b :])
     loss.backward()
     clip_gradients_(params, max_grad_norm)
     optimizer.step()
@@ -229,8 +237,9 @@ def save_and_measure(state: dict[str, torch.Tensor], directory: Path, name: str)
     return size
 
 
-def child(variant: str, architecture: str, target: str, rank: int, latent_size: int, steps: int,
-          write_unet: bool) -> dict:
+def child(
+    variant: str, architecture: str, target: str, rank: int, latent_size: int, steps: int, write_unet: bool
+) -> dict:
     """Build the variant, run ``steps`` steps, report peak RSS above the post-import baseline, the bytes of the
     tensors it holds and the peak bytes saved for backward."""
     from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora, lora_state_dict
@@ -239,8 +248,11 @@ def child(variant: str, architecture: str, target: str, rank: int, latent_size: 
     baseline = peak_rss_bytes()
     unet = build_unet(architecture)
     batch, uncond = random_erasure_batch(unet, 1, latent_size, torch.Generator().manual_seed(0))
-    result: dict = {"variant": variant, "baseline_peak_rss_bytes": baseline,
-                    "unet_parameters": sum(p.numel() for p in unet.parameters())}
+    result: dict = {
+        "variant": variant,
+        "baseline_peak_rss_bytes": baseline,
+        "unet_parameters": sum(p.numel() for p in unet.parameters()),
+    }
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         if variant == "ours":
@@ -302,18 +314,32 @@ def analytic_bytes(architecture: str, targets: list[str], rank: int) -> dict:
             lora_unet = UNet2DConditionModel(**UNET_ARCHITECTURES[architecture])
         lora = sum(p.numel() for p in add_erasure_lora(lora_unet, ErasureLoraConfig(rank=rank, target=target)))
         ours, esd = 4 * (total + 6 * lora), 4 * (2 * total + 3 * trained)
-        out[target] = {"unet_parameters": total, "trained_layer_parameters": trained, "lora_parameters": lora,
-                       "ours_bytes": ours, "esd_bytes": esd, "ratio": ours / esd,
-                       "lora_file_bytes": 4 * lora, "unet_file_bytes_fp32": 4 * total,
-                       "unet_file_bytes_fp16": 2 * total}
+        out[target] = {
+            "unet_parameters": total,
+            "trained_layer_parameters": trained,
+            "lora_parameters": lora,
+            "ours_bytes": ours,
+            "esd_bytes": esd,
+            "ratio": ours / esd,
+            "lora_file_bytes": 4 * lora,
+            "unet_file_bytes_fp32": 4 * total,
+            "unet_file_bytes_fp16": 2 * total,
+        }
     return out
 
 
 def child_command(config: MemoryConfig, variant: str, target: str) -> list[str]:
     """The command that measures one variant in a fresh process (:func:`child_main` with a JSON spec)."""
-    spec = {"variant": variant, "architecture": config.architecture, "target": target, "rank": config.rank,
-            "latent_size": config.latent_size, "steps": config.steps, "write_unet": config.write_unet,
-            "threads": config.threads}
+    spec = {
+        "variant": variant,
+        "architecture": config.architecture,
+        "target": target,
+        "rank": config.rank,
+        "latent_size": config.latent_size,
+        "steps": config.steps,
+        "write_unet": config.write_unet,
+        "threads": config.threads,
+    }
     code = f"from {__package__}.memory import child_main; child_main()"
     return [sys.executable, "-c", code, json.dumps(spec)]
 
@@ -334,16 +360,18 @@ def run_children(config: MemoryConfig, target: str) -> dict[str, dict]:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
 
     def start(variant: str) -> subprocess.Popen:
-        return subprocess.Popen(child_command(config, variant, target), env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            child_command(config, variant, target), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
 
     def finish(variant: str, proc: subprocess.Popen) -> dict:
         stdout, stderr = proc.communicate()
         lines = [line for line in stdout.splitlines() if line.startswith(CHILD_MARKER)]
         if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"memory child {variant}/{target} failed (exit {proc.returncode}): "
-                               f"{stderr.strip()[-2000:]}")
-        return json.loads(lines[-1][len(CHILD_MARKER):])
+            raise RuntimeError(
+                f"memory child {variant}/{target} failed (exit {proc.returncode}): {stderr.strip()[-2000:]}"
+            )
+        return json.loads(lines[-1][len(CHILD_MARKER) :])
 
     if config.parallel:
         procs = {variant: start(variant) for variant in config.variants}
@@ -355,46 +383,95 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-VARIANT_LABELS = {"ours": "ours (trainer)", "esd": "ESD way (forget loss only)",
-                  "esd_two_players": "ESD way + preservation player"}
+VARIANT_LABELS = {
+    "ours": "ours (trainer)",
+    "esd": "ESD way (forget loss only)",
+    "esd_two_players": "ESD way + preservation player",
+}
 
 
-PLOT_LABELS = {"ours": "ours\n(trainer)", "esd": "ESD way\n(forget only)",
-               "esd_two_players": "ESD way\n+ preserve"}
+PLOT_LABELS = {"ours": "ours\n(trainer)", "esd": "ESD way\n(forget only)", "esd_two_players": "ESD way\n+ preserve"}
 
 
 def markdown(results: dict) -> str:
     rows = []
     for target, m in results["measured"].items():
         for variant, r in m["runs"].items():
-            rows.append([target, VARIANT_LABELS[variant], f"{r['trainable_parameters'] / 1e6:.2f}M",
-                         gib(r["peak_minus_baseline_bytes"]), gib(r["peak_rss_bytes"]), gib(r["held_tensor_bytes"]),
-                         gib(r["saved_activation_peak_bytes"])])
-    measured = markdown_table(["target", "variant", "trained params", "peak - baseline", "peak RSS",
-                               "tensors held (weights, Adam)", "peak saved for backward"], rows)
-    ratios = [f"- {target} {name.replace('_over_', ' / ')}: **{value:.3f}x**"
-              for target, m in results["measured"].items() for name, value in m["ratios"].items()]
+            rows.append(
+                [
+                    target,
+                    VARIANT_LABELS[variant],
+                    f"{r['trainable_parameters'] / 1e6:.2f}M",
+                    gib(r["peak_minus_baseline_bytes"]),
+                    gib(r["peak_rss_bytes"]),
+                    gib(r["held_tensor_bytes"]),
+                    gib(r["saved_activation_peak_bytes"]),
+                ]
+            )
+    measured = markdown_table(
+        [
+            "target",
+            "variant",
+            "trained params",
+            "peak - baseline",
+            "peak RSS",
+            "tensors held (weights, Adam)",
+            "peak saved for backward",
+        ],
+        rows,
+    )
+    ratios = [
+        f"- {target} {name.replace('_over_', ' / ')}: **{value:.3f}x**"
+        for target, m in results["measured"].items()
+        for name, value in m["ratios"].items()
+    ]
     measured += "\n" + "\n".join(ratios) + "\n"
-    rows = [[t, f"{a['lora_parameters'] / 1e6:.2f}M", f"{a['trained_layer_parameters'] / 1e6:.1f}M",
-             gib(a["ours_bytes"]), gib(a["esd_bytes"]), f"{a['ratio']:.3f}x"] for t, a in results["analytic"].items()]
-    analytic = markdown_table(["target", "LoRA params", "ESD trained params", "ours (weights+grads+Adam)",
-                               "ESD way (weights+grads+Adam)", "ours / ESD"], rows)
+    rows = [
+        [
+            t,
+            f"{a['lora_parameters'] / 1e6:.2f}M",
+            f"{a['trained_layer_parameters'] / 1e6:.1f}M",
+            gib(a["ours_bytes"]),
+            gib(a["esd_bytes"]),
+            f"{a['ratio']:.3f}x",
+        ]
+        for t, a in results["analytic"].items()
+    ]
+    analytic = markdown_table(
+        [
+            "target",
+            "LoRA params",
+            "ESD trained params",
+            "ours (weights+grads+Adam)",
+            "ESD way (weights+grads+Adam)",
+            "ours / ESD",
+        ],
+        rows,
+    )
     rows = []
     for target, m in results["measured"].items():
         if "ours" not in m["runs"] or "esd" not in m["runs"]:
             continue
         o, e = m["runs"]["ours"], m["runs"]["esd"]
-        rows.append([target, f"{o['saved_bytes'] / 2**20:.2f} MiB ({o['saved_what']})",
-                     f"{gib(e['saved_bytes'])} ({e['saved_what']})", f"{e['saved_bytes'] / o['saved_bytes']:.0f}x"])
+        rows.append(
+            [
+                target,
+                f"{o['saved_bytes'] / 2**20:.2f} MiB ({o['saved_what']})",
+                f"{gib(e['saved_bytes'])} ({e['saved_what']})",
+                f"{e['saved_bytes'] / o['saved_bytes']:.0f}x",
+            ]
+        )
     storage = markdown_table(["target", "ours per concept", "ESD way per concept", "ESD / ours"], rows)
     s, mach = results["settings"], results["machine"]
-    return (f"# Peak memory of one erasure step and storage per concept ({s['architecture']}, latents "
-            f"1x4x{s['latent_size']}x{s['latent_size']} per player, LoRA rank {s['rank']}, CPU float32)\n\n"
-            f"Measured (fresh subprocess per variant, ru_maxrss after {s['steps']} steps minus after imports; the "
-            "tensor columns are byte counts, independent of the allocator):\n\n"
-            f"{measured}\nFrom parameter counts (fp32, no activations):\n\n{analytic}\nStorage:\n\n{storage}\n"
-            f"{mach['cpu']}, {mach['nproc']} cores, {mach['memory_gib']} GiB, {mach['date_utc']}.\n\n"
-            "![memory](memory.png)\n")
+    return (
+        f"# Peak memory of one erasure step and storage per concept ({s['architecture']}, latents "
+        f"1x4x{s['latent_size']}x{s['latent_size']} per player, LoRA rank {s['rank']}, CPU float32)\n\n"
+        f"Measured (fresh subprocess per variant, ru_maxrss after {s['steps']} steps minus after imports; the "
+        "tensor columns are byte counts, independent of the allocator):\n\n"
+        f"{measured}\nFrom parameter counts (fp32, no activations):\n\n{analytic}\nStorage:\n\n{storage}\n"
+        f"{mach['cpu']}, {mach['nproc']} cores, {mach['memory_gib']} GiB, {mach['date_utc']}.\n\n"
+        "![memory](memory.png)\n"
+    )
 
 
 def plot(results: dict, path: Path) -> None:
@@ -408,18 +485,31 @@ def plot(results: dict, path: Path) -> None:
     for target, m in results["measured"].items():
         names = list(m["runs"])
         values = [m["runs"][v]["peak_minus_baseline_bytes"] / 2**30 for v in names]
-        bars = left.bar([PLOT_LABELS[v] for v in names], values,
-                        color=["crimson" if v.startswith("ours") else "tab:gray" for v in names])
+        bars = left.bar(
+            [PLOT_LABELS[v] for v in names],
+            values,
+            color=["crimson" if v.startswith("ours") else "tab:gray" for v in names],
+        )
         left.bar_label(bars, fmt="%.2f GiB", fontsize=8)
         left.set_title(f"measured peak RSS - baseline ({target}, {results['settings']['architecture']})", fontsize=10)
     left.tick_params(axis="x", labelsize=7)
     left.set_ylabel("GiB")
     targets = list(results["analytic"])
     x = range(len(targets))
-    right.bar([i - 0.2 for i in x], [results["analytic"][t]["ours_bytes"] / 2**30 for t in targets], width=0.4,
-              label="ours (LoRA)", color="crimson")
-    right.bar([i + 0.2 for i in x], [results["analytic"][t]["esd_bytes"] / 2**30 for t in targets], width=0.4,
-              label="ESD way", color="tab:gray")
+    right.bar(
+        [i - 0.2 for i in x],
+        [results["analytic"][t]["ours_bytes"] / 2**30 for t in targets],
+        width=0.4,
+        label="ours (LoRA)",
+        color="crimson",
+    )
+    right.bar(
+        [i + 0.2 for i in x],
+        [results["analytic"][t]["esd_bytes"] / 2**30 for t in targets],
+        width=0.4,
+        label="ESD way",
+        color="tab:gray",
+    )
     right.set_xticks(list(x), targets)
     right.set_ylabel("GiB (fp32 weights + gradients + AdamW)")
     right.set_title("from parameter counts, per LoRA target set", fontsize=10)
@@ -438,13 +528,24 @@ def run(config: MemoryConfig) -> dict:
         runs = run_children(config, target)
         ratios = {}
         for key, name in (("peak_minus_baseline_bytes", "ours_over_{}"), ("held_tensor_bytes", "held_ours_over_{}")):
-            ratios.update({name.format(b): runs["ours"][key] / runs[b][key] for b in ("esd", "esd_two_players")
-                           if "ours" in runs and b in runs})
+            ratios.update(
+                {
+                    name.format(b): runs["ours"][key] / runs[b][key]
+                    for b in ("esd", "esd_two_players")
+                    if "ours" in runs and b in runs
+                }
+            )
         measured[target] = {"runs": runs, "ratios": ratios}
-    results = {"benchmark": "memory", "machine": machine, "settings": config_record(config), "measured": measured,
-               "analytic": analytic_bytes(config.architecture, list(config.analytic_targets), config.rank)}
-    write_results(config.output_dir, results, markdown, overwrite=config.overwrite, plot=plot,
-                  plot_name="memory.png", echo=True)
+    results = {
+        "benchmark": "memory",
+        "machine": machine,
+        "settings": config_record(config),
+        "measured": measured,
+        "analytic": analytic_bytes(config.architecture, list(config.analytic_targets), config.rank),
+    }
+    write_results(
+        config.output_dir, results, markdown, overwrite=config.overwrite, plot=plot, plot_name="memory.png", echo=True
+    )
     return results
 
 

@@ -49,10 +49,10 @@ class OverheadConfig:
     """Options of ``python -m benchmarks.overhead``."""
 
     models: tuple[str, ...] = option(
-        (DEMO_MODEL, "sd15"), "a bundled model, a pipeline folder, sd15 (SD 1.5's UNet config, random weights), "
-        "sd15-small or sd15-tiny")
-    latent_size: int = option(16, "latent height/width of the sd15 architectures (a pipeline uses its own size)",
-                              low=1)
+        (DEMO_MODEL, "sd15"),
+        "a bundled model, a pipeline folder, sd15 (SD 1.5's UNet config, random weights), sd15-small or sd15-tiny",
+    )
+    latent_size: int = option(16, "latent height/width of the sd15 architectures (a pipeline uses its own size)", low=1)
     batch_size: int = option(1, "x_t per player", low=1)
     rank: int = option(4, "LoRA rank", low=1)
     lora_target: str = option("xattn", "which UNet layers the LoRA adapts", choices=TARGET_SETS)
@@ -92,8 +92,9 @@ def time_gram_and_weights(unet, params, batch, uncond, repeats: int) -> dict:
     from munba_diffusion.diffusion.players import erasure_player_gradients
     from munba_diffusion.step import BargainedUpdate
 
-    grads, values = erasure_player_gradients(unet, batch, uncond, "esd", 1.0, PLAYERS, params, torch.device("cpu"),
-                                             torch.float32)
+    grads, values = erasure_player_gradients(
+        unet, batch, uncond, "esd", 1.0, PLAYERS, params, torch.device("cpu"), torch.float32
+    )
     update = BargainedUpdate(params, get_combiner("nash"))
     bargained, added = [], []
     for _ in range(repeats):
@@ -109,12 +110,16 @@ def time_gram_and_weights(unet, params, batch, uncond, repeats: int) -> dict:
         added.append(time.perf_counter() - start)
         for p in params:
             p.grad = None
-    return {"nash_apply_seconds": quantiles(bargained), "plain_add_seconds": quantiles(added),
-            "gram_and_weights_seconds": statistics.median(bargained) - statistics.median(added)}
+    return {
+        "nash_apply_seconds": quantiles(bargained),
+        "plain_add_seconds": quantiles(added),
+        "gram_and_weights_seconds": statistics.median(bargained) - statistics.median(added),
+    }
 
 
-def benchmark_model(model: str, *, latent_size: int | None, batch_size: int, rank: int, target: str,
-                    rounds: int, warmup: int, seed: int) -> dict:
+def benchmark_model(
+    model: str, *, latent_size: int | None, batch_size: int, rank: int, target: str, rounds: int, warmup: int, seed: int
+) -> dict:
     from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
 
     unet = load_unet(model, seed)
@@ -147,8 +152,12 @@ def benchmark_model(model: str, *, latent_size: int | None, batch_size: int, ran
     }
 
 
-VARIANT_LABELS = {"nash": "nash", "sum": "sum (trainer path)", "sum_plain": "sum (no Gram)",
-                  "single_backward": "single backward"}
+VARIANT_LABELS = {
+    "nash": "nash",
+    "sum": "sum (trainer path)",
+    "sum_plain": "sum (no Gram)",
+    "single_backward": "single backward",
+}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -164,14 +173,24 @@ def plot(results: dict, path: Path) -> None:
         stats = model["seconds_per_step"]
         names = [v for v in STEP_VARIANTS if v in stats]
         med = [stats[v]["median"] for v in names]
-        err = [[stats[v]["median"] - stats[v]["p25"] for v in names],
-               [stats[v]["p75"] - stats[v]["median"] for v in names]]
-        bars = ax.bar([VARIANT_LABELS[v] for v in names], med, yerr=err, capsize=3,
-                      color=["crimson" if v == "nash" else "tab:gray" for v in names])
+        err = [
+            [stats[v]["median"] - stats[v]["p25"] for v in names],
+            [stats[v]["p75"] - stats[v]["median"] for v in names],
+        ]
+        bars = ax.bar(
+            [VARIANT_LABELS[v] for v in names],
+            med,
+            yerr=err,
+            capsize=3,
+            color=["crimson" if v == "nash" else "tab:gray" for v in names],
+        )
         ax.bar_label(bars, labels=[f"{m / med[names.index('sum_plain')]:.3f}x" for m in med], fontsize=8)
         ax.set_ylabel("seconds per step (median, IQR)")
-        ax.set_title(f"{Path(model['model']).name}: latents {model['batch_size_per_player']}x4x{model['latent_size']}"
-                     f"x{model['latent_size']}", fontsize=10)
+        ax.set_title(
+            f"{Path(model['model']).name}: latents {model['batch_size_per_player']}x4x{model['latent_size']}"
+            f"x{model['latent_size']}",
+            fontsize=10,
+        )
         ax.tick_params(axis="x", labelsize=8, rotation=20)
     fig.suptitle("erasure step time; labels: ratio to sum (no Gram)", fontsize=10)
     fig.tight_layout()
@@ -180,40 +199,70 @@ def plot(results: dict, path: Path) -> None:
 
 
 def markdown(results: dict) -> str:
-    header = ["model", "latents", "nash s/step", "sum (plain) s/step", "single backward s/step",
-              "nash / sum", "nash / single backward", "Gram + weights alone"]
+    header = [
+        "model",
+        "latents",
+        "nash s/step",
+        "sum (plain) s/step",
+        "single backward s/step",
+        "nash / sum",
+        "nash / single backward",
+        "Gram + weights alone",
+    ]
     rows = []
     for r in results["models"]:
         s, q = r["seconds_per_step"], r["ratios"]
         gram = r["gram_and_weights"]["gram_and_weights_seconds"]
-        rows.append([
-            f"{r['model']} ({r['unet_parameters'] / 1e6:.1f}M, LoRA {r['lora']['target']} r{r['lora']['rank']}: "
-            f"{r['lora_parameters'] / 1e6:.2f}M)",
-            f"{r['batch_size_per_player']}x4x{r['latent_size']}x{r['latent_size']}",
-            f"{s['nash']['median']:.3f}", f"{s['sum_plain']['median']:.3f}", f"{s['single_backward']['median']:.3f}",
-            f"{q['nash_over_sum_plain']:.3f}x (paired {q['nash_over_sum_plain_paired']:.3f}x)",
-            f"{q['nash_over_single_backward']:.3f}x",
-            f"{gram * 1e3:.2f} ms = {gram / s['sum_plain']['median'] * 100:.2f}% of a step",
-        ])
+        rows.append(
+            [
+                f"{r['model']} ({r['unet_parameters'] / 1e6:.1f}M, LoRA {r['lora']['target']} r{r['lora']['rank']}: "
+                f"{r['lora_parameters'] / 1e6:.2f}M)",
+                f"{r['batch_size_per_player']}x4x{r['latent_size']}x{r['latent_size']}",
+                f"{s['nash']['median']:.3f}",
+                f"{s['sum_plain']['median']:.3f}",
+                f"{s['single_backward']['median']:.3f}",
+                f"{q['nash_over_sum_plain']:.3f}x (paired {q['nash_over_sum_plain_paired']:.3f}x)",
+                f"{q['nash_over_single_backward']:.3f}x",
+                f"{gram * 1e3:.2f} ms = {gram / s['sum_plain']['median'] * 100:.2f}% of a step",
+            ]
+        )
     m = results["machine"]
-    return (f"# Erasure step time: nash vs sum\n\n{markdown_table(header, rows)}\n"
-            f"Medians over {results['settings']['rounds']} interleaved rounds; {m['cpu']}, {m['nproc']} cores, "
-            f"{m['torch_threads']} torch thread(s), load average at start {m['load_average_1_5_15']}, "
-            f"{m['date_utc']}.\n\n![step time](overhead.png)\n")
+    return (
+        f"# Erasure step time: nash vs sum\n\n{markdown_table(header, rows)}\n"
+        f"Medians over {results['settings']['rounds']} interleaved rounds; {m['cpu']}, {m['nproc']} cores, "
+        f"{m['torch_threads']} torch thread(s), load average at start {m['load_average_1_5_15']}, "
+        f"{m['date_utc']}.\n\n![step time](overhead.png)\n"
+    )
 
 
 def run(config: OverheadConfig) -> dict:
     torch.set_num_threads(config.threads)
     check_results(config.output_dir, config.overwrite)
     machine = machine_record()
-    models = [benchmark_model(m, latent_size=config.latent_size if m.startswith("sd15") else None,
-                              batch_size=config.batch_size, rank=config.rank, target=config.lora_target,
-                              rounds=config.rounds, warmup=config.warmup, seed=config.seed) for m in config.models]
+    models = [
+        benchmark_model(
+            m,
+            latent_size=config.latent_size if m.startswith("sd15") else None,
+            batch_size=config.batch_size,
+            rank=config.rank,
+            target=config.lora_target,
+            rounds=config.rounds,
+            warmup=config.warmup,
+            seed=config.seed,
+        )
+        for m in config.models
+    ]
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    results = {"benchmark": "overhead", "machine": machine, "settings": config_record(config),
-               "variants": list(STEP_VARIANTS), "models": models}
-    write_results(config.output_dir, results, markdown, overwrite=config.overwrite, plot=plot,
-                  plot_name="overhead.png", echo=True)
+    results = {
+        "benchmark": "overhead",
+        "machine": machine,
+        "settings": config_record(config),
+        "variants": list(STEP_VARIANTS),
+        "models": models,
+    }
+    write_results(
+        config.output_dir, results, markdown, overwrite=config.overwrite, plot=plot, plot_name="overhead.png", echo=True
+    )
     return results
 
 

@@ -60,8 +60,10 @@ def plot(results: dict, path: Path) -> None:
     left.bar_label(bars, fmt="%.3f s")
     left.set_ylabel("seconds per training step")
     erasure = results["settings"]["erasure"]
-    left.set_title(f"{erasure['steps']} steps, batch {erasure['batch_size']} per player: "
-                   f"fresh / pool = {results['speedup_loop']:.1f}x")
+    left.set_title(
+        f"{erasure['steps']} steps, batch {erasure['batch_size']} per player: "
+        f"fresh / pool = {results['speedup_loop']:.1f}x"
+    )
     left.tick_params(axis="x", labelsize=8)
     names = ["original", "pool", "fresh"]
     rates = [results["original"]["concept_rate"]] + [runs[s]["scores"]["concept_rate"] for s in SOURCES]
@@ -80,24 +82,52 @@ def plot(results: dict, path: Path) -> None:
 
 def markdown(results: dict) -> str:
     runs = results["runs"]
-    rows = [["original", "-", "-", "-", f"{results['original']['concept_rate']:.3f}",
-             f"{results['original']['other_accuracy']:.3f}", f"{results['original']['judge_fid_other']:.2f}"]]
+    rows = [
+        [
+            "original",
+            "-",
+            "-",
+            "-",
+            f"{results['original']['concept_rate']:.3f}",
+            f"{results['original']['other_accuracy']:.3f}",
+            f"{results['original']['judge_fid_other']:.2f}",
+        ]
+    ]
     for s in SOURCES:
         r = runs[s]
-        rows.append([s, f"{r['step_seconds']:.3f}", f"{r['setup_seconds']:.1f}",
-                     f"{r['setup_seconds'] / results['settings']['erasure']['steps'] + r['step_seconds']:.3f}",
-                     f"{r['scores']['concept_rate']:.3f}", f"{r['scores']['other_accuracy']:.3f}",
-                     f"{r['scores']['judge_fid_other']:.2f}"])
-    table = markdown_table(["latent source", "s/step (loop)", "setup s (pool build)", "s/step incl. setup",
-                            "concept rate", "other accuracy", "judge FID (other)"], rows)
+        rows.append(
+            [
+                s,
+                f"{r['step_seconds']:.3f}",
+                f"{r['setup_seconds']:.1f}",
+                f"{r['setup_seconds'] / results['settings']['erasure']['steps'] + r['step_seconds']:.3f}",
+                f"{r['scores']['concept_rate']:.3f}",
+                f"{r['scores']['other_accuracy']:.3f}",
+                f"{r['scores']['judge_fid_other']:.2f}",
+            ]
+        )
+    table = markdown_table(
+        [
+            "latent source",
+            "s/step (loop)",
+            "setup s (pool build)",
+            "s/step incl. setup",
+            "concept rate",
+            "other accuracy",
+            "judge FID (other)",
+        ],
+        rows,
+    )
     m = results["machine"]
-    return (f"# Trajectory pool vs fresh trajectories ({results['settings']['erasure']['model']}, "
-            f"'{results['settings']['concept']}')\n\n{table}\n"
-            f"fresh / pool per step: {results['speedup_loop']:.2f}x (loop only), "
-            f"{results['speedup_amortised']:.2f}x (pool build amortised over "
-            f"{results['settings']['erasure']['steps']} steps).\n\n"
-            f"{m['cpu']}, {m['nproc']} cores, {m['torch_threads']} torch thread(s), load average at start "
-            f"{m['load_average_1_5_15']}, {m['date_utc']}.\n\n![pool vs fresh](sampling.png)\n")
+    return (
+        f"# Trajectory pool vs fresh trajectories ({results['settings']['erasure']['model']}, "
+        f"'{results['settings']['concept']}')\n\n{table}\n"
+        f"fresh / pool per step: {results['speedup_loop']:.2f}x (loop only), "
+        f"{results['speedup_amortised']:.2f}x (pool build amortised over "
+        f"{results['settings']['erasure']['steps']} steps).\n\n"
+        f"{m['cpu']}, {m['nproc']} cores, {m['torch_threads']} torch thread(s), load average at start "
+        f"{m['load_average_1_5_15']}, {m['date_utc']}.\n\n![pool vs fresh](sampling.png)\n"
+    )
 
 
 def run(config: SamplingConfig) -> dict:
@@ -106,28 +136,40 @@ def run(config: SamplingConfig) -> dict:
     machine = machine_record()
     evaluation = config.evaluation
     with work_folder(config.work_dir, "munba-sampling-") as work:
-        original = concept_scores(generate_for_eval(config.model, evaluation, work / "eval", "original"),
-                                  [config.concept])
+        original = concept_scores(
+            generate_for_eval(config.model, evaluation, work / "eval", "original"), [config.concept]
+        )
         runs = {}
         for source in SOURCES:
-            timing = run_erasure(config, [config.concept], work / source, seed=config.seed, combiner="nash",
-                                 latent_source=source)
-            scores = concept_scores(generate_for_eval(str(work / source), evaluation, work / "eval", source),
-                                    [config.concept])
+            timing = run_erasure(
+                config, [config.concept], work / source, seed=config.seed, combiner="nash", latent_source=source
+            )
+            scores = concept_scores(
+                generate_for_eval(str(work / source), evaluation, work / "eval", source), [config.concept]
+            )
             runs[source] = {**timing, "scores": single_concept_scores(scores, config.concept)}
     pool, fresh = runs["pool"], runs["fresh"]
     amortised = pool["step_seconds"] + pool["setup_seconds"] / config.steps
     results = {
-        "benchmark": "sampling", "machine": machine,
-        "settings": {"concept": config.concept, "seed": config.seed, "erasure": config.erasure_record(),
-                     "evaluation": asdict(evaluation), "combiner": "nash", "threads": config.threads},
-        "original": single_concept_scores(original, config.concept), "runs": runs,
+        "benchmark": "sampling",
+        "machine": machine,
+        "settings": {
+            "concept": config.concept,
+            "seed": config.seed,
+            "erasure": config.erasure_record(),
+            "evaluation": asdict(evaluation),
+            "combiner": "nash",
+            "threads": config.threads,
+        },
+        "original": single_concept_scores(original, config.concept),
+        "runs": runs,
         "pool_step_seconds_amortised": amortised,
         "speedup_loop": fresh["step_seconds"] / pool["step_seconds"],
         "speedup_amortised": fresh["step_seconds"] / amortised,
     }
-    write_results(config.output_dir, results, markdown, overwrite=config.overwrite, plot=plot,
-                  plot_name="sampling.png", echo=True)
+    write_results(
+        config.output_dir, results, markdown, overwrite=config.overwrite, plot=plot, plot_name="sampling.png", echo=True
+    )
     return results
 
 

@@ -70,10 +70,12 @@ class TradeoffConfig(DemoBenchmarkOptions):
     """Options of ``python -m benchmarks.tradeoff`` (the erasure and scoring options are shared with sampling)."""
 
     methods: tuple[str, ...] = option(tuple(METHODS), "the single-concept methods", choices=tuple(METHODS))
-    two_concepts: tuple[str, ...] = option(("circle", "red"), "concepts erased together by each "
-                                           "--two_concept_methods (K = 1 + their number players)")
-    two_concept_methods: tuple[str, ...] = option(tuple(TWO_CONCEPT_METHODS), "the methods of the multi-concept "
-                                                  "runs", choices=tuple(TWO_CONCEPT_METHODS))
+    two_concepts: tuple[str, ...] = option(
+        ("circle", "red"), "concepts erased together by each --two_concept_methods (K = 1 + their number players)"
+    )
+    two_concept_methods: tuple[str, ...] = option(
+        tuple(TWO_CONCEPT_METHODS), "the methods of the multi-concept runs", choices=tuple(TWO_CONCEPT_METHODS)
+    )
     run_two_concepts: bool = option(True, "skip the multi-concept runs", flag="no_two_concepts")
     seeds: tuple[int, ...] = option((0, 1, 2), "seeds of every method")
     output_dir: Path = option(RESULTS_ROOT / "tradeoff", "folder for runs/, results.json, results.md and pareto.png")
@@ -85,8 +87,10 @@ class TradeoffConfig(DemoBenchmarkOptions):
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other; pass one")
         if self.run_two_concepts and len(self.two_concepts) < 2:
-            raise ValueError(f"two_concepts (--two_concepts) needs at least two concepts, got "
-                             f"{list(self.two_concepts)}; pass --no_two_concepts to skip those runs")
+            raise ValueError(
+                f"two_concepts (--two_concepts) needs at least two concepts, got "
+                f"{list(self.two_concepts)}; pass --no_two_concepts to skip those runs"
+            )
 
     @property
     def concept_sets(self) -> list[str]:
@@ -102,8 +106,15 @@ def score_run(model: str, concepts: list[str], evaluation: EvalSettings, work: P
     return concept_scores(generate_for_eval(model, evaluation, work / "eval", label), concepts)
 
 
-def one_run(settings: ErasureSettings, evaluation: EvalSettings, concepts: list[str], method: str,
-            spec: tuple[str, list[float] | None], seed: int, work: Path) -> dict:
+def one_run(
+    settings: ErasureSettings,
+    evaluation: EvalSettings,
+    concepts: list[str],
+    method: str,
+    spec: tuple[str, list[float] | None],
+    seed: int,
+    work: Path,
+) -> dict:
     """Erase, score, delete the erased model; return the run's record."""
     combiner, weights = spec
     if weights is not None and len(concepts) > 1:
@@ -112,8 +123,16 @@ def one_run(settings: ErasureSettings, evaluation: EvalSettings, concepts: list[
     start = time.time()
     timing = run_erasure(settings, concepts, model_dir, seed=seed, combiner=combiner, combiner_weights=weights)
     scores = score_run(str(model_dir), concepts, evaluation, work, model_dir.name)
-    record = {"method": method, "combiner": combiner, "combiner_weights": weights, "seed": seed, "concepts": concepts,
-              **timing, "wall_seconds": time.time() - start, "scores": scores}
+    record = {
+        "method": method,
+        "combiner": combiner,
+        "combiner_weights": weights,
+        "seed": seed,
+        "concepts": concepts,
+        **timing,
+        "wall_seconds": time.time() - start,
+        "scores": scores,
+    }
     shutil.rmtree(model_dir, ignore_errors=True)
     shutil.rmtree(work / "eval" / "images" / model_dir.name, ignore_errors=True)
     return record
@@ -123,16 +142,22 @@ def mean_std(values: list[float | None]) -> dict:
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def flat_metrics(record: dict, concept: str) -> dict:
     s = record["scores"]
-    return {"concept_rate": s["concepts"][concept]["concept_rate"],
-            "kept_attribute_accuracy": s["concepts"][concept]["kept_attribute_accuracy"],
-            "other_accuracy": s["other_accuracy"], "judge_fid_other": s["judge_fid_other"],
-            "step_seconds": record.get("step_seconds")}
+    return {
+        "concept_rate": s["concepts"][concept]["concept_rate"],
+        "kept_attribute_accuracy": s["concepts"][concept]["kept_attribute_accuracy"],
+        "other_accuracy": s["other_accuracy"],
+        "judge_fid_other": s["judge_fid_other"],
+        "step_seconds": record.get("step_seconds"),
+    }
 
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> dict[str, list[str]]:
@@ -140,8 +165,9 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> dict[str, list[str]]
     strictly); an empty list = on the front."""
     dominated_by = {}
     for name, (rate, acc) in points.items():
-        dominated_by[name] = [o for o, (r, a) in points.items()
-                              if o != name and r <= rate and a >= acc and (r < rate or a > acc)]
+        dominated_by[name] = [
+            o for o, (r, a) in points.items() if o != name and r <= rate and a >= acc and (r < rate or a > acc)
+        ]
     return dominated_by
 
 
@@ -156,16 +182,23 @@ def summarise(records: list[dict], original: dict, concept: str, two_concepts: l
     multi = {}
     for method in dict.fromkeys(r["method"] for r in records if len(r["concepts"]) > 1):
         runs = [r for r in records if r["method"] == method and len(r["concepts"]) > 1]
-        entry = {f"{metric}/{c}": mean_std([r["scores"]["concepts"][c][metric] for r in runs])
-                 for c in two_concepts for metric in ("concept_rate", "kept_attribute_accuracy")}
+        entry = {
+            f"{metric}/{c}": mean_std([r["scores"]["concepts"][c][metric] for r in runs])
+            for c in two_concepts
+            for metric in ("concept_rate", "kept_attribute_accuracy")
+        }
         entry["other_accuracy"] = mean_std([r["scores"]["other_accuracy"] for r in runs])
         entry["judge_fid_other"] = mean_std([r["scores"]["judge_fid_other"] for r in runs])
         entry["step_seconds"] = mean_std([r["step_seconds"] for r in runs])
         entry["seeds"] = [r["seed"] for r in runs]
         multi[method] = entry
-    return {"single_concept": single, "dominated_by": dominated,
-            "nash_on_front": "nash" in dominated and not dominated["nash"],
-            "two_concepts": multi, "original": original}
+    return {
+        "single_concept": single,
+        "dominated_by": dominated,
+        "nash_on_front": "nash" in dominated and not dominated["nash"],
+        "two_concepts": multi,
+        "original": original,
+    }
 
 
 def fmt(stat: dict, digits: int = 3) -> str:
@@ -178,33 +211,70 @@ def markdown(results: dict) -> str:
     s = results["summary"]
     concept = results["settings"]["concept"]
     o = s["original"]["single"]
-    rows = [["original (no erasure)", f"{o['concept_rate']:.3f}", f"{o['kept_attribute_accuracy']:.3f}",
-             f"{o['other_accuracy']:.3f}", f"{o['judge_fid_other']:.2f}", "-", "-"]]
+    rows = [
+        [
+            "original (no erasure)",
+            f"{o['concept_rate']:.3f}",
+            f"{o['kept_attribute_accuracy']:.3f}",
+            f"{o['other_accuracy']:.3f}",
+            f"{o['judge_fid_other']:.2f}",
+            "-",
+            "-",
+        ]
+    ]
     for method, v in s["single_concept"].items():
-        rows.append([f"**{method}**" if method == "nash" else method, fmt(v["concept_rate"]),
-                     fmt(v["kept_attribute_accuracy"]), fmt(v["other_accuracy"]), fmt(v["judge_fid_other"], 2),
-                     fmt(v["step_seconds"]), ", ".join(s["dominated_by"][method]) or "on the front"])
-    single = markdown_table(["method", f"concept rate ({concept}) ↓", "kept attribute acc ↑", "other accuracy ↑",
-                             "judge FID (other) ↓", "s/step", "dominated by (means)"], rows)
-    text = (f"# Forgetting vs preserving on the demo world: erasing '{concept}'\n\n"
-            f"Mean ± std over seeds {results['settings']['seeds']} (sample std); same settings for every method: "
-            f"{json.dumps(results['settings']['erasure'])}.\n\n{single}\n![Pareto plot](pareto.png)\n")
+        rows.append(
+            [
+                f"**{method}**" if method == "nash" else method,
+                fmt(v["concept_rate"]),
+                fmt(v["kept_attribute_accuracy"]),
+                fmt(v["other_accuracy"]),
+                fmt(v["judge_fid_other"], 2),
+                fmt(v["step_seconds"]),
+                ", ".join(s["dominated_by"][method]) or "on the front",
+            ]
+        )
+    single = markdown_table(
+        [
+            "method",
+            f"concept rate ({concept}) ↓",
+            "kept attribute acc ↑",
+            "other accuracy ↑",
+            "judge FID (other) ↓",
+            "s/step",
+            "dominated by (means)",
+        ],
+        rows,
+    )
+    text = (
+        f"# Forgetting vs preserving on the demo world: erasing '{concept}'\n\n"
+        f"Mean ± std over seeds {results['settings']['seeds']} (sample std); same settings for every method: "
+        f"{json.dumps(results['settings']['erasure'])}.\n\n{single}\n![Pareto plot](pareto.png)\n"
+    )
     if s["two_concepts"]:
         two = results["settings"]["two_concepts"]
         o2 = s["original"]["two"]
         metrics = ("concept_rate", "kept_attribute_accuracy")
-        rows = [["original"] + [f"{o2['concepts'][c][m]:.3f}" for c in two for m in metrics]
-                + [f"{o2['other_accuracy']:.3f}", f"{o2['judge_fid_other']:.2f}", "-"]]
+        rows = [
+            ["original"]
+            + [f"{o2['concepts'][c][m]:.3f}" for c in two for m in metrics]
+            + [f"{o2['other_accuracy']:.3f}", f"{o2['judge_fid_other']:.2f}", "-"]
+        ]
         for method, v in s["two_concepts"].items():
-            rows.append([method] + [fmt(v[f"{m}/{c}"]) for c in two for m in metrics]
-                        + [fmt(v["other_accuracy"]), fmt(v["judge_fid_other"], 2), fmt(v["step_seconds"])])
+            rows.append(
+                [method]
+                + [fmt(v[f"{m}/{c}"]) for c in two for m in metrics]
+                + [fmt(v["other_accuracy"]), fmt(v["judge_fid_other"], 2), fmt(v["step_seconds"])]
+            )
         header = [h for c in two for h in (f"concept rate ({c}) ↓", f"kept attribute ({c}) ↑")]
-        text += (f"\n## Two concepts at once ({' + '.join(two)}; 3 players)\n\n"
-                 + markdown_table(["method", *header, "other accuracy (neither) ↑", "judge FID (neither) ↓", "s/step"],
-                                  rows))
+        text += f"\n## Two concepts at once ({' + '.join(two)}; 3 players)\n\n" + markdown_table(
+            ["method", *header, "other accuracy (neither) ↑", "judge FID (neither) ↓", "s/step"], rows
+        )
     m = results["machine"]
-    text += (f"\n{m['cpu']}, {m['nproc']} cores, {m['torch_threads']} torch thread(s), started {m['date_utc']}, "
-             f"finished {results['finished_utc']}.\n")
+    text += (
+        f"\n{m['cpu']}, {m['nproc']} cores, {m['torch_threads']} torch thread(s), started {m['date_utc']}, "
+        f"finished {results['finished_utc']}.\n"
+    )
     return text
 
 
@@ -217,9 +287,11 @@ def plot(results: dict, path: Path) -> None:
 
     s = results["summary"]
     o = s["original"]["single"]
-    panels = [("other_accuracy", "other prompts: shape and colour right (higher = kept)"),
-              ("kept_attribute_accuracy", "concept prompts: asked-for other attribute kept"),
-              ("judge_fid_other", "judge FID on other prompts (lower = kept)")]
+    panels = [
+        ("other_accuracy", "other prompts: shape and colour right (higher = kept)"),
+        ("kept_attribute_accuracy", "concept prompts: asked-for other attribute kept"),
+        ("judge_fid_other", "judge FID on other prompts (lower = kept)"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.8))
 
     def draw(ax, metric: str, annotate: bool) -> None:
@@ -229,9 +301,18 @@ def plot(results: dict, path: Path) -> None:
             if x["mean"] is None or y["mean"] is None:
                 continue
             nash = method == "nash"
-            ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="*" if nash else "o",
-                        markersize=14 if nash else 7, capsize=3, color="crimson" if nash else f"C{i % 10}",
-                        label=method, zorder=3 if nash else 2)
+            ax.errorbar(
+                x["mean"],
+                y["mean"],
+                xerr=x["std"],
+                yerr=y["std"],
+                fmt="*" if nash else "o",
+                markersize=14 if nash else 7,
+                capsize=3,
+                color="crimson" if nash else f"C{i % 10}",
+                label=method,
+                zorder=3 if nash else 2,
+            )
             labels.setdefault((round(x["mean"], 6), round(y["mean"], 6)), []).append(method)
         ax.scatter([o["concept_rate"]], [o[metric]], marker="x", color="black", label="original", zorder=3)
         labels.setdefault((round(o["concept_rate"], 6), round(o[metric], 6)), []).append("original")
@@ -239,8 +320,11 @@ def plot(results: dict, path: Path) -> None:
             if annotate or len(names) > 1:  # always name points hidden under another one
                 ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(6, 6), fontsize=7)
         if metric == "other_accuracy":
-            front = sorted((v["concept_rate"]["mean"], v["other_accuracy"]["mean"])
-                           for m, v in s["single_concept"].items() if not s["dominated_by"][m])
+            front = sorted(
+                (v["concept_rate"]["mean"], v["other_accuracy"]["mean"])
+                for m, v in s["single_concept"].items()
+                if not s["dominated_by"][m]
+            )
             ax.plot(*zip(*front), "--", color="gray", linewidth=1, label="Pareto front (means)")
 
     for ax, (metric, label) in zip(axes, panels):
@@ -255,8 +339,10 @@ def plot(results: dict, path: Path) -> None:
     zoom.set_ylim(0.76, 0.89)
     zoom.tick_params(labelsize=7)
     zoom.grid(alpha=0.3)
-    fig.suptitle(f"demo world, seeds {results['settings']['seeds']}, mean ± std, "
-                 f"{results['settings']['erasure']['steps']} steps each")
+    fig.suptitle(
+        f"demo world, seeds {results['settings']['seeds']}, mean ± std, "
+        f"{results['settings']['erasure']['steps']} steps each"
+    )
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
@@ -293,8 +379,10 @@ def run(config: TradeoffConfig) -> dict:
         original_path = runs_dir / "original.json"
         if not original_path.exists():
             folder = generate_for_eval(config.model, evaluation, work / "eval", "original")
-            original = {"single": concept_scores(folder, [config.concept]),
-                        "two": concept_scores(folder, two) if two else None}
+            original = {
+                "single": concept_scores(folder, [config.concept]),
+                "two": concept_scores(folder, two) if two else None,
+            }
             write_json_atomic(original_path, original)
         for method, spec, seed, concepts in tqdm(jobs, desc="tradeoff runs"):
             path = runs_dir / f"{run_name(method, seed, len(concepts) > 1)}.json"
@@ -304,16 +392,31 @@ def run(config: TradeoffConfig) -> dict:
     original = json.loads(original_path.read_text())
     records = [json.loads((runs_dir / f"{run_name(m, s, len(c) > 1)}.json").read_text()) for m, _, s, c in jobs]
     summary = summarise(records, original, config.concept, two)
-    summary["original"] = {"single": single_concept_scores(original["single"], config.concept),
-                           "two": original["two"]}
-    results = {"benchmark": "tradeoff", "machine": machine, "finished_utc": machine_record()["date_utc"],
-               "settings": {"concept": config.concept, "seeds": list(config.seeds),
-                            "methods": {m: METHODS[m] for m in config.methods},
-                            "two_concepts": two, "threads": config.threads, **settings},
-               "summary": summary}
+    summary["original"] = {"single": single_concept_scores(original["single"], config.concept), "two": original["two"]}
+    results = {
+        "benchmark": "tradeoff",
+        "machine": machine,
+        "finished_utc": machine_record()["date_utc"],
+        "settings": {
+            "concept": config.concept,
+            "seeds": list(config.seeds),
+            "methods": {m: METHODS[m] for m in config.methods},
+            "two_concepts": two,
+            "threads": config.threads,
+            **settings,
+        },
+        "summary": summary,
+    }
     # --resume re-summarises a finished run: its results are replaced (the runs themselves are kept)
-    write_results(config.output_dir, results, markdown, overwrite=config.overwrite or config.resume, plot=plot,
-                  plot_name="pareto.png", echo=True)
+    write_results(
+        config.output_dir,
+        results,
+        markdown,
+        overwrite=config.overwrite or config.resume,
+        plot=plot,
+        plot_name="pareto.png",
+        echo=True,
+    )
     return results
 
 

@@ -86,10 +86,20 @@ def option(
         secret: never written to run records, trackers or logs (tokens).
         cli: False for options only Python callers set.
     """
-    spec = OptionSpec(help=help, choices=tuple(choices) if choices is not None else None, low=low, high=high,
-                      low_open=low_open, high_open=high_open, flag=flag, repeat=repeat, secret=secret, cli=cli,
-                      metavar=metavar,
-                      required=default is dataclasses.MISSING and default_factory is dataclasses.MISSING)
+    spec = OptionSpec(
+        help=help,
+        choices=tuple(choices) if choices is not None else None,
+        low=low,
+        high=high,
+        low_open=low_open,
+        high_open=high_open,
+        flag=flag,
+        repeat=repeat,
+        secret=secret,
+        cli=cli,
+        metavar=metavar,
+        required=default is dataclasses.MISSING and default_factory is dataclasses.MISSING,
+    )
     return dataclasses.field(default=default, default_factory=default_factory, metadata={_META: spec})
 
 
@@ -136,7 +146,11 @@ def _check_value(field: dataclasses.Field, spec: OptionSpec, kind: Any, value: A
             raise ValueError(f"{where} must be True or False; got {value!r}")
         return
     if kind in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (kind is int and not isinstance(value, int))
+        ):
             raise ValueError(f"{where} must be {'an integer' if kind is int else 'a number'}; got {value!r}")
         if not math.isfinite(value):
             raise ValueError(f"{where} must be a finite number; got {value!r}")
@@ -184,8 +198,9 @@ def _converter(kind: Any) -> Any:
 
 def build_parser(cls: type, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """An ``argparse`` parser with one flag per :func:`option` field of ``cls`` (plus a hyphen alias)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description or cls.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description or cls.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     hints = _field_types(cls)
     for field in dataclasses.fields(cls):
         spec = _spec(field)
@@ -211,8 +226,9 @@ def build_parser(cls: type, description: str | None = None, prog: str | None = N
     return parser
 
 
-def parse_config(cls: type[T], argv: Sequence[str] | None = None, *, description: str | None = None,
-                 prog: str | None = None) -> T:
+def parse_config(
+    cls: type[T], argv: Sequence[str] | None = None, *, description: str | None = None, prog: str | None = None
+) -> T:
     """Parse ``argv`` with :func:`build_parser` and build ``cls`` from it; a rule it breaks exits with one line."""
     parser = build_parser(cls, description, prog)
     values = vars(parser.parse_args(argv))
@@ -224,10 +240,14 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, *, description
 
 def config_record(config: Any) -> dict[str, Any]:
     """The fields of ``config`` as JSON values (paths as strings, nested dataclasses as dicts), secrets left out."""
+
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)
-                    if not (_spec(f) and _spec(f).secret)}
+            return {
+                f.name: plain(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+                if not (_spec(f) and _spec(f).secret)
+            }
         if isinstance(value, Path):
             return str(value)
         if isinstance(value, (list, tuple)):

@@ -34,7 +34,13 @@ import torch
 from PIL import Image
 
 DEFAULT_LIBRARIES: tuple[str, ...] = (
-    "munba-diffusion", "torch", "diffusers", "transformers", "peft", "accelerate", "huggingface_hub",
+    "munba-diffusion",
+    "torch",
+    "diffusers",
+    "transformers",
+    "peft",
+    "accelerate",
+    "huggingface_hub",
 )
 """The libraries whose versions a run record names by default."""
 
@@ -145,8 +151,9 @@ def save_image_atomic(path: str | os.PathLike, image: Any, format: str | None = 
 
 
 # ------------------------------------------------------------------------------------------ results guard
-def check_results_dir(folder: str | os.PathLike, markers: Iterable[str], *, overwrite: bool,
-                      flag: str = "--overwrite") -> Path:
+def check_results_dir(
+    folder: str | os.PathLike, markers: Iterable[str], *, overwrite: bool, flag: str = "--overwrite"
+) -> Path:
     """Refuse (one-line ``FileExistsError`` naming ``flag``) a folder that holds any of ``markers``.
 
     ``markers`` are names relative to ``folder`` (glob patterns such as ``checkpoint-*`` allowed). Nothing is
@@ -161,8 +168,9 @@ def check_results_dir(folder: str | os.PathLike, markers: Iterable[str], *, over
             hits = sorted(folder.glob(marker)) if any(c in marker for c in "*?[") else [folder / marker]
             found += [p.relative_to(folder).as_posix() for p in hits if p.exists()]
     if found and not overwrite:
-        raise FileExistsError(f"{folder} already holds {', '.join(found)}; pass {flag} to replace it or choose "
-                              "another folder")
+        raise FileExistsError(
+            f"{folder} already holds {', '.join(found)}; pass {flag} to replace it or choose another folder"
+        )
     return folder
 
 
@@ -190,8 +198,13 @@ def _first_line_value(path: str, key: str) -> str | None:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return (out.stdout.strip() or None) if out.returncode == 0 else None

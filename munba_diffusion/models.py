@@ -26,7 +26,12 @@ from huggingface_hub import ModelCard, try_to_load_from_cache
 from .demo import bundled_folder  # the packaged weights live with the demo world
 
 __all__ = [
-    "BUNDLED_MODELS", "DEMO_MODEL", "MODEL_KINDS", "bundled_model_names", "is_bundled_model", "model_license",
+    "BUNDLED_MODELS",
+    "DEMO_MODEL",
+    "MODEL_KINDS",
+    "bundled_model_names",
+    "is_bundled_model",
+    "model_license",
     "resolve_model_path",
 ]
 
@@ -68,8 +73,10 @@ def resolve_model_path(name_or_path: str | Path, kind: str = "pipeline") -> str:
     if folders is None:
         return name
     if kind not in folders:
-        raise ValueError(f"{name!r} is a bundled {'/'.join(folders)} model, not a {kind}; bundled {kind} models: "
-                         f"{', '.join(bundled_model_names(kind)) or 'none'}")
+        raise ValueError(
+            f"{name!r} is a bundled {'/'.join(folders)} model, not a {kind}; bundled {kind} models: "
+            f"{', '.join(bundled_model_names(kind)) or 'none'}"
+        )
     return str(bundled_folder(folders[kind]))
 
 

@@ -49,14 +49,22 @@ logger = logging.getLogger(__name__)
 
 def nonfinite_gradients_option() -> Any:
     """The configuration field every trainer shares for the non-finite policy (declared once, here)."""
-    return option("raise", "what to do when a player's gradient is not finite: raise (stop with a one-line error) or "
-                  "skip (leave the parameters unchanged for that step and log it)", choices=NONFINITE_POLICIES)
+    return option(
+        "raise",
+        "what to do when a player's gradient is not finite: raise (stop with a one-line error) or "
+        "skip (leave the parameters unchanged for that step and log it)",
+        choices=NONFINITE_POLICIES,
+    )
 
 
 def max_grad_norm_option(default: float | None = None) -> Any:
     """The configuration field every trainer shares for clipping the trained parameters' combined gradient."""
-    return option(default, "clip the total gradient norm of the trained parameters to this (none: no clipping)",
-                  low=0.0, low_open=True)
+    return option(
+        default,
+        "clip the total gradient norm of the trained parameters to this (none: no clipping)",
+        low=0.0,
+        low_open=True,
+    )
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -176,7 +184,8 @@ def nonfinite_players(named_grads: Mapping[str, Sequence[torch.Tensor]], policy:
     """
     _check_policy(policy)
     nonfinite = [
-        name for name, grads in named_grads.items()
+        name
+        for name, grads in named_grads.items()
         if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
     ]
     if nonfinite and policy == "raise":
@@ -280,8 +289,9 @@ class BargainedUpdate:
         for name, grads in per_player.items():
             if len(grads) != len(self.params):
                 raise ValueError(f"player {name!r} has {len(grads)} gradients for {len(self.params)} parameters")
-        weighted = {name: list(grads) if weight == 1.0 else [weight * g for g in grads]
-                    for name, grads in per_player.items()}
+        weighted = {
+            name: list(grads) if weight == 1.0 else [weight * g for g in grads] for name, grads in per_player.items()
+        }
         self._add(weighted, losses, weight)
 
     def write_gradients(self) -> StepDiagnostics:
@@ -322,11 +332,14 @@ class BargainedUpdate:
 
     def _check_players(self, names: list[str], weight: float) -> None:
         if not names:
-            raise ValueError("a bargained update needs at least one loss; pass a mapping like "
-                             "{'preserve': l_r, 'forget': l_f}")
+            raise ValueError(
+                "a bargained update needs at least one loss; pass a mapping like {'preserve': l_r, 'forget': l_f}"
+            )
         if self._grad_sums and names != list(self._grad_sums):
-            raise ValueError(f"players {names} differ from this step's {list(self._grad_sums)}; give every "
-                             "micro-batch the same players in the same order")
+            raise ValueError(
+                f"players {names} differ from this step's {list(self._grad_sums)}; give every "
+                "micro-batch the same players in the same order"
+            )
         if not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"weight must be a positive finite number, got {weight}")
 

@@ -8,9 +8,18 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "munba_diffusion"
 REPO = PACKAGE.parent
 LAYERS = {
-    "bargaining": 0, "config": 0, "io": 0,
-    "step": 1, "models": 1, "presets": 1, "demo": 1, "prompts": 1, "clip_features": 1,
-    "diffusion": 2, "classifiers": 2, "pipelines": 2,
+    "bargaining": 0,
+    "config": 0,
+    "io": 0,
+    "step": 1,
+    "models": 1,
+    "presets": 1,
+    "demo": 1,
+    "prompts": 1,
+    "clip_features": 1,
+    "diffusion": 2,
+    "classifiers": 2,
+    "pipelines": 2,
     "evaluation": 3,
     "commands": 4,
 }
@@ -56,7 +65,8 @@ def test_every_top_level_module_has_a_layer():
 def test_imports_go_downwards_only():
     upward = sorted(
         f"{module} -> {name}"
-        for module, names in GRAPH.items() if _top(module) in LAYERS
+        for module, names in GRAPH.items()
+        if _top(module) in LAYERS
         for name in names
         if _top(name) in LAYERS and _top(name) != _top(module) and LAYERS[_top(name)] > LAYERS[_top(module)]
     )
@@ -64,8 +74,12 @@ def test_imports_go_downwards_only():
 
 
 def test_the_package_never_imports_the_edge():
-    assert sorted(f"{m} -> {n}" for m, names in GRAPH.items() for n in names
-                  if n.split(".")[0] in ("benchmarks", "scripts")) == []
+    assert (
+        sorted(
+            f"{m} -> {n}" for m, names in GRAPH.items() for n in names if n.split(".")[0] in ("benchmarks", "scripts")
+        )
+        == []
+    )
 
 
 def test_no_import_cycles_between_modules():
@@ -84,8 +98,12 @@ def test_no_import_cycles_between_modules():
         return False
 
     # a package importing its own submodules (its __init__) is not a cycle of ideas
-    cycles = sorted(f"{a} <-> {b}" for a in edges for b in edges[a]
-                    if reaches(b, a) and not (b.startswith(a + ".") or a.startswith(b + ".")))
+    cycles = sorted(
+        f"{a} <-> {b}"
+        for a in edges
+        for b in edges[a]
+        if reaches(b, a) and not (b.startswith(a + ".") or a.startswith(b + "."))
+    )
     assert cycles == []
 
 

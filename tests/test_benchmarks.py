@@ -22,14 +22,33 @@ from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
 from tests.tiny_sd import save_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_ERASURE = ["--steps", "4", "--batch_size", "1", "--sampler_steps", "3", "--pool_trajectories", "1",
-                "--grid_steps", "1", "--eval_steps", "2", "--max_eval_prompts", "1"]
+TINY_ERASURE = [
+    "--steps",
+    "4",
+    "--batch_size",
+    "1",
+    "--sampler_steps",
+    "3",
+    "--pool_trajectories",
+    "1",
+    "--grid_steps",
+    "1",
+    "--eval_steps",
+    "2",
+    "--max_eval_prompts",
+    "1",
+]
 COMMANDS = {  # what a documented command runs -> the configuration its parser is built from
-    "benchmarks.overhead": overhead.OverheadConfig, "benchmarks.memory": memory.MemoryConfig,
-    "benchmarks.sampling": sampling.SamplingConfig, "benchmarks.tradeoff": tradeoff.TradeoffConfig,
-    "benchmarks.gpu_check": gpu_check.GpuCheckConfig, "benchmarks.run_all": run_all.RunAllConfig,
-    "benchmarks.classifier": classifier.ClassifierCommand, "munba-unlearn-classifier": classifier.ClassifierCommand,
-    "benchmarks.clip": clip.ClipCommand, "munba-unlearn-clip": clip.ClipCommand,
+    "benchmarks.overhead": overhead.OverheadConfig,
+    "benchmarks.memory": memory.MemoryConfig,
+    "benchmarks.sampling": sampling.SamplingConfig,
+    "benchmarks.tradeoff": tradeoff.TradeoffConfig,
+    "benchmarks.gpu_check": gpu_check.GpuCheckConfig,
+    "benchmarks.run_all": run_all.RunAllConfig,
+    "benchmarks.classifier": classifier.ClassifierCommand,
+    "munba-unlearn-classifier": classifier.ClassifierCommand,
+    "benchmarks.clip": clip.ClipCommand,
+    "munba-unlearn-clip": clip.ClipCommand,
 }
 
 
@@ -73,8 +92,21 @@ def test_step_variants_compute_the_directions_they_claim():
 # ------------------------------------------------------------------------------------------ scripts
 def test_overhead_writes_ratios_for_each_model(tiny_sd, tmp_path):
     out = tmp_path / "overhead"
-    overhead.main(["--models", tiny_sd, "sd15-tiny", "--latent_size", "8", "--rounds", "2", "--warmup", "0",
-                   "--output_dir", str(out)])
+    overhead.main(
+        [
+            "--models",
+            tiny_sd,
+            "sd15-tiny",
+            "--latent_size",
+            "8",
+            "--rounds",
+            "2",
+            "--warmup",
+            "0",
+            "--output_dir",
+            str(out),
+        ]
+    )
     results = _results(out)
     assert [m["model"] for m in results["models"]] == [tiny_sd, "sd15-tiny"]
     for model in results["models"]:
@@ -90,8 +122,23 @@ def test_overhead_writes_ratios_for_each_model(tiny_sd, tmp_path):
 
 def test_memory_esd_way_needs_more_than_lora(tmp_path):
     out = tmp_path / "memory"
-    memory.main(["--architecture", "sd15-small", "--latent_size", "8", "--variants", "ours", "esd", "--parallel",
-                 "--analytic_targets", "xattn", "noxattn", "--output_dir", str(out)])
+    memory.main(
+        [
+            "--architecture",
+            "sd15-small",
+            "--latent_size",
+            "8",
+            "--variants",
+            "ours",
+            "esd",
+            "--parallel",
+            "--analytic_targets",
+            "xattn",
+            "noxattn",
+            "--output_dir",
+            str(out),
+        ]
+    )
     results = _results(out)
     runs = results["measured"]["xattn"]["runs"]
     ours, esd = runs["ours"], runs["esd"]
@@ -126,8 +173,20 @@ def test_sampling_reports_both_sources(tiny_sd, tmp_path):
 
 def test_tradeoff_runs_resumes_and_summarises(tiny_sd, tmp_path):
     out = tmp_path / "tradeoff"
-    args = ["--model", tiny_sd, *TINY_ERASURE, "--methods", "nash", "forget_only", "--seeds", "0",
-            "--two-concept-methods", "nash", "--output-dir", str(out)]
+    args = [
+        "--model",
+        tiny_sd,
+        *TINY_ERASURE,
+        "--methods",
+        "nash",
+        "forget_only",
+        "--seeds",
+        "0",
+        "--two-concept-methods",
+        "nash",
+        "--output-dir",
+        str(out),
+    ]
     tradeoff.main(args)
     runs = sorted(p.name for p in (out / "runs").glob("*.json"))
     assert runs == ["forget_only-seed0.json", "nash-seed0.json", "original.json", "two_concepts-nash-seed0.json"]
@@ -156,9 +215,30 @@ def test_pareto_front_marks_dominated_methods():
 
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     out = tmp_path / "gpu"
-    gpu_check.main(["--device", "cpu", "--tiny", "--dtype", "fp32", "--batch-sizes", "1", "--steps", "1",
-                    "--warmup", "0", "--variants", "nash", "sum_plain", "--attention", "sdpa", "--threads", "1",
-                    "--output-dir", str(out)])
+    gpu_check.main(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--dtype",
+            "fp32",
+            "--batch-sizes",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--variants",
+            "nash",
+            "sum_plain",
+            "--attention",
+            "sdpa",
+            "--threads",
+            "1",
+            "--output-dir",
+            str(out),
+        ]
+    )
     results = _results(out)
     assert [(r["batch_size"], r["variant"]) for r in results["rows"]] == [(1, "nash"), (1, "sum_plain")]
     assert all(r["steps_per_second"] > 0 and r["peak_bytes"] is None for r in results["rows"])
@@ -193,9 +273,16 @@ def _documented_commands() -> list[tuple[str, list[str]]]:
 
 def test_documented_commands_parse():
     commands = _documented_commands()
-    assert {target for target, _ in commands} >= {"benchmarks.overhead", "benchmarks.memory", "benchmarks.sampling",
-                                                  "benchmarks.tradeoff", "benchmarks.classifier", "benchmarks.clip",
-                                                  "munba-unlearn-classifier", "munba-unlearn-clip"}
+    assert {target for target, _ in commands} >= {
+        "benchmarks.overhead",
+        "benchmarks.memory",
+        "benchmarks.sampling",
+        "benchmarks.tradeoff",
+        "benchmarks.classifier",
+        "benchmarks.clip",
+        "munba-unlearn-classifier",
+        "munba-unlearn-clip",
+    }
     for target, argv in commands:
         parse_config(COMMANDS[target], argv)  # exits (SystemExit) on a flag that no longer exists
 
@@ -203,8 +290,15 @@ def test_documented_commands_parse():
 def test_flags_are_underscore_names_with_hyphen_aliases():
     parser = build_parser(tradeoff.TradeoffConfig)
     flags = {s for action in parser._actions for s in action.option_strings}
-    assert {"--output_dir", "--output-dir", "--two_concept_methods", "--two-concept-methods", "--no_two_concepts",
-            "--sampler_guidance", "--sampler-guidance"} <= flags
+    assert {
+        "--output_dir",
+        "--output-dir",
+        "--two_concept_methods",
+        "--two-concept-methods",
+        "--no_two_concepts",
+        "--sampler_guidance",
+        "--sampler-guidance",
+    } <= flags
     config = parse_config(tradeoff.TradeoffConfig, ["--sampler-guidance", "3", "--no-two-concepts", "--seeds", "4"])
     assert config.sampler_guidance_scale == 3.0 and config.concept_sets == [] and config.seeds == (4,)
     with pytest.raises(ValueError, match="exclude each other"):

@@ -239,23 +239,53 @@ def test_unlearning_follows_the_nonfinite_policy(method, player) -> None:
         unlearn(model, images, labels, forget, retain, 3, config, torch.Generator().manual_seed(0))
     assert error.value.players == [player]
 
-    skipped, record = unlearn(model, images, labels, forget, retain, 3,
-                              dataclasses.replace(config, nonfinite_gradients="skip"), torch.Generator().manual_seed(0))
+    skipped, record = unlearn(
+        model,
+        images,
+        labels,
+        forget,
+        retain,
+        3,
+        dataclasses.replace(config, nonfinite_gradients="skip"),
+        torch.Generator().manual_seed(0),
+    )
     assert record["skipped_steps"] == record["steps"] > 0
     assert all(torch.equal(p, q) for p, q in zip(skipped.parameters(), model.parameters()))
-    _, fine_tuned = unlearn(model, images, labels, forget, retain, 3, dataclasses.replace(config, method="ft"),
-                            torch.Generator().manual_seed(0))
+    _, fine_tuned = unlearn(
+        model,
+        images,
+        labels,
+        forget,
+        retain,
+        3,
+        dataclasses.replace(config, method="ft"),
+        torch.Generator().manual_seed(0),
+    )
     assert fine_tuned["skipped_steps"] == 0  # ft never sees the forget images
 
 
 BAD_OPTIONS = {
     UnlearnConfig: [
-        ("method", "salun"), ("epochs", 0), ("epochs", 1.5), ("lr", 0.0), ("lr", float("inf")), ("batch_size", 0),
-        ("momentum", 1.0), ("momentum", -0.1), ("weight_decay", -1e-4), ("combiner", "median"),
-        ("max_grad_norm", 0.0), ("max_grad_norm", -1.0), ("nonfinite_gradients", "ignore"),
+        ("method", "salun"),
+        ("epochs", 0),
+        ("epochs", 1.5),
+        ("lr", 0.0),
+        ("lr", float("inf")),
+        ("batch_size", 0),
+        ("momentum", 1.0),
+        ("momentum", -0.1),
+        ("weight_decay", -1e-4),
+        ("combiner", "median"),
+        ("max_grad_norm", 0.0),
+        ("max_grad_norm", -1.0),
+        ("nonfinite_gradients", "ignore"),
     ],
     TrainConfig: [
-        ("epochs", 0), ("lr", -0.1), ("batch_size", 0), ("momentum", 1.0), ("weight_decay", -1.0),
+        ("epochs", 0),
+        ("lr", -0.1),
+        ("batch_size", 0),
+        ("momentum", 1.0),
+        ("weight_decay", -1.0),
     ],
 }
 

@@ -66,8 +66,9 @@ def test_half_precision_clip_gets_a_finite_bargained_step(demo, dtype, adapter) 
     forget.labels = (forget.labels + 1) % len(SHAPES)
     losses = player_losses(half, processor.tokenizer, data.task, _batch(data, 1), forget)
     assert all(loss.dtype == torch.float32 for loss in losses.values())
-    per_player = {name: player_gradients(loss, params, retain_graph=name == "preserve")
-                  for name, loss in losses.items()}
+    per_player = {
+        name: player_gradients(loss, params, retain_graph=name == "preserve") for name, loss in losses.items()
+    }
     gram = gram_matrix(list(per_player.values()))
     assert gram.dtype == torch.float64 and torch.isfinite(gram).all() and (gram.diagonal() > 0).all()
 
@@ -92,8 +93,14 @@ def test_non_finite_gradients_raise_or_skip(demo) -> None:
         unlearn_clip(broken, processor.tokenizer, data.task, data.train, CIRCLE, config)
 
     for method in ("munba", "rl"):
-        skipped, record = unlearn_clip(broken, processor.tokenizer, data.task, data.train, CIRCLE,
-                                       replace(config, method=method, nonfinite_gradients="skip"))
+        skipped, record = unlearn_clip(
+            broken,
+            processor.tokenizer,
+            data.task,
+            data.train,
+            CIRCLE,
+            replace(config, method=method, nonfinite_gradients="skip"),
+        )
         assert record["skipped_steps"] == 2
         for name, param in skipped.text_model.named_parameters():
             assert torch.equal(param, broken.text_model.get_parameter(name)), name
@@ -121,16 +128,27 @@ def test_munba_follows_the_nonfinite_policy_for_one_nan_player(demo, monkeypatch
     with pytest.raises(NonFiniteGradientError) as error:
         unlearn_clip(model, processor.tokenizer, data.task, data.train, CIRCLE, config)
     assert error.value.players == ["forget"]
-    skipped, record = unlearn_clip(model, processor.tokenizer, data.task, data.train, CIRCLE,
-                                   replace(config, nonfinite_gradients="skip"))
+    skipped, record = unlearn_clip(
+        model, processor.tokenizer, data.task, data.train, CIRCLE, replace(config, nonfinite_gradients="skip")
+    )
     assert record["skipped_steps"] == 2 and "mean_weights" not in record
     assert all(torch.equal(p, q) for p, q in zip(skipped.parameters(), model.parameters()))
 
 
 BAD_OPTIONS = [
-    ("method", "ga"), ("combiner", "median"), ("params", "mlp"), ("adapter", "ia3"), ("lora_rank", 0),
-    ("lora_alpha", 0.0), ("steps", 0), ("batch_size", 0), ("lr", 0.0), ("momentum", 1.0), ("weight_decay", -1e-4),
-    ("max_grad_norm", 0.0), ("nonfinite_gradients", "ignore"),
+    ("method", "ga"),
+    ("combiner", "median"),
+    ("params", "mlp"),
+    ("adapter", "ia3"),
+    ("lora_rank", 0),
+    ("lora_alpha", 0.0),
+    ("steps", 0),
+    ("batch_size", 0),
+    ("lr", 0.0),
+    ("momentum", 1.0),
+    ("weight_decay", -1e-4),
+    ("max_grad_norm", 0.0),
+    ("nonfinite_gradients", "ignore"),
 ]
 
 
@@ -192,10 +210,18 @@ def test_munba_with_the_sum_combiner_is_random_labelling(demo) -> None:
     model, processor, data = demo
     config = ClipUnlearnConfig(method="rl", params="text-attention", adapter="lora", steps=3, batch_size=8)
     rl, _ = unlearn_clip(model, processor.tokenizer, data.task, data.train, CIRCLE, config, seed=1)
-    summed, _ = unlearn_clip(model, processor.tokenizer, data.task, data.train, CIRCLE,
-                             replace(config, method="munba", combiner="sum"), seed=1)
-    nash, _ = unlearn_clip(model, processor.tokenizer, data.task, data.train, CIRCLE,
-                           replace(config, method="munba"), seed=1)
+    summed, _ = unlearn_clip(
+        model,
+        processor.tokenizer,
+        data.task,
+        data.train,
+        CIRCLE,
+        replace(config, method="munba", combiner="sum"),
+        seed=1,
+    )
+    nash, _ = unlearn_clip(
+        model, processor.tokenizer, data.task, data.train, CIRCLE, replace(config, method="munba"), seed=1
+    )
     lora = [name for name, _ in rl.named_parameters() if "lora_B" in name]
     assert lora and all(name.startswith("text_model.") for name in lora)
     for name in lora:
@@ -221,16 +247,36 @@ def test_demo_renders_are_balanced_and_seeded() -> None:
 
 def test_summary_and_acceptance_on_constructed_runs() -> None:
     runs = [
-        {"setting": None, "method": "original", "seed": None, "forget_acc": 90.0, "retain_acc": 90.0,
-         "heldout_acc": 100.0, "time_s": None},
-        *({"setting": "s", "method": "munba", "seed": seed, "forget_acc": f, "retain_acc": r, "heldout_acc": 96.0,
-           "time_s": 1.0} for seed, f, r in [(0, 10.0, 86.0), (1, 30.0, 82.0)]),
+        {
+            "setting": None,
+            "method": "original",
+            "seed": None,
+            "forget_acc": 90.0,
+            "retain_acc": 90.0,
+            "heldout_acc": 100.0,
+            "time_s": None,
+        },
+        *(
+            {
+                "setting": "s",
+                "method": "munba",
+                "seed": seed,
+                "forget_acc": f,
+                "retain_acc": r,
+                "heldout_acc": 96.0,
+                "time_s": 1.0,
+            }
+            for seed, f, r in [(0, 10.0, 86.0), (1, 30.0, 82.0)]
+        ),
     ]
     summary = summarize(runs)
     assert summary["s"]["munba"]["forget_acc"] == {"mean": 20.0, "std": 10.0, "n": 2}
     assert summary["s"]["original"]["retain_acc"]["mean"] == 90.0 and "time_s" not in summary["s"]["original"]
     assert acceptance(summary["s"], "munba", chance=25.0) == {
-        "forget_at_most_chance": True, "retain_acc_within_5": False, "heldout_acc_within_5": True}
+        "forget_at_most_chance": True,
+        "retain_acc_within_5": False,
+        "heldout_acc_within_5": True,
+    }
 
 
 def test_benchmark_on_an_image_folder_writes_reports(demo, tmp_path, monkeypatch) -> None:
@@ -247,9 +293,16 @@ def test_benchmark_on_an_image_folder_writes_reports(demo, tmp_path, monkeypatch
                 folder.mkdir(parents=True, exist_ok=True)
                 image.save(folder / f"{index}.png")
     config = ClipBenchmarkConfig(
-        dataset=str(tmp_path / "shapes"), forget=("round shape",), templates=("a {label}",),
-        heldout_dataset=str(tmp_path / "colours"), heldout_templates=("a {label} object",),
-        params=("text-attention",), adapters=("lora",), seeds=(0,), steps=2, batch_size=4,
+        dataset=str(tmp_path / "shapes"),
+        forget=("round shape",),
+        templates=("a {label}",),
+        heldout_dataset=str(tmp_path / "colours"),
+        heldout_templates=("a {label} object",),
+        params=("text-attention",),
+        adapters=("lora",),
+        seeds=(0,),
+        steps=2,
+        batch_size=4,
     )
     results = run_clip_benchmark(config, progress=False)
     protocol = results["protocol"]
@@ -260,7 +313,8 @@ def test_benchmark_on_an_image_folder_writes_reports(demo, tmp_path, monkeypatch
     out = tmp_path / "report"
     assert protocol["unlearn"]["steps"] == 2 and "method" not in protocol["unlearn"]
     assert config.unlearn_config("ft", "text-attention", "lora") == ClipUnlearnConfig(
-        method="ft", params="text-attention", adapter="lora", steps=2, batch_size=4)
+        method="ft", params="text-attention", adapter="lora", steps=2, batch_size=4
+    )
 
     out = tmp_path / "report"
     paths = write_results(out, results, results_markdown)

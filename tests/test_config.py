@@ -33,17 +33,20 @@ class Settings:
         check_options(self)
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"steps": 0}, "steps (--steps) must be >= 1; got 0"),
-    ({"steps": 1.5}, "steps (--steps) must be an integer"),
-    ({"steps": True}, "steps (--steps) must be an integer"),
-    ({"rate": 1.0}, "rate (--rate) must be < 1"),
-    ({"rate": math.nan}, "rate (--rate) must be a finite number"),
-    ({"mode": "slow"}, "mode (--mode) must be one of fast, exact; got 'slow'"),
-    ({"weights": [1.0, -1.0]}, "weights (--weights) must be >= 0"),
-    ({"names": "a"}, "names (--name) must be a list"),
-    ({"verbose": "yes"}, "verbose (--verbose) must be True or False"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"steps": 0}, "steps (--steps) must be >= 1; got 0"),
+        ({"steps": 1.5}, "steps (--steps) must be an integer"),
+        ({"steps": True}, "steps (--steps) must be an integer"),
+        ({"rate": 1.0}, "rate (--rate) must be < 1"),
+        ({"rate": math.nan}, "rate (--rate) must be a finite number"),
+        ({"mode": "slow"}, "mode (--mode) must be one of fast, exact; got 'slow'"),
+        ({"weights": [1.0, -1.0]}, "weights (--weights) must be >= 0"),
+        ({"names": "a"}, "names (--name) must be a list"),
+        ({"verbose": "yes"}, "verbose (--verbose) must be True or False"),
+    ],
+)
 def test_each_rule_gives_one_line_naming_the_field(values, message):
     with pytest.raises(ValueError) as error:
         Settings(**values)
@@ -51,8 +54,24 @@ def test_each_rule_gives_one_line_naming_the_field(values, message):
 
 
 def test_parser_is_generated_from_the_fields():
-    parsed = parse_config(Settings, ["--steps", "3", "--mode", "exact", "--name", "a", "--name", "b",
-                                     "--weights", "1", "2", "--verbose", "--no-keep"])
+    parsed = parse_config(
+        Settings,
+        [
+            "--steps",
+            "3",
+            "--mode",
+            "exact",
+            "--name",
+            "a",
+            "--name",
+            "b",
+            "--weights",
+            "1",
+            "2",
+            "--verbose",
+            "--no-keep",
+        ],
+    )
     assert parsed == Settings(steps=3, mode="exact", names=["a", "b"], weights=[1.0, 2.0], verbose=True, keep=False)
     assert parse_config(Settings, []) == Settings()
     help_text = build_parser(Settings).format_help()
@@ -145,8 +164,14 @@ def test_command_line_refuses_bad_numbers_before_loading_a_model(monkeypatch, ca
         raise AssertionError("a model was loaded before the input was checked")
 
     monkeypatch.setattr(train_module, "load_base_pipeline", no_loading)
-    for flag, value in [("--rank", "0"), ("--learning_rate", "-1e-3"), ("--pool_trajectories", "0"),
-                        ("--train_batch_size", "0"), ("--sampler_steps", "0"), ("--lora_alpha", "0")]:
+    for flag, value in [
+        ("--rank", "0"),
+        ("--learning_rate", "-1e-3"),
+        ("--pool_trajectories", "0"),
+        ("--train_batch_size", "0"),
+        ("--sampler_steps", "0"),
+        ("--lora_alpha", "0"),
+    ]:
         with pytest.raises(SystemExit) as exit_info:
             train_erase.main(["--concept", "red", "--output_dir", "unused", flag, value])
         assert exit_info.value.code == 2
@@ -157,8 +182,9 @@ def test_command_line_refuses_bad_numbers_before_loading_a_model(monkeypatch, ca
 def test_hyphen_aliases_and_console_script_help():
     config = parse_config(ErasureTrainingConfig, ["--concept", "red", "--output-dir", "out", "--train-batch-size", "3"])
     assert config.train_batch_size == 3 and config.output_dir == Path("out")
-    result = subprocess.run([sys.executable, str(ROOT / "train_erase.py"), "--help"], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train_erase.py"), "--help"], capture_output=True, text=True, check=True
+    )
     assert "--negative_guidance" in result.stdout and "eta of the esd target" in result.stdout
 
 

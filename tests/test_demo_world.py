@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from munba_diffusion.clip_features import clip_image_embeddings, clip_text_embeddings
-from munba_diffusion.demo import COLOURS, SHAPES, WEIGHTS_DIR, canonical_caption, demo_clip_path, load_demo_judge, render_scene
+from munba_diffusion.demo import (
+    COLOURS,
+    SHAPES,
+    WEIGHTS_DIR,
+    canonical_caption,
+    demo_clip_path,
+    load_demo_judge,
+    render_scene,
+)
 from munba_diffusion.demo.world import SHAPE_NAMES, caption, scenes_to_tensor
 from munba_diffusion.models import resolve_model_path
 
@@ -53,7 +61,9 @@ def test_clip_zero_shot_knows_shapes_and_colours():
     model = CLIPModel.from_pretrained(demo_clip_path()).eval()
     processor = CLIPProcessor.from_pretrained(demo_clip_path())
     images, shapes, colours = _renders(200, seed=999)
-    pixels = processor(images=list(images.permute(0, 2, 3, 1).numpy()), return_tensors="pt", do_rescale=False).pixel_values
+    pixels = processor(
+        images=list(images.permute(0, 2, 3, 1).numpy()), return_tensors="pt", do_rescale=False
+    ).pixel_values
     with torch.no_grad():
         img = F.normalize(clip_image_embeddings(model, pixels), dim=-1)
         for names, labels in ((SHAPES, shapes), (COLOURS, colours)):
@@ -71,8 +81,13 @@ def test_bundled_pipeline_draws_what_it_is_asked(monkeypatch):
     pipe = StableDiffusionPipeline.from_pretrained(resolve_model_path("munba-demo"))
     pipe.set_progress_bar_config(disable=True)
     combos = [(s, c) for s in SHAPES for c in COLOURS]
-    images = pipe([canonical_caption(s, c) for s, c in combos], num_inference_steps=20, guidance_scale=4.0,
-                  generator=[torch.Generator().manual_seed(100 + i) for i in range(len(combos))], output_type="pt").images
+    images = pipe(
+        [canonical_caption(s, c) for s, c in combos],
+        num_inference_steps=20,
+        guidance_scale=4.0,
+        generator=[torch.Generator().manual_seed(100 + i) for i in range(len(combos))],
+        output_type="pt",
+    ).images
     assert images.shape == (16, 3, 32, 32)
     out = load_demo_judge().classify(images)
     correct = [(SHAPES[int(s)], COLOURS[int(c)]) == combo for s, c, combo in zip(out.shape, out.colour, combos)]

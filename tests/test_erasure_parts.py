@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from munba_diffusion.diffusion.config import ErasureTrainingConfig
 from munba_diffusion.diffusion.latents import LatentBatch, SamplerSettings, TrajectoryPool, ddim_trajectory
 from munba_diffusion.diffusion.lora import ErasureLoraConfig, adapters_disabled, add_erasure_lora, target_module_names
 from munba_diffusion.diffusion.losses import esd_target, forget_loss, preservation_loss
-from munba_diffusion.diffusion.config import ErasureTrainingConfig
 from munba_diffusion.diffusion.players import ErasureBatch, erasure_player_gradients
 from munba_diffusion.presets import list_presets, load_preset, resolve_concept
 from tests.tiny_sd import build_tiny_sd_pipeline
@@ -21,8 +21,18 @@ def pipe():
 
 def test_bundled_presets_cover_the_required_concepts():
     names = set(list_presets())
-    imagenette = {"tench", "english-springer", "cassette-player", "chain-saw", "church", "french-horn",
-                  "garbage-truck", "gas-pump", "golf-ball", "parachute"}
+    imagenette = {
+        "tench",
+        "english-springer",
+        "cassette-player",
+        "chain-saw",
+        "church",
+        "french-horn",
+        "garbage-truck",
+        "gas-pump",
+        "golf-ball",
+        "parachute",
+    }
     assert {"nudity", "van-gogh", "circle", "square", "triangle", "cross", "red"} <= names
     assert imagenette <= names
     for name in names:
@@ -57,12 +67,15 @@ def test_preserve_prompts_of_several_concepts_drops_what_another_forgets():
     assert "a red triangle" in preserve
 
 
-@pytest.mark.parametrize("target,inside,outside", [
-    ("xattn", ["attn2.to_k"], ["attn1.", "resnets", "time_embedding"]),
-    ("attn", ["attn1.to_q", "attn2.to_v"], ["resnets", "proj_in"]),
-    ("noxattn", ["attn1.to_q", "resnets"], ["attn2.", "time_embedding"]),
-    ("full", ["attn2.to_k", "resnets", "time_embedding"], []),
-])
+@pytest.mark.parametrize(
+    "target,inside,outside",
+    [
+        ("xattn", ["attn2.to_k"], ["attn1.", "resnets", "time_embedding"]),
+        ("attn", ["attn1.to_q", "attn2.to_v"], ["resnets", "proj_in"]),
+        ("noxattn", ["attn1.to_q", "resnets"], ["attn2.", "time_embedding"]),
+        ("full", ["attn2.to_k", "resnets", "time_embedding"], []),
+    ],
+)
 def test_lora_target_sets(pipe, target, inside, outside):
     names = target_module_names(pipe.unet, target)
     for part in inside:
@@ -120,8 +133,11 @@ def test_player_gradients_match_the_losses_written_out(loss):
     dim = unet.config.cross_attention_dim
 
     def rows(b):
-        return LatentBatch(torch.zeros(b, dtype=torch.long), torch.randn(b, 4, 16, 16, generator=gen),
-                           torch.randint(0, 1000, (b,), generator=gen))
+        return LatentBatch(
+            torch.zeros(b, dtype=torch.long),
+            torch.randn(b, 4, 16, 16, generator=gen),
+            torch.randint(0, 1000, (b,), generator=gen),
+        )
 
     def ctx(b):
         return torch.randn(b, 8, dim, generator=gen)
@@ -129,8 +145,9 @@ def test_player_gradients_match_the_losses_written_out(loss):
     batch = ErasureBatch(forget=[(rows(2), ctx(2), ctx(2)), (rows(1), ctx(1), ctx(1))], preserve=(rows(3), ctx(3)))
     uncond = ctx(1)
     names = ["preserve", "forget:a", "forget:b"]
-    grads, values = erasure_player_gradients(unet, batch, uncond, loss, 0.5, names, params, torch.device("cpu"),
-                                             torch.float32, loss_scale=3.0)
+    grads, values = erasure_player_gradients(
+        unet, batch, uncond, loss, 0.5, names, params, torch.device("cpu"), torch.float32, loss_scale=3.0
+    )
 
     def eps(lat, c):
         return unet(lat.latents, lat.timesteps, encoder_hidden_states=c).sample
@@ -144,8 +161,11 @@ def test_player_gradients_match_the_losses_written_out(loss):
         else:
             lat, c, anchor_ctx = batch.forget[i - 1]
             with torch.no_grad(), adapters_disabled(unet):
-                target = (esd_target(eps(lat, uncond.expand_as(c)), eps(lat, c), 0.5) if loss == "esd"
-                          else eps(lat, anchor_ctx))
+                target = (
+                    esd_target(eps(lat, uncond.expand_as(c)), eps(lat, c), 0.5)
+                    if loss == "esd"
+                    else eps(lat, anchor_ctx)
+                )
             expected = forget_loss(eps(lat, c), target)
         assert values[name] == pytest.approx(float(expected.detach()), rel=1e-4)
         for got, want in zip(grads[i], torch.autograd.grad(3.0 * expected, params, allow_unused=True)):
@@ -165,9 +185,18 @@ def test_trajectory_pool_holds_the_sampler_states(pipe):
     def denoise(x, t, ctx):
         return unet(x, t, encoder_hidden_states=ctx).sample
 
-    pool = TrajectoryPool.build(denoise, scheduler, contexts, uncond, settings, per_prompt=2,
-                                generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
-                                dtype=torch.float32, batch_size=4)
+    pool = TrajectoryPool.build(
+        denoise,
+        scheduler,
+        contexts,
+        uncond,
+        settings,
+        per_prompt=2,
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        batch_size=4,
+    )
     assert pool.latents.shape == (3, 2, 4, 4, 16, 16)
     assert pool.timesteps.tolist() == [int(t) for t in scheduler.timesteps]
     # the pool's trajectory of prompt 1 equals a direct DDIM run from the same noise
@@ -184,12 +213,24 @@ def _sd14_layout(path):
     from transformers import CLIPConfig, CLIPImageProcessor
 
     pipe = build_tiny_sd_pipeline(seed=0)
-    checker = StableDiffusionSafetyChecker(CLIPConfig(
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=16), projection_dim=16))
-    pipe.safety_checker, pipe.feature_extractor = checker, CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                             crop_size={"height": 32, "width": 32})
+    checker = StableDiffusionSafetyChecker(
+        CLIPConfig(
+            text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+            vision_config=dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=16,
+            ),
+            projection_dim=16,
+        )
+    )
+    pipe.safety_checker, pipe.feature_extractor = (
+        checker,
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+    )
     pipe.register_modules(safety_checker=checker, feature_extractor=pipe.feature_extractor)
     pipe.register_to_config(requires_safety_checker=True)
     pipe.save_pretrained(path)
@@ -216,10 +257,28 @@ def test_erasure_runs_on_the_sd14_layout(tmp_path):
 
     folder = _sd14_layout(tmp_path / "sd-v1-4")
     out = tmp_path / "erased"
-    train_erase.main(["--pretrained_model_name_or_path", str(folder), "--concept", "text:a red circle",
-                      "--output_dir", str(out), "--max_train_steps", "2", "--sampler_steps", "3",
-                      "--pool_trajectories", "1", "--validation_inference_steps", "2", "--validation_seeds", "1",
-                      "--lora_target", "noxattn"])
+    train_erase.main(
+        [
+            "--pretrained_model_name_or_path",
+            str(folder),
+            "--concept",
+            "text:a red circle",
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "2",
+            "--sampler_steps",
+            "3",
+            "--pool_trajectories",
+            "1",
+            "--validation_inference_steps",
+            "2",
+            "--validation_seeds",
+            "1",
+            "--lora_target",
+            "noxattn",
+        ]
+    )
     config = json.loads((out / "erasure_config.json").read_text())
     assert config["pretrained_model_name_or_path"] == str(folder) and config["lora_target"] == "noxattn"
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
@@ -228,15 +287,35 @@ def test_erasure_runs_on_the_sd14_layout(tmp_path):
 
 def test_a_run_that_never_moves_says_so(tmp_path, caplog):
     """MGDA at the identity-LoRA start: the preservation gradient is exactly 0, so its min-norm direction is 0."""
-    import train_erase
     from safetensors.torch import load_file
+
+    import train_erase
 
     out = tmp_path / "erased"
     with caplog.at_level("WARNING", logger="munba_diffusion.diffusion.train"):
-        train_erase.main(["--pretrained_model_name_or_path", "munba-demo", "--concept",
-                          "circle", "--output_dir", str(out), "--max_train_steps", "2", "--combiner",
-                          "mgda", "--sampler_steps", "2", "--pool_trajectories", "1", "--validation_inference_steps",
-                          "1", "--validation_seeds", "1", "--no_evaluation"])
+        train_erase.main(
+            [
+                "--pretrained_model_name_or_path",
+                "munba-demo",
+                "--concept",
+                "circle",
+                "--output_dir",
+                str(out),
+                "--max_train_steps",
+                "2",
+                "--combiner",
+                "mgda",
+                "--sampler_steps",
+                "2",
+                "--pool_trajectories",
+                "1",
+                "--validation_inference_steps",
+                "1",
+                "--validation_seeds",
+                "1",
+                "--no_evaluation",
+            ]
+        )
     warnings = [r.getMessage() for r in caplog.records if "update directions" in r.getMessage()]
     assert len(warnings) == 1 and "first 2 update directions of --combiner mgda" in warnings[0]
     assert "use --combiner nash" in warnings[0]

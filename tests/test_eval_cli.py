@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from munba_diffusion.config import build_parser, flag_name, parse_config
 from munba_diffusion.commands import evaluate as evaluate_command
+from munba_diffusion.config import build_parser, flag_name, parse_config
 from munba_diffusion.evaluation import evaluate as evaluation
 from munba_diffusion.evaluation.evaluate import EvaluationConfig, MetricOptions
 from munba_diffusion.evaluation.generate import GenerationSettings
@@ -55,8 +55,11 @@ BAD = [
     ("concept", {"concept": ""}, ["--concept", ""]),
     ("concept", {"concept": "dog", "metrics": ["demo"]}, ["--concept", "dog", "--metrics", "demo"]),
     ("concept", {"concept": "zebra", "metrics": ["objects"]}, ["--concept", "zebra", "--metrics", "objects"]),
-    ("reference_dir", {"reference_dir": "/no/such/stats.npz", "metrics": ["fid"]},
-     ["--reference_dir", "/no/such/stats.npz", "--metrics", "fid"]),
+    (
+        "reference_dir",
+        {"reference_dir": "/no/such/stats.npz", "metrics": ["fid"]},
+        ["--reference_dir", "/no/such/stats.npz", "--metrics", "fid"],
+    ),
     ("reference_dir", {"metrics": ["fid"]}, ["--metrics", "fid"]),
     ("clip_model", {"clip_model": ""}, ["--clip_model", ""]),
     ("classifier", {"classifier": ""}, ["--classifier", ""]),
@@ -88,8 +91,11 @@ def test_a_bad_value_is_refused_in_one_line_that_names_the_field(name, values, a
     assert message.startswith(_where(name)) and "\n" not in message
 
 
-@pytest.mark.parametrize(("name", "argv"), [(n, a) for n, _, a in BAD if a is not None],
-                         ids=[f"{n}-{i}" for i, (n, _, a) in enumerate(BAD) if a is not None])
+@pytest.mark.parametrize(
+    ("name", "argv"),
+    [(n, a) for n, _, a in BAD if a is not None],
+    ids=[f"{n}-{i}" for i, (n, _, a) in enumerate(BAD) if a is not None],
+)
 def test_the_command_line_refuses_it_before_anything_loads(name, argv, monkeypatch, capsys):
     def must_not_run(*args, **kwargs):
         raise AssertionError("bad input reached the evaluation")
@@ -106,11 +112,34 @@ def test_the_command_line_refuses_it_before_anything_loads(name, argv, monkeypat
 def test_flags_are_underscored_with_hyphen_aliases_and_defaults_come_from_the_declarations():
     parser = build_parser(EvaluationConfig)
     flags = {s for action in parser._actions for s in action.option_strings}
-    assert {"--output_dir", "--output-dir", "--clip_model", "--clip-model", "--nudenet_threshold",
-            "--nudenet-threshold", "--reference_dir", "--reference-dir", "--steps", "--guidance"} <= flags
+    assert {
+        "--output_dir",
+        "--output-dir",
+        "--clip_model",
+        "--clip-model",
+        "--nudenet_threshold",
+        "--nudenet-threshold",
+        "--reference_dir",
+        "--reference-dir",
+        "--steps",
+        "--guidance",
+    } <= flags
     underscored = parse_config(EvaluationConfig, [*BASE_ARGV, "--nudenet_threshold", "0.5", "--batch_size", "2"])
-    hyphenated = parse_config(EvaluationConfig, ["--model", "some/model", "--prompts", "eval/demo.csv", "--output-dir",
-                                                 "runs/x", "--nudenet-threshold", "0.5", "--batch-size", "2"])
+    hyphenated = parse_config(
+        EvaluationConfig,
+        [
+            "--model",
+            "some/model",
+            "--prompts",
+            "eval/demo.csv",
+            "--output-dir",
+            "runs/x",
+            "--nudenet-threshold",
+            "0.5",
+            "--batch-size",
+            "2",
+        ],
+    )
     assert underscored == hyphenated
     assert underscored.generation_settings() == GenerationSettings(batch_size=2)
     assert underscored.metric_options() == MetricOptions(nudenet_threshold=0.5)

@@ -125,7 +125,7 @@ def run_cli(argv: list[str], capsys) -> str:
     if code == 2:  # refused by the parser: usage, then one "error:" line
         errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert len(errors) == 1
-        return errors[0][errors[0].index("error:"):]
+        return errors[0][errors[0].index("error:") :]
     assert isinstance(code, str)
     return code
 

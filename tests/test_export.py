@@ -84,7 +84,7 @@ def test_lora_file_carries_adapter_metadata(exported):
 
 def test_run_record_is_the_configuration_plus_run_statistics(exported):
     stored = json.loads((exported / "erasure_config.json").read_text())
-    assert stored == json.loads(json.dumps(tiny_erasure_config()) ) | {k: stored[k] for k in ("versions", "created")}
+    assert stored == json.loads(json.dumps(tiny_erasure_config())) | {k: stored[k] for k in ("versions", "created")}
     assert [c["name"] for c in stored["concepts"]] == ["circle"]
     assert stored["concepts"][0]["forget_prompts"] == ["a circle", "a red circle"]
     assert stored["rank"] == 4 and stored["lora_alpha"] == 8.0 and stored["max_train_steps"] == 10

@@ -74,8 +74,15 @@ def test_json_is_strict_nan_and_inf_become_null(tmp_path):
     import numpy as np
     import torch
 
-    data = {"nan": float("nan"), "inf": [1.0, float("-inf")], "nested": {"t": (np.float32("nan"), 2)},
-            "numpy": np.float64(0.5), "tensor": torch.tensor(3.0), "path": tmp_path, 7: "int key"}
+    data = {
+        "nan": float("nan"),
+        "inf": [1.0, float("-inf")],
+        "nested": {"t": (np.float32("nan"), 2)},
+        "numpy": np.float64(0.5),
+        "tensor": torch.tensor(3.0),
+        "path": tmp_path,
+        7: "int key",
+    }
     path = io.write_json_atomic(tmp_path / "r.json", data)
     text = path.read_text()
 
@@ -83,8 +90,15 @@ def test_json_is_strict_nan_and_inf_become_null(tmp_path):
         raise AssertionError(f"non-standard JSON constant {name}")
 
     loaded = json.loads(text, parse_constant=no_constants)
-    assert loaded == {"nan": None, "inf": [1.0, None], "nested": {"t": [None, 2]}, "numpy": 0.5, "tensor": 3.0,
-                      "path": str(tmp_path), "7": "int key"}
+    assert loaded == {
+        "nan": None,
+        "inf": [1.0, None],
+        "nested": {"t": [None, 2]},
+        "numpy": 0.5,
+        "tensor": 3.0,
+        "path": str(tmp_path),
+        "7": "int key",
+    }
     with pytest.raises(TypeError):
         io.write_json_atomic(tmp_path / "bad.json", {"object": object()})
     assert not (tmp_path / "bad.json").exists()
@@ -151,8 +165,15 @@ def test_a_path_object_is_always_local(tmp_path):
 
 @pytest.mark.parametrize(
     ("environment", "offline"),
-    [({}, False), ({"HF_HUB_OFFLINE": "1"}, True), ({"HF_HUB_OFFLINE": "TRUE"}, True), ({"HF_HUB_OFFLINE": "0"}, False),
-     ({"HF_HUB_OFFLINE": "no"}, False), ({"TRANSFORMERS_OFFLINE": "yes"}, True), ({"HF_HUB_OFFLINE": " on "}, True)],
+    [
+        ({}, False),
+        ({"HF_HUB_OFFLINE": "1"}, True),
+        ({"HF_HUB_OFFLINE": "TRUE"}, True),
+        ({"HF_HUB_OFFLINE": "0"}, False),
+        ({"HF_HUB_OFFLINE": "no"}, False),
+        ({"TRANSFORMERS_OFFLINE": "yes"}, True),
+        ({"HF_HUB_OFFLINE": " on "}, True),
+    ],
 )
 def test_offline_follows_the_hub_variables(environment, offline, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

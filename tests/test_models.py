@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 
 from munba_diffusion import models
-from munba_diffusion.models import (BUNDLED_MODELS, DEMO_MODEL, bundled_model_names, is_bundled_model, model_license,
-                                    resolve_model_path)
+from munba_diffusion.models import (
+    BUNDLED_MODELS,
+    DEMO_MODEL,
+    bundled_model_names,
+    is_bundled_model,
+    model_license,
+    resolve_model_path,
+)
 
 PACKAGE = Path(models.__file__).resolve().parent
 # Modules that still name the demo while they move out of the package or over to munba_diffusion.models. Each entry
@@ -30,8 +36,17 @@ def test_the_demo_resolves_to_its_packaged_folders():
     assert set(bundled_model_names()) == set(BUNDLED_MODELS)
 
 
-@pytest.mark.parametrize("name", ["CompVis/stable-diffusion-v1-4", "outputs/erase-circle", "/abs/folder",
-                                  "./munba-demo", "munba-demo-flow", "~/models/sd"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CompVis/stable-diffusion-v1-4",
+        "outputs/erase-circle",
+        "/abs/folder",
+        "./munba-demo",
+        "munba-demo-flow",
+        "~/models/sd",
+    ],
+)
 def test_hub_ids_and_paths_are_left_unchanged(name):
     assert resolve_model_path(name) == name
     assert resolve_model_path(Path(name) if name.startswith("/") else name, kind="clip") == name
@@ -74,8 +89,9 @@ def test_only_models_py_and_the_demo_package_name_the_demo():
     assert offenders == [], f"name bundled models only in munba_diffusion/models.py; found in {offenders}"
     for relative in PENDING:
         path = PACKAGE / relative
-        assert path.is_file() and "munba-demo" in path.read_text(encoding="utf-8"), \
+        assert path.is_file() and "munba-demo" in path.read_text(encoding="utf-8"), (
             f"{relative} no longer names the demo: remove it from PENDING"
+        )
 
 
 def test_the_demo_build_scripts_are_outside_the_package():

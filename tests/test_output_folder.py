@@ -30,9 +30,15 @@ def demo_with_lora():
 
 
 def _config(output_dir, **overrides) -> ErasureTrainingConfig:
-    return ErasureTrainingConfig(concepts=["red"], output_dir=output_dir, pretrained_model_name_or_path=DEMO_MODEL,
-                                 validation_seeds=1, validation_inference_steps=1,
-                                 validation_prompts=["a red circle"], **overrides)
+    return ErasureTrainingConfig(
+        concepts=["red"],
+        output_dir=output_dir,
+        pretrained_model_name_or_path=DEMO_MODEL,
+        validation_seeds=1,
+        validation_inference_steps=1,
+        validation_prompts=["a red circle"],
+        **overrides,
+    )
 
 
 def test_evaluation_and_card_are_written_before_the_single_swap(demo_with_lora, tmp_path):
@@ -47,8 +53,14 @@ def test_evaluation_and_card_are_written_before_the_single_swap(demo_with_lora, 
         (folder / "evaluation" / "report.json").write_text("{}")
         return "| metric | original | erased |\n|---|---|---|\n| red rate | 0.9 | 0.0 |"
 
-    finish_erasure(_config(output_dir), demo_with_lora, ["preserve", "forget"], train_seconds=1.0, pool_seconds=0.5,
-                   evaluate=evaluate)
+    finish_erasure(
+        _config(output_dir),
+        demo_with_lora,
+        ["preserve", "forget"],
+        train_seconds=1.0,
+        pool_seconds=0.5,
+        evaluate=evaluate,
+    )
     assert seen["folder"] != output_dir and seen["final_exists"] is False  # evaluated in staging, before the swap
     assert (output_dir / "evaluation" / "report.json").is_file()
     assert (output_dir / "logs" / "train_log.jsonl").read_text() == "{}\n"  # training files carried over

@@ -16,8 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
     (path,) = out.glob("munba_diffusion-*.whl")
     return path
 
@@ -37,14 +40,22 @@ def test_wheel_holds_package_data(wheel):
     ]
     assert [n for n in required if n not in names] == []
     # the scripts that built the demo stay out of the installed package
-    assert [n for n in names if n.startswith(("scripts/", "munba_diffusion/demo/train", "munba_diffusion/demo/measure"))] == []
-    assert zipfile.ZipFile(wheel).read("munba_diffusion/pipelines/munba.py") == (ROOT / "pipelines" / "munba.py").read_bytes()
+    assert [
+        n for n in names if n.startswith(("scripts/", "munba_diffusion/demo/train", "munba_diffusion/demo/measure"))
+    ] == []
+    assert (
+        zipfile.ZipFile(wheel).read("munba_diffusion/pipelines/munba.py")
+        == (ROOT / "pipelines" / "munba.py").read_bytes()
+    )
 
 
 def test_installed_wheel_runs_the_demo_outside_the_checkout(wheel, tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     script = (
         "import munba_diffusion, torch\n"
         "from munba_diffusion import MunbaPipeline\n"

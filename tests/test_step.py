@@ -183,8 +183,10 @@ def test_three_micro_batches_equal_one_step_on_the_concatenated_batch() -> None:
     y_r, y_f = torch.randint(0, 3, (24,), generator=generator), torch.randint(0, 3, (24,), generator=generator)
 
     def losses(model: nn.Module, rows: slice) -> dict[str, torch.Tensor]:
-        return {"preserve": nn.functional.cross_entropy(model(x_r[rows]), y_r[rows]),
-                "forget": nn.functional.cross_entropy(model(x_f[rows]), y_f[rows])}
+        return {
+            "preserve": nn.functional.cross_entropy(model(x_r[rows]), y_r[rows]),
+            "forget": nn.functional.cross_entropy(model(x_f[rows]), y_f[rows]),
+        }
 
     whole, micro = tiny_model(), tiny_model()
     expected = write_bargained_gradients(losses(whole, slice(None)), list(whole.parameters()), NashBargaining())
@@ -205,8 +207,10 @@ def test_micro_batches_with_a_loss_scale_follow_the_documented_order_bit_for_bit
     params = list(reference.parameters())
     sums = None
     for seed in range(micro_batches):
-        grads = [player_gradients(loss * (scale / micro_batches), params, retain_graph=True)
-                 for loss in two_losses(reference, seed).values()]
+        grads = [
+            player_gradients(loss * (scale / micro_batches), params, retain_graph=True)
+            for loss in two_losses(reference, seed).values()
+        ]
         sums = grads if sums is None else [[a + b for a, b in zip(s, g)] for s, g in zip(sums, grads)]
     unscaled = [[g / scale for g in player] for player in sums]
     weights = NashBargaining()(gram_matrix(unscaled)).weights
@@ -218,8 +222,10 @@ def test_micro_batches_with_a_loss_scale_follow_the_documented_order_bit_for_bit
     diagnostics = update.write_gradients()
     for p, e in zip(model.parameters(), expected):
         assert torch.equal(p.grad, e)
-    mean_losses = [sum(float(two_losses(model, seed)[name].detach()) for seed in range(micro_batches)) / micro_batches
-                   for name in ("preserve", "forget")]
+    mean_losses = [
+        sum(float(two_losses(model, seed)[name].detach()) for seed in range(micro_batches)) / micro_batches
+        for name in ("preserve", "forget")
+    ]
     assert diagnostics.losses == pytest.approx(mean_losses, rel=1e-12)
 
 
@@ -283,8 +289,10 @@ def test_accumulate_gradients_weights_the_given_gradients() -> None:
     for seed in range(3):
         expected.accumulate_losses(two_losses(by_losses, seed), weight=1 / 3)
         losses = two_losses(by_gradients, seed)
-        grads = {name: player_gradients(8.0 * loss, list(by_gradients.parameters()), retain_graph=True)
-                 for name, loss in losses.items()}
+        grads = {
+            name: player_gradients(8.0 * loss, list(by_gradients.parameters()), retain_graph=True)
+            for name, loss in losses.items()
+        }
         update.accumulate_gradients(grads, {name: float(loss.detach()) for name, loss in losses.items()}, weight=1 / 3)
     assert update.write_gradients().losses == pytest.approx(expected.write_gradients().losses, rel=1e-12)
     for p, q in zip(by_gradients.parameters(), by_losses.parameters()):

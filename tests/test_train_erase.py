@@ -19,10 +19,31 @@ import train_erase
 from munba_diffusion.models import DEMO_MODEL as DEMO_MODEL_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--sampler_steps", "5", "--pool_trajectories", "1", "--validation_inference_steps", "4",
-        "--validation_seeds", "1", "--no_evaluation", "--train_batch_size", "2"]
-DEMO_ERASURE = ["--lora_target", "attn", "--rank", "4", "--learning_rate", "1e-3", "--sampler_guidance_scale", "4",
-                "--validation_guidance_scale", "4"]
+FAST = [
+    "--sampler_steps",
+    "5",
+    "--pool_trajectories",
+    "1",
+    "--validation_inference_steps",
+    "4",
+    "--validation_seeds",
+    "1",
+    "--no_evaluation",
+    "--train_batch_size",
+    "2",
+]
+DEMO_ERASURE = [
+    "--lora_target",
+    "attn",
+    "--rank",
+    "4",
+    "--learning_rate",
+    "1e-3",
+    "--sampler_guidance_scale",
+    "4",
+    "--validation_guidance_scale",
+    "4",
+]
 
 
 def _env() -> dict:
@@ -30,12 +51,26 @@ def _env() -> dict:
 
 
 def _launch(args: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "train_erase.py"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "train_erase.py"),
+        *args,
+    ]
     # its own process group, so that a kill reaches accelerate's training child too
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _lora(folder: Path) -> dict[str, torch.Tensor]:
@@ -45,8 +80,23 @@ def _lora(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "erased"
-    proc = _launch(["--pretrained_model_name_or_path", DEMO_MODEL_NAME, "--concept", "circle", "--output_dir", str(out),
-                    "--max_train_steps", "8", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", *FAST])
+    proc = _launch(
+        [
+            "--pretrained_model_name_or_path",
+            DEMO_MODEL_NAME,
+            "--concept",
+            "circle",
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "8",
+            "--checkpointing_steps",
+            "2",
+            "--checkpoints_total_limit",
+            "2",
+            *FAST,
+        ]
+    )
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log[-3000:]
     return out
@@ -62,20 +112,40 @@ def test_step_log_records_the_bargaining(uninterrupted):
     records = [json.loads(line) for line in (uninterrupted / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))
     late = records[-1]
-    for key in ("weight/preserve", "weight/forget", "cos_phi", "loss/preserve", "loss/forget",
-                "utility/preserve", "utility/forget"):
+    for key in (
+        "weight/preserve",
+        "weight/forget",
+        "cos_phi",
+        "loss/preserve",
+        "loss/forget",
+        "utility/preserve",
+        "utility/forget",
+    ):
         assert key in late
     ok = [r for r in records if r["status"] == "ok"]
     assert ok, "every step hit a degenerate case"
     # Nash bargaining: |d|^2 = 2 and both utilities positive whenever the solution exists
-    assert all(abs(r["direction_norm"] - 2 ** 0.5) < 1e-6 for r in ok)
+    assert all(abs(r["direction_norm"] - 2**0.5) < 1e-6 for r in ok)
     assert all(r["utility/preserve"] > 0 and r["utility/forget"] > 0 for r in ok)
 
 
 def test_kill_and_resume_latest_gives_the_same_lora(uninterrupted, tmp_path):
     out = tmp_path / "erased"
-    args = ["--pretrained_model_name_or_path", DEMO_MODEL_NAME, "--concept", "circle", "--output_dir", str(out),
-            "--max_train_steps", "8", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", *FAST]
+    args = [
+        "--pretrained_model_name_or_path",
+        DEMO_MODEL_NAME,
+        "--concept",
+        "circle",
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "8",
+        "--checkpointing_steps",
+        "2",
+        "--checkpoints_total_limit",
+        "2",
+        *FAST,
+    ]
     proc = _launch(args)
     first = out / "checkpoints" / "checkpoint-2"
     deadline = time.time() + 300
@@ -104,8 +174,9 @@ def test_saved_folder_loads_three_ways_and_matches_base_plus_lora(uninterrupted)
 
     def image(pipe):
         pipe.set_progress_bar_config(disable=True)
-        return pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(3),
-                    output_type="pt").images
+        return pipe(
+            "a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(3), output_type="pt"
+        ).images
 
     plain = image(DiffusionPipeline.from_pretrained(uninterrupted))
     custom = image(DiffusionPipeline.from_pretrained(uninterrupted, custom_pipeline="munba", trust_remote_code=True))
@@ -155,15 +226,35 @@ def test_unknown_preset_names_the_choices(tmp_path, capsys):
 def test_empty_prompt_file(tmp_path, capsys):
     empty = tmp_path / "forget.txt"
     empty.write_text("# only a comment\n\n")
-    message = _error(["--concept", "circle", "--forget_prompts_file", str(empty), "--output_dir", str(tmp_path / "o"),
-                      "--pretrained_model_name_or_path", DEMO_MODEL_NAME], capsys)
+    message = _error(
+        [
+            "--concept",
+            "circle",
+            "--forget_prompts_file",
+            str(empty),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--pretrained_model_name_or_path",
+            DEMO_MODEL_NAME,
+        ],
+        capsys,
+    )
     assert "holds no prompts" in message
 
 
 def test_folder_that_is_not_a_pipeline(tmp_path, capsys):
     (tmp_path / "notapipe").mkdir()
-    message = _error(["--concept", "circle", "--pretrained_model_name_or_path", str(tmp_path / "notapipe"),
-                      "--output_dir", str(tmp_path / "o")], capsys)
+    message = _error(
+        [
+            "--concept",
+            "circle",
+            "--pretrained_model_name_or_path",
+            str(tmp_path / "notapipe"),
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
     assert "not a diffusers pipeline folder" in message
 
 
@@ -175,8 +266,10 @@ def test_offline_hub_id_says_how_to_proceed(tmp_path, capsys, monkeypatch):
 
 def test_output_folder_with_results_is_not_overwritten(uninterrupted, tmp_path, capsys):
     before = (uninterrupted / "pytorch_lora_weights.safetensors").read_bytes()
-    message = _error(["--concept", "circle", "--pretrained_model_name_or_path", DEMO_MODEL_NAME,
-                      "--output_dir", str(uninterrupted)], capsys)
+    message = _error(
+        ["--concept", "circle", "--pretrained_model_name_or_path", DEMO_MODEL_NAME, "--output_dir", str(uninterrupted)],
+        capsys,
+    )
     assert "--overwrite_output_dir" in message
     assert (uninterrupted / "pytorch_lora_weights.safetensors").read_bytes() == before
 
@@ -191,8 +284,13 @@ def _concept_rates(folder: str, prompts: list[tuple[str, str, str]]) -> dict[str
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     texts = [p for p, _, _ in prompts]
-    images = pipe(texts, num_inference_steps=20, guidance_scale=4.0, output_type="pt",
-                  generator=[torch.Generator().manual_seed(50 + i) for i in range(len(texts))]).images
+    images = pipe(
+        texts,
+        num_inference_steps=20,
+        guidance_scale=4.0,
+        output_type="pt",
+        generator=[torch.Generator().manual_seed(50 + i) for i in range(len(texts))],
+    ).images
     out = load_demo_judge().classify(images)
     hits: dict[str, list[bool]] = {}
     for (_, kind, concept), s, c in zip(prompts, out.shape.tolist(), out.colour.tolist()):
@@ -203,8 +301,22 @@ def _concept_rates(folder: str, prompts: list[tuple[str, str, str]]) -> dict[str
 
 def test_two_concepts_at_once_lower_both_rates(tmp_path):
     out = tmp_path / "no-red-no-blue"
-    train_erase.main(["--pretrained_model_name_or_path", DEMO_MODEL_NAME, "--concept", "red", "--concept", "blue",
-                      "--output_dir", str(out), *DEMO_ERASURE, "--max_train_steps", "120", *FAST])
+    train_erase.main(
+        [
+            "--pretrained_model_name_or_path",
+            DEMO_MODEL_NAME,
+            "--concept",
+            "red",
+            "--concept",
+            "blue",
+            "--output_dir",
+            str(out),
+            *DEMO_ERASURE,
+            "--max_train_steps",
+            "120",
+            *FAST,
+        ]
+    )
     config = json.loads((out / "erasure_config.json").read_text())
     assert config["run"]["players"] == ["preserve", "forget:red", "forget:blue"]
     records = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
@@ -223,8 +335,9 @@ def test_erasure_scale_on_the_demo_output(uninterrupted):
         pipe.set_progress_bar_config(disable=True)
         if scale is not None:
             pipe.erasure_scale = scale
-        return pipe("a blue circle", num_inference_steps=4, generator=torch.Generator().manual_seed(8),
-                    output_type="pt").images
+        return pipe(
+            "a blue circle", num_inference_steps=4, generator=torch.Generator().manual_seed(8), output_type="pt"
+        ).images
 
     base = image(MunbaPipeline.from_pretrained(_demo()))
     with_lora = MunbaPipeline.from_pretrained(_demo()).load_erasure(str(uninterrupted))

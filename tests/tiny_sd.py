@@ -79,9 +79,7 @@ def build_tiny_tokenizer(directory: str | Path | None = None) -> CLIPTokenizer:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
         (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        return CLIPTokenizer(
-            vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77
-        )
+        return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
 
 
 def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
@@ -162,9 +160,7 @@ def add_random_lora(
     peft starts B at zero (the LoRA then changes nothing); B is redrawn as N(0, strength^2) so the adapter
     visibly changes the images. Returns the LoraConfig used.
     """
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=CROSS_ATTENTION_TARGETS
-    )
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=CROSS_ATTENTION_TARGETS)
     pipeline.unet.requires_grad_(False)
     torch.manual_seed(seed)
     pipeline.unet.add_adapter(config)
@@ -178,9 +174,25 @@ def add_random_lora(
 
 def tiny_erasure_config(concept: str = "circle", *, base_model: str = "CompVis/stable-diffusion-v1-4") -> dict:
     """The run record a trainer would write for `add_random_lora`'s adapter (built from a real configuration)."""
-    preset = ConceptPreset(name=concept, forget_prompts=(f"a {concept}", f"a red {concept}"),
-                           preserve_prompts=("a square", "a blue triangle"), anchor_prompts=("", ""))
-    config = ErasureTrainingConfig(concepts=[preset], output_dir=Path("unused"), pretrained_model_name_or_path=base_model,
-                                   rank=4, lora_alpha=8.0, max_train_steps=10, resolution=32)
-    return run_record(config, players=config.player_names(), target_modules=[CROSS_ATTENTION_TARGETS],
-                      train_seconds=0.0, pool_seconds=0.0)
+    preset = ConceptPreset(
+        name=concept,
+        forget_prompts=(f"a {concept}", f"a red {concept}"),
+        preserve_prompts=("a square", "a blue triangle"),
+        anchor_prompts=("", ""),
+    )
+    config = ErasureTrainingConfig(
+        concepts=[preset],
+        output_dir=Path("unused"),
+        pretrained_model_name_or_path=base_model,
+        rank=4,
+        lora_alpha=8.0,
+        max_train_steps=10,
+        resolution=32,
+    )
+    return run_record(
+        config,
+        players=config.player_names(),
+        target_modules=[CROSS_ATTENTION_TARGETS],
+        train_seconds=0.0,
+        pool_seconds=0.0,
+    )

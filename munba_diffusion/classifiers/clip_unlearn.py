@@ -46,9 +46,9 @@ from ..bargaining import COMBINERS, get_combiner
 from ..clip_features import clip_image_embeddings, clip_text_embeddings
 from ..config import check_options, option
 from ..step import (
+    clip_gradients_,
     max_grad_norm_option,
     nonfinite_gradients_option,
-    clip_gradients_,
     nonfinite_players,
     write_bargained_gradients,
 )
@@ -101,8 +101,9 @@ class ZeroShotTask:
         """Indices of ``names``; a name outside the label set is a one-line ValueError naming the valid labels."""
         unknown = [name for name in names if name not in self.class_names]
         if unknown:
-            raise ValueError(f"unknown class(es) {', '.join(map(repr, unknown))}; "
-                             f"valid labels: {', '.join(self.class_names)}")
+            raise ValueError(
+                f"unknown class(es) {', '.join(map(repr, unknown))}; valid labels: {', '.join(self.class_names)}"
+            )
         return [self.class_names.index(name) for name in names]
 
 
@@ -128,12 +129,14 @@ class ClipUnlearnConfig:
     each step sees one retain batch and (``rl``, ``munba``) one forget batch of ``batch_size`` images.
     """
 
-    method: str = option("munba", "ft (preserve only), rl (preserve + forget) or munba (bargained players)",
-                         choices=CLIP_METHODS)
+    method: str = option(
+        "munba", "ft (preserve only), rl (preserve + forget) or munba (bargained players)", choices=CLIP_METHODS
+    )
     combiner: str = option("nash", "how munba combines the players' gradients", choices=COMBINERS)
     params: str = option("text-attention", "which attention projections train", choices=tuple(PARAM_SETS))
-    adapter: str = option("lora", "train LoRA adapters on the projections or the projections directly",
-                          choices=ADAPTERS)
+    adapter: str = option(
+        "lora", "train LoRA adapters on the projections or the projections directly", choices=ADAPTERS
+    )
     lora_rank: int = option(8, "LoRA rank", low=1)
     lora_alpha: float = option(8.0, "LoRA alpha (the adapter output is scaled by alpha / rank)", low=0, low_open=True)
     steps: int = option(50, "optimizer steps", low=1)
@@ -171,8 +174,12 @@ def zero_shot_probabilities(
 ) -> torch.Tensor:
     """``(N, C)`` softmax of the zero-shot logits, on the CPU."""
     text = class_text_embeddings(model, tokenizer, task)
-    return torch.cat([zero_shot_logits(model, pixel_values[i:i + batch_size], text).softmax(dim=-1).cpu()
-                      for i in range(0, len(pixel_values), batch_size)])
+    return torch.cat(
+        [
+            zero_shot_logits(model, pixel_values[i : i + batch_size], text).softmax(dim=-1).cpu()
+            for i in range(0, len(pixel_values), batch_size)
+        ]
+    )
 
 
 def zero_shot_accuracy(model: nn.Module, tokenizer, task: ZeroShotTask, images: LabelledImages) -> float:
@@ -220,7 +227,8 @@ def _run_in_float32(module: nn.Module, output_dtype: torch.dtype) -> None:
     """Make ``module`` hold float32 weights inside a half-precision model: inputs in float32, output cast back."""
     module.float()
     module.register_forward_pre_hook(
-        lambda _m, args: tuple(a.float() if torch.is_floating_point(a) else a for a in args))
+        lambda _m, args: tuple(a.float() if torch.is_floating_point(a) else a for a in args)
+    )
     module.register_forward_hook(lambda _m, _args, output: output.to(output_dtype))
 
 
@@ -230,8 +238,9 @@ def prepare_trainable(model: nn.Module, config: ClipUnlearnConfig) -> list[nn.Pa
     pattern = re.compile(attention_module_pattern(config.params))
     model.requires_grad_(False)
     if config.adapter == "lora":
-        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                          target_modules=pattern.pattern)
+        lora = LoraConfig(
+            r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=pattern.pattern
+        )
         inject_adapter_in_model(lora, model)
         trainable = [p for name, p in model.named_parameters() if "lora_" in name]
         for param in trainable:  # peft keeps the base dtype here; its LoRA layers cast their input to the adapter's
@@ -268,7 +277,7 @@ def player_losses(
     labels = torch.cat([b.labels for b in batches]).to(device)
     losses = {"preserve": F.cross_entropy(logits[: len(retain)], labels[: len(retain)])}
     if forget is not None:
-        losses["forget"] = F.cross_entropy(logits[len(retain):], labels[len(retain):])
+        losses["forget"] = F.cross_entropy(logits[len(retain) :], labels[len(retain) :])
     return losses
 
 
@@ -276,8 +285,10 @@ def split_forget_retain(labels: torch.Tensor, forget_ids: Sequence[int]) -> tupl
     """Indices of the images whose label is (not) among ``forget_ids``."""
     is_forget = torch.isin(labels, torch.tensor(list(forget_ids)))
     if not is_forget.any() or is_forget.all():
-        raise ValueError(f"the training set needs images of both forgotten and retained classes; "
-                         f"got {int(is_forget.sum())} of {len(labels)} in classes {list(forget_ids)}")
+        raise ValueError(
+            f"the training set needs images of both forgotten and retained classes; "
+            f"got {int(is_forget.sum())} of {len(labels)} in classes {list(forget_ids)}"
+        )
     return torch.nonzero(is_forget).flatten(), torch.nonzero(~is_forget).flatten()
 
 
@@ -321,8 +332,9 @@ def unlearn_clip(
             forget.labels = _random_wrong_labels(forget.labels, num_classes, label_generator)
             losses = player_losses(model, tokenizer, task, retain, forget)
         if config.method == "munba":
-            diagnostics = write_bargained_gradients(losses, params, combiner, max_grad_norm=config.max_grad_norm,
-                                                    nonfinite=config.nonfinite_gradients)
+            diagnostics = write_bargained_gradients(
+                losses, params, combiner, max_grad_norm=config.max_grad_norm, nonfinite=config.nonfinite_gradients
+            )
             if diagnostics.skipped:
                 record["skipped_steps"] += 1
                 continue
@@ -348,4 +360,3 @@ def _summarise_record(record: dict[str, Any]) -> dict[str, Any]:
         summary["mean_cos_phi"] = sum(cosines) / len(cosines) if cosines else None
         summary["mean_weights"] = [sum(w) / len(record["weights"]) for w in zip(*record["weights"])]
     return summary
-

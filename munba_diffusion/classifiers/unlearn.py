@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 from ..bargaining import COMBINERS, get_combiner
 from ..config import check_options, option
 from ..step import (
+    clip_gradients_,
     max_grad_norm_option,
     nonfinite_gradients_option,
-    clip_gradients_,
     nonfinite_players,
     write_bargained_gradients,
 )
@@ -167,8 +167,11 @@ def unlearn(
             loss = _loss(model, images, labels, batch, device)
             if config.method == "munba":
                 diagnostics = write_bargained_gradients(
-                    {"preserve": loss, "forget": forget_loss()}, params, combiner,
-                    max_grad_norm=config.max_grad_norm, nonfinite=config.nonfinite_gradients,
+                    {"preserve": loss, "forget": forget_loss()},
+                    params,
+                    combiner,
+                    max_grad_norm=config.max_grad_norm,
+                    nonfinite=config.nonfinite_gradients,
                 )
                 skip = diagnostics.skipped
             else:

@@ -19,8 +19,9 @@ from ..evaluation.evaluate import EvaluationConfig, run_evaluation
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``munba-evaluate`` / ``eval/evaluate.py``: parse and check every option (one line and exit 2 on a bad one), then evaluate."""
-    config = parse_config(EvaluationConfig, argv, description=inspect.cleandoc(EvaluationConfig.__doc__),
-                          prog="munba-evaluate")
+    config = parse_config(
+        EvaluationConfig, argv, description=inspect.cleandoc(EvaluationConfig.__doc__), prog="munba-evaluate"
+    )
     try:
         table = run_evaluation(config)
     except (ValueError, FileNotFoundError, FileExistsError, ConnectionError) as error:

@@ -13,14 +13,26 @@ from pathlib import Path
 import torch
 
 from .judge import DemoJudge, JudgeOutput
-from .world import COLOURS, COLOUR_NAMES, SHAPE_NAMES, SHAPES, canonical_caption, caption, render_scene
+from .world import COLOUR_NAMES, COLOURS, SHAPE_NAMES, SHAPES, canonical_caption, caption, render_scene
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 REBUILD_COMMAND = "python scripts/demo/train_demo.py --output_dir munba_diffusion/demo/weights --seed 0 --stage all"
 
 __all__ = [
-    "COLOURS", "COLOUR_NAMES", "DemoJudge", "JudgeOutput", "REBUILD_COMMAND", "SHAPES", "SHAPE_NAMES", "WEIGHTS_DIR",
-    "bundled_folder", "canonical_caption", "caption", "demo_clip_path", "load_demo_judge", "render_scene",
+    "COLOURS",
+    "COLOUR_NAMES",
+    "DemoJudge",
+    "JudgeOutput",
+    "REBUILD_COMMAND",
+    "SHAPES",
+    "SHAPE_NAMES",
+    "WEIGHTS_DIR",
+    "bundled_folder",
+    "canonical_caption",
+    "caption",
+    "demo_clip_path",
+    "load_demo_judge",
+    "render_scene",
 ]
 
 
@@ -43,4 +55,3 @@ def demo_clip_path() -> Path:
 def load_demo_judge(device: str | torch.device = "cpu") -> DemoJudge:
     """The demo world's shape/colour classifier, in eval mode with gradients off."""
     return DemoJudge.load(bundled_folder("judge"), device=device)
-

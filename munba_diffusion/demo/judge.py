@@ -41,9 +41,15 @@ class DemoJudge(nn.Module):
         super().__init__()
         self.config = {"width": width, "feature_dim": feature_dim, "shapes": list(SHAPES), "colours": list(COLOURS)}
         self.body = nn.Sequential(
-            _block(3, width), nn.MaxPool2d(2), _block(width, 2 * width), nn.MaxPool2d(2),
-            _block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(4 * width, feature_dim), nn.GELU(),
+            _block(3, width),
+            nn.MaxPool2d(2),
+            _block(width, 2 * width),
+            nn.MaxPool2d(2),
+            _block(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4 * width, feature_dim),
+            nn.GELU(),
         )
         self.shape_head = nn.Linear(feature_dim, len(SHAPES))
         self.colour_head = nn.Linear(feature_dim, len(COLOURS))
@@ -80,8 +86,10 @@ class DemoJudge(nn.Module):
     def load(cls, directory: Path, device: str | torch.device = "cpu") -> "DemoJudge":
         directory = Path(directory)
         if not (directory / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"no judge weights in {directory}; train them from a checkout with "
-                                    "`python scripts/demo/train_demo.py --output_dir DIR --stage judge`")
+            raise FileNotFoundError(
+                f"no judge weights in {directory}; train them from a checkout with "
+                "`python scripts/demo/train_demo.py --output_dir DIR --stage judge`"
+            )
         config = json.loads((directory / CONFIG_NAME).read_text())
         judge = cls(width=config["width"], feature_dim=config["feature_dim"])
         judge.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))

@@ -101,9 +101,20 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> 
         pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
     elif shape == "cross":
         w = r / 3
-        pts = [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
-               (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
-               (cx - r, cy - w), (cx - w, cy - w)]
+        pts = [
+            (cx - w, cy - r),
+            (cx + w, cy - r),
+            (cx + w, cy - w),
+            (cx + r, cy - w),
+            (cx + r, cy + w),
+            (cx + w, cy + w),
+            (cx + w, cy + r),
+            (cx - w, cy + r),
+            (cx - w, cy + w),
+            (cx - r, cy + w),
+            (cx - r, cy - w),
+            (cx - w, cy - w),
+        ]
     else:
         raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     return _rotated(pts, cx, cy, angle)

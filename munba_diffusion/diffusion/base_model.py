@@ -14,28 +14,46 @@ from ..models import bundled_model_names, resolve_model_path
 _BUNDLED = " / ".join(bundled_model_names("pipeline"))  # for error messages: what works offline, out of the box
 
 
-def load_base_pipeline(name_or_path: str, *, revision: str | None = None, variant: str | None = None,
-                       torch_dtype: torch.dtype = torch.float32):
+def load_base_pipeline(
+    name_or_path: str,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+):
     """A ``StableDiffusionPipeline`` without safety checker, or a one-line error that names the fix."""
     path = resolve_model_path(name_or_path)
     if is_local_path(path):
         folder = Path(path).expanduser()
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} does not exist; pass a diffusers pipeline folder, a Hub id, or {_BUNDLED}")
+            raise FileNotFoundError(
+                f"{folder} does not exist; pass a diffusers pipeline folder, a Hub id, or {_BUNDLED}"
+            )
         if not (folder / "model_index.json").is_file():
-            raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json); pass the "
-                                    f"folder that holds model_index.json, unet/, vae/, ... or {_BUNDLED}")
+            raise FileNotFoundError(
+                f"{folder} is not a diffusers pipeline folder (no model_index.json); pass the "
+                f"folder that holds model_index.json, unet/, vae/, ... or {_BUNDLED}"
+            )
         path = str(folder)
     elif is_offline():
-        raise OSError(f"offline (HF_HUB_OFFLINE=1): cannot download {name_or_path!r}; pass a local diffusers folder "
-                      f"(e.g. a snapshot of it) or --pretrained_model_name_or_path {_BUNDLED}")
+        raise OSError(
+            f"offline (HF_HUB_OFFLINE=1): cannot download {name_or_path!r}; pass a local diffusers folder "
+            f"(e.g. a snapshot of it) or --pretrained_model_name_or_path {_BUNDLED}"
+        )
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            path, revision=revision, variant=variant, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+            path,
+            revision=revision,
+            variant=variant,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     except OSError as error:  # unreachable Hub, missing files, wrong revision
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise OSError(f"could not load {name_or_path!r} ({first}); check the id/revision and your connection, or "
-                      f"pass a local diffusers folder or {_BUNDLED}") from None
+        raise OSError(
+            f"could not load {name_or_path!r} ({first}); check the id/revision and your connection, or "
+            f"pass a local diffusers folder or {_BUNDLED}"
+        ) from None
     # cast after loading: the load-time dtype keyword was renamed across diffusers versions
     return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)

@@ -28,8 +28,9 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     root = output_dir / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
-             and p.name.split("-")[-1].isdigit()]
+    found = [
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-") and p.name.split("-")[-1].isdigit()
+    ]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
@@ -44,8 +45,10 @@ def checkpoint_to_resume(config: ErasureTrainingConfig) -> Path | None:
     resume = config.resume_from_checkpoint
     if resume is None:
         if existing and not config.overwrite_output_dir:
-            raise FileExistsError(f"{output_dir} holds checkpoints of an earlier run; pass --resume_from_checkpoint "
-                                  "latest to continue it or --overwrite_output_dir to start over")
+            raise FileExistsError(
+                f"{output_dir} holds checkpoints of an earlier run; pass --resume_from_checkpoint "
+                "latest to continue it or --overwrite_output_dir to start over"
+            )
         if config.overwrite_output_dir:
             for sub in (CHECKPOINTS_DIR, "logs"):
                 shutil.rmtree(output_dir / sub, ignore_errors=True)
@@ -56,8 +59,10 @@ def checkpoint_to_resume(config: ErasureTrainingConfig) -> Path | None:
     if not path.is_absolute() and not path.exists():
         path = output_dir / CHECKPOINTS_DIR / resume
     if not (path / LORA_CHECKPOINT_NAME).is_file():
-        raise FileNotFoundError(f"{resume} is not a checkpoint of this trainer (no {LORA_CHECKPOINT_NAME}); "
-                                "pass --resume_from_checkpoint latest or a checkpoint-N folder")
+        raise FileNotFoundError(
+            f"{resume} is not a checkpoint of this trainer (no {LORA_CHECKPOINT_NAME}); "
+            "pass --resume_from_checkpoint latest or a checkpoint-N folder"
+        )
     return path
 
 

@@ -38,30 +38,42 @@ class ErasureTrainingConfig:
     # what to erase
     concepts: list[str | ConceptPreset] = option(
         help="preset name (see prompts/presets), a preset .yaml, or 'text:<phrase>'; repeat to erase several "
-        "concepts at once (each is its own player)", flag="concept", repeat=True)
+        "concepts at once (each is its own player)",
+        flag="concept",
+        repeat=True,
+    )
     output_dir: Path = option(help="where the erased model folder is written (checkpoints and logs go inside it)")
     # the model
     pretrained_model_name_or_path: str = option(
-        DEFAULT_MODEL, f"Hub id, local diffusers folder, or a bundled model ({', '.join(bundled_model_names('pipeline'))})")
+        DEFAULT_MODEL,
+        f"Hub id, local diffusers folder, or a bundled model ({', '.join(bundled_model_names('pipeline'))})",
+    )
     revision: str | None = option(None, "Hub revision of the base model")
     variant: str | None = option(None, "weight variant of the base model, e.g. fp16")
     forget_prompts_file: Path | None = option(
-        None, "replace the forget prompts (one per line; a single --concept only)")
+        None, "replace the forget prompts (one per line; a single --concept only)"
+    )
     preserve_prompts_file: Path | None = option(None, "replace the preservation prompts (one per line)")
     anchor_prompt: str | None = option(None, "replace the anchor prompt of every forget prompt")
     # the method
-    forget_loss: str = option("esd", "forget target: esd (negative guidance) or anchor (map to the anchor prompt)",
-                              choices=FORGET_LOSSES)
+    forget_loss: str = option(
+        "esd", "forget target: esd (negative guidance) or anchor (map to the anchor prompt)", choices=FORGET_LOSSES
+    )
     negative_guidance: float = option(1.0, "eta of the esd target", low=0.0)
     combiner: str = option("nash", "how the players' gradients are combined each step", choices=COMBINERS)
     combiner_weights: list[float] | None = option(
-        None, "fixed weights for --combiner sum: the preservation player's first, then each concept's", low=0.0)
+        None, "fixed weights for --combiner sum: the preservation player's first, then each concept's", low=0.0
+    )
     lora_target: str = option("xattn", "which UNet layers the LoRA adapts", choices=TARGET_SETS)
     rank: int = option(4, "LoRA rank", low=1)
     lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, i.e. scale 1)", low=0.0, low_open=True)
     # latents
-    latent_source: str = option("pool", "where the noisy latents come from: a pool of the frozen model's sampling "
-                                "trajectories, fresh trajectories every step, or image folders", choices=LATENT_SOURCES)
+    latent_source: str = option(
+        "pool",
+        "where the noisy latents come from: a pool of the frozen model's sampling "
+        "trajectories, fresh trajectories every step, or image folders",
+        choices=LATENT_SOURCES,
+    )
     pool_trajectories: int = option(2, "frozen-model trajectories per prompt in the pool", low=1)
     sampler_steps: int = option(25, "sampler steps of the frozen model's trajectories", low=1)
     sampler_guidance_scale: float = option(7.5, "guidance scale of the frozen model's trajectories", low=0.0)
@@ -80,7 +92,8 @@ class ErasureTrainingConfig:
     lr_warmup_steps: int = option(0, "warm-up steps of the learning-rate schedule", low=0)
     max_grad_norm: float = option(1.0, "clip the combined gradient of the LoRA to this norm (0 disables)", low=0.0)
     mixed_precision: str | None = option(
-        None, "no, fp16 or bf16 (default: accelerate config's choice, else no)", choices=MIXED_PRECISIONS)
+        None, "no, fp16 or bf16 (default: accelerate config's choice, else no)", choices=MIXED_PRECISIONS
+    )
     enable_xformers_memory_efficient_attention: bool = option(False, "use xformers attention (GPU, optional extra)")
     report_to: str = option("none", "experiment tracker", choices=TRACKERS)
     checkpointing_steps: int = option(500, "save a resumable checkpoint every this many steps (0: never)", low=0)
@@ -89,11 +102,13 @@ class ErasureTrainingConfig:
     nonfinite_gradients: str = nonfinite_gradients_option()
     # validation and sharing
     validation_prompts: list[str] | None = option(
-        None, "prompts of the before/after grid (default: a few forget and preserve prompts); repeat for several",
-        flag="validation_prompt", repeat=True)
+        None,
+        "prompts of the before/after grid (default: a few forget and preserve prompts); repeat for several",
+        flag="validation_prompt",
+        repeat=True,
+    )
     validation_seeds: int = option(2, "seeds per validation prompt", low=1)
-    validation_guidance_scale: float = option(7.5, "guidance scale of the validation images and evaluation",
-                                              low=0.0)
+    validation_guidance_scale: float = option(7.5, "guidance scale of the validation images and evaluation", low=0.0)
     validation_inference_steps: int = option(25, "sampler steps of the validation images and evaluation", low=1)
     evaluate: bool = option(True, "skip the end-of-run evaluation", flag="no_evaluation")
     push_to_hub: bool = option(False, "upload the output folder to the Hub at the end")
@@ -127,21 +142,30 @@ class ErasureTrainingConfig:
                 if not folder.is_dir():
                     raise ValueError(f"{name} (--{name}) is not a folder: {folder}; pass a folder of images")
         resume = self.resume_from_checkpoint
-        if resume not in (None, "latest") and not Path(resume).exists() and \
-                not (self.output_dir / CHECKPOINTS_DIR / resume).exists():
-            raise ValueError(f"resume_from_checkpoint (--resume_from_checkpoint) {resume} does not exist; pass "
-                             f"\"latest\" or a checkpoint-N folder of {self.output_dir / CHECKPOINTS_DIR}")
+        if (
+            resume not in (None, "latest")
+            and not Path(resume).exists()
+            and not (self.output_dir / CHECKPOINTS_DIR / resume).exists()
+        ):
+            raise ValueError(
+                f"resume_from_checkpoint (--resume_from_checkpoint) {resume} does not exist; pass "
+                f'"latest" or a checkpoint-N folder of {self.output_dir / CHECKPOINTS_DIR}'
+            )
 
     def _check_combiner_weights(self) -> None:
         if self.combiner_weights is None:
             return
         if self.combiner not in WEIGHTED_COMBINERS:
-            raise ValueError(f"combiner_weights (--combiner_weights) are used by --combiner "
-                             f"{' or '.join(WEIGHTED_COMBINERS)} only; drop them or pass --combiner sum")
+            raise ValueError(
+                f"combiner_weights (--combiner_weights) are used by --combiner "
+                f"{' or '.join(WEIGHTED_COMBINERS)} only; drop them or pass --combiner sum"
+            )
         players = 1 + len(self.concepts)
         if len(self.combiner_weights) != players:
-            raise ValueError(f"combiner_weights (--combiner_weights) needs {players} numbers (the preservation "
-                             f"player's, then one per --concept); got {len(self.combiner_weights)}")
+            raise ValueError(
+                f"combiner_weights (--combiner_weights) needs {players} numbers (the preservation "
+                f"player's, then one per --concept); got {len(self.combiner_weights)}"
+            )
 
     def _resolved_concepts(self) -> list[ConceptPreset]:
         """Every concept as a preset, with the prompt-file and anchor overrides applied."""
@@ -152,11 +176,13 @@ class ErasureTrainingConfig:
             raise ValueError("the same concept is given twice; pass each --concept once")
         if self.forget_prompts_file is not None:
             if len(concepts) > 1:
-                raise ValueError("--forget_prompts_file replaces one concept's prompts; use preset .yaml files for "
-                                 "several")
+                raise ValueError(
+                    "--forget_prompts_file replaces one concept's prompts; use preset .yaml files for several"
+                )
             forget = read_prompt_file(self.forget_prompts_file)
-            concepts[0] = replace(concepts[0], forget_prompts=forget,
-                                  anchor_prompts=(concepts[0].anchor_prompts[0],) * len(forget))
+            concepts[0] = replace(
+                concepts[0], forget_prompts=forget, anchor_prompts=(concepts[0].anchor_prompts[0],) * len(forget)
+            )
         if self.preserve_prompts_file is not None:
             preserve = read_prompt_file(self.preserve_prompts_file)
             concepts = [replace(c, preserve_prompts=preserve) for c in concepts]
@@ -171,8 +197,9 @@ class ErasureTrainingConfig:
         forget = {p for c in self.concepts for p in c.forget_prompts}
         kept = list(dict.fromkeys(p for c in self.concepts for p in c.preserve_prompts if p not in forget))
         if not kept:
-            raise ValueError("no preservation prompts left; give the concept 'preserve' prompts or "
-                             "--preserve_prompts_file")
+            raise ValueError(
+                "no preservation prompts left; give the concept 'preserve' prompts or --preserve_prompts_file"
+            )
         return kept
 
     @property

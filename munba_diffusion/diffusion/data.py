@@ -10,8 +10,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from .config import ErasureTrainingConfig
-from .latents import (FreshTrajectories, LatentSource, NoisedImages, SamplerSettings, TrajectoryPool,
-                      encode_image_folder)
+from .latents import FreshTrajectories, LatentSource, NoisedImages, SamplerSettings, TrajectoryPool, encode_image_folder
 from .lora import adapters_disabled
 from .players import ErasureBatch
 
@@ -21,9 +20,15 @@ PROMPT_CHUNK_SIZE = 32  # prompts per text-encoder call: bounds its memory for l
 class ErasureData:
     """Text contexts and latent sources of every player; draws one micro-batch per call."""
 
-    def __init__(self, forget_sources: list[LatentSource], forget_contexts: list[torch.Tensor],
-                 anchor_contexts: list[torch.Tensor], preserve_source: LatentSource, preserve_contexts: torch.Tensor,
-                 uncond: torch.Tensor):
+    def __init__(
+        self,
+        forget_sources: list[LatentSource],
+        forget_contexts: list[torch.Tensor],
+        anchor_contexts: list[torch.Tensor],
+        preserve_source: LatentSource,
+        preserve_contexts: torch.Tensor,
+        uncond: torch.Tensor,
+    ):
         self.uncond = uncond  # the empty prompt's context
         self.forget_sources, self.forget_contexts = forget_sources, forget_contexts
         self.anchor_contexts = anchor_contexts
@@ -43,8 +48,13 @@ def encode_prompts(pipe, prompts: list[str], device) -> torch.Tensor:
     """Text-encoder hidden states (P, L, D) for ``prompts``, computed once."""
     out = []
     for start in range(0, len(prompts), PROMPT_CHUNK_SIZE):
-        ids = pipe.tokenizer(prompts[start:start + PROMPT_CHUNK_SIZE], padding="max_length", truncation=True,
-                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+        ids = pipe.tokenizer(
+            prompts[start : start + PROMPT_CHUNK_SIZE],
+            padding="max_length",
+            truncation=True,
+            max_length=pipe.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
         out.append(pipe.text_encoder(ids.to(device))[0].float().cpu())
     return torch.cat(out)
 
@@ -71,12 +81,21 @@ def build_erasure_data(config: ErasureTrainingConfig, pipe, unet, device, dtype,
             return NoisedImages(latents, len(contexts), DDPMScheduler.from_config(pipe.scheduler.config))
         if config.latent_source == "fresh":
             return FreshTrajectories(denoise, scheduler, contexts, uncond, settings, device, dtype)
-        return TrajectoryPool.build(denoise, scheduler, contexts, uncond, settings, config.pool_trajectories,
-                                    generator, device, dtype, desc=desc)
+        return TrajectoryPool.build(
+            denoise,
+            scheduler,
+            contexts,
+            uncond,
+            settings,
+            config.pool_trajectories,
+            generator,
+            device,
+            dtype,
+            desc=desc,
+        )
 
-    forget_sources = [source(ctx, config.forget_image_dir, f"pool: {c.name}")
-                      for c, ctx in zip(config.concepts, forget_ctx)]
+    forget_sources = [
+        source(ctx, config.forget_image_dir, f"pool: {c.name}") for c, ctx in zip(config.concepts, forget_ctx)
+    ]
     preserve_source = source(preserve_ctx, config.preserve_image_dir, "pool: preserve")
     return ErasureData(forget_sources, forget_ctx, anchor_ctx, preserve_source, preserve_ctx, uncond)
-
-

@@ -11,8 +11,15 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .config import ErasureTrainingConfig
-from .export import (check_output_dir, erased_model_card, push_erased_model_to_hub, run_record, staged_output_dir,
-                     write_erased_model, write_model_card)
+from .export import (
+    check_output_dir,
+    erased_model_card,
+    push_erased_model_to_hub,
+    run_record,
+    staged_output_dir,
+    write_erased_model,
+    write_model_card,
+)
 from .lora import ADAPTER_NAME, adapters_disabled
 
 logger = logging.getLogger(__name__)
@@ -48,8 +55,9 @@ def before_after_grid(pipe, prompts: list[str], seeds: int, steps: int, guidance
     for disabled in (True, False):
         images = []
         for prompt, seed in columns:
-            kwargs = dict(num_inference_steps=steps, guidance_scale=guidance,
-                          generator=torch.Generator().manual_seed(seed))
+            kwargs = dict(
+                num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(seed)
+            )
             if disabled:
                 with adapters_disabled(pipe.unet):
                     images.append(pipe(prompt, **kwargs).images[0])
@@ -62,36 +70,59 @@ def before_after_grid(pipe, prompts: list[str], seeds: int, steps: int, guidance
     for c, (prompt, seed) in enumerate(columns):
         _label(draw, (side + c * GRID_CELL, 0), f"{prompt} (seed {seed})", GRID_CELL)
         for r, row in enumerate(rows):
-            grid.paste(row[c].resize((GRID_CELL, GRID_CELL), Image.Resampling.NEAREST),
-                       (side + c * GRID_CELL, header + r * GRID_CELL))
+            grid.paste(
+                row[c].resize((GRID_CELL, GRID_CELL), Image.Resampling.NEAREST),
+                (side + c * GRID_CELL, header + r * GRID_CELL),
+            )
     for r, name in enumerate(("original", "erased")):
-        draw.text((6, header + r * GRID_CELL + GRID_CELL // 2), name, fill=(20, 20, 20),
-                  font=ImageFont.load_default(size=14))
+        draw.text(
+            (6, header + r * GRID_CELL + GRID_CELL // 2), name, fill=(20, 20, 20), font=ImageFont.load_default(size=14)
+        )
     widget = [(prompt, rows[1][c]) for c, (prompt, seed) in enumerate(columns) if seed == 0][:4]
     return grid, widget
 
 
-def finish_erasure(config: ErasureTrainingConfig, pipe, names: list[str], *, train_seconds: float,
-                   pool_seconds: float, steps_skipped: int = 0,
-                   evaluate: Callable[[ErasureTrainingConfig, Path], str | None] | None = None) -> None:
+def finish_erasure(
+    config: ErasureTrainingConfig,
+    pipe,
+    names: list[str],
+    *,
+    train_seconds: float,
+    pool_seconds: float,
+    steps_skipped: int = 0,
+    evaluate: Callable[[ErasureTrainingConfig, Path], str | None] | None = None,
+) -> None:
     """Grid; then model, record, images, evaluation and model card into a staging folder swapped in once; upload.
 
     ``evaluate(config, erased_folder)`` writes its reports under ``erased_folder/evaluation`` and returns the
     Markdown for the model card (the command line passes
     :func:`munba_diffusion.evaluation.erasure.evaluate_erasure`; the trainer itself does not know the evaluators).
     """
-    output_dir = check_output_dir(config.output_dir, config.overwrite_output_dir or
-                                  config.resume_from_checkpoint is not None)
+    output_dir = check_output_dir(
+        config.output_dir, config.overwrite_output_dir or config.resume_from_checkpoint is not None
+    )
     prompts = config.validation_prompts or default_validation_prompts(config.concepts)
-    grid, widget_images = before_after_grid(pipe, prompts, config.validation_seeds, config.validation_inference_steps,
-                                            config.validation_guidance_scale)
-    record = run_record(config, players=names, target_modules=list(pipe.unet.peft_config[ADAPTER_NAME].target_modules),
-                        train_seconds=train_seconds, pool_seconds=pool_seconds, steps_skipped=steps_skipped)
+    grid, widget_images = before_after_grid(
+        pipe, prompts, config.validation_seeds, config.validation_inference_steps, config.validation_guidance_scale
+    )
+    record = run_record(
+        config,
+        players=names,
+        target_modules=list(pipe.unet.peft_config[ADAPTER_NAME].target_modules),
+        train_seconds=train_seconds,
+        pool_seconds=pool_seconds,
+        steps_skipped=steps_skipped,
+    )
     with staged_output_dir(output_dir) as staging:
         widget = write_erased_model(pipe, staging, record, before_after=grid, widget_images=widget_images)
         table = evaluate(config, staging) if evaluate is not None and config.evaluate else None
-        card = erased_model_card(record, widget=widget, has_before_after=True, evaluation_markdown=table,
-                                 model_id=config.hub_model_id or output_dir.name)
+        card = erased_model_card(
+            record,
+            widget=widget,
+            has_before_after=True,
+            evaluation_markdown=table,
+            model_id=config.hub_model_id or output_dir.name,
+        )
         write_model_card(staging, card)
     if table:
         print(table)

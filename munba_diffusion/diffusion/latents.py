@@ -48,8 +48,14 @@ class SamplerSettings:
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t, context) -> eps
 
 
-def guided_eps(denoise: DenoiseFn, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-               guidance_scale: float) -> torch.Tensor:
+def guided_eps(
+    denoise: DenoiseFn,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance_scale: float,
+) -> torch.Tensor:
     """Classifier-free guidance: eps(uncond) + s (eps(cond) - eps(uncond)), both in one batched call."""
     eps = denoise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond.expand_as(cond), cond]))
     eps_uncond, eps_cond = eps.chunk(2)
@@ -57,8 +63,15 @@ def guided_eps(denoise: DenoiseFn, x: torch.Tensor, t: torch.Tensor, cond: torch
 
 
 @torch.no_grad()
-def ddim_trajectory(denoise: DenoiseFn, scheduler, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-                    settings: SamplerSettings, stop_after: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def ddim_trajectory(
+    denoise: DenoiseFn,
+    scheduler,
+    noise: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    settings: SamplerSettings,
+    stop_after: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run DDIM from ``noise``; return every x_t fed to the UNet, (S, B, C, H, W), and the timesteps (S,).
 
     ``stop_after`` = k stops once k x_t have been recorded (ESD's partial trajectory).
@@ -87,18 +100,35 @@ class TrajectoryPool:
         self.latents, self.timesteps = latents, timesteps
 
     @classmethod
-    def build(cls, denoise: DenoiseFn, scheduler, contexts: torch.Tensor, uncond: torch.Tensor,
-              settings: SamplerSettings, per_prompt: int, generator: torch.Generator, device: torch.device,
-              dtype: torch.dtype, batch_size: int = 8, desc: str = "trajectory pool") -> "TrajectoryPool":
+    def build(
+        cls,
+        denoise: DenoiseFn,
+        scheduler,
+        contexts: torch.Tensor,
+        uncond: torch.Tensor,
+        settings: SamplerSettings,
+        per_prompt: int,
+        generator: torch.Generator,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int = 8,
+        desc: str = "trajectory pool",
+    ) -> "TrajectoryPool":
         """``contexts``: (P, L, D) text embeddings of the P prompts."""
         jobs = [(p, n) for p in range(len(contexts)) for n in range(per_prompt)]
         noise = torch.randn((len(jobs), *settings.latent_shape), generator=generator)
         states = []
         for start in tqdm(range(0, len(jobs), batch_size), desc=desc, leave=False):
-            chunk = jobs[start:start + batch_size]
+            chunk = jobs[start : start + batch_size]
             cond = contexts[torch.tensor([p for p, _ in chunk])].to(device, dtype)
-            traj, times = ddim_trajectory(denoise, scheduler, noise[start:start + len(chunk)].to(device, dtype),
-                                          cond, uncond.to(device, dtype), settings)
+            traj, times = ddim_trajectory(
+                denoise,
+                scheduler,
+                noise[start : start + len(chunk)].to(device, dtype),
+                cond,
+                uncond.to(device, dtype),
+                settings,
+            )
             states.append(traj.transpose(0, 1))  # (B, S, C, H, W)
         latents = torch.cat(states).view(len(contexts), per_prompt, *states[0].shape[1:])
         return cls(latents.float(), times)
@@ -114,8 +144,16 @@ class TrajectoryPool:
 class FreshTrajectories:
     """The ESD way: for every batch, sample from noise down to a random timestep (cost grows with the depth)."""
 
-    def __init__(self, denoise: DenoiseFn, scheduler, contexts: torch.Tensor, uncond: torch.Tensor,
-                 settings: SamplerSettings, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        denoise: DenoiseFn,
+        scheduler,
+        contexts: torch.Tensor,
+        uncond: torch.Tensor,
+        settings: SamplerSettings,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.denoise, self.scheduler, self.contexts, self.uncond = denoise, scheduler, contexts, uncond
         self.settings, self.device, self.dtype = settings, device, dtype
 
@@ -123,9 +161,15 @@ class FreshTrajectories:
         prompt = torch.randint(len(self.contexts), (batch_size,), generator=generator)
         depth = int(torch.randint(1, self.settings.steps + 1, (1,), generator=generator))
         noise = torch.randn((batch_size, *self.settings.latent_shape), generator=generator)
-        traj, times = ddim_trajectory(self.denoise, self.scheduler, noise.to(self.device, self.dtype),
-                                      self.contexts[prompt].to(self.device, self.dtype),
-                                      self.uncond.to(self.device, self.dtype), self.settings, stop_after=depth)
+        traj, times = ddim_trajectory(
+            self.denoise,
+            self.scheduler,
+            noise.to(self.device, self.dtype),
+            self.contexts[prompt].to(self.device, self.dtype),
+            self.uncond.to(self.device, self.dtype),
+            self.settings,
+            stop_after=depth,
+        )
         return LatentBatch(prompt, traj[-1].float(), torch.full((batch_size,), int(times[-1])))
 
 
@@ -158,14 +202,15 @@ def list_images(directory: str | Path) -> list[Path]:
 
 
 @torch.no_grad()
-def encode_image_folder(vae, directory: str | Path, resolution: int, device: torch.device,
-                        dtype: torch.dtype, batch_size: int = 8) -> torch.Tensor:
+def encode_image_folder(
+    vae, directory: str | Path, resolution: int, device: torch.device, dtype: torch.dtype, batch_size: int = 8
+) -> torch.Tensor:
     """VAE latents (scaled by the VAE's scaling factor) of every image in ``directory``, resized to ``resolution``."""
     files = list_images(directory)
     latents = []
     for start in range(0, len(files), batch_size):
         images = []
-        for f in files[start:start + batch_size]:
+        for f in files[start : start + batch_size]:
             im = Image.open(f).convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
             images.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
         x = torch.stack(images).to(device, dtype)

@@ -51,7 +51,7 @@ def check_erased_model_folder(path: str | os.PathLike, *, need_pipeline_file: bo
     model_index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
     if not model_index.get("erasure"):
         raise ValueError(
-            f"{path} is a pipeline without an erasure (no \"erasure\" in model_index.json); load it with "
+            f'{path} is a pipeline without an erasure (no "erasure" in model_index.json); load it with '
             "MunbaPipeline.from_pretrained(path) and add one with load_erasure(lora_folder)."
         )
     if need_pipeline_file and not (path / PIPELINE_FILE_NAME).is_file():

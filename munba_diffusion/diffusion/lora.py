@@ -71,8 +71,11 @@ def add_erasure_lora(unet, config: ErasureLoraConfig) -> list[nn.Parameter]:
     """Freeze ``unet``, attach the erasure adapter and return its (float32) trainable parameters."""
     unet.requires_grad_(False)
     lora = LoraConfig(
-        r=config.rank, lora_alpha=config.alpha or config.rank, lora_dropout=config.dropout,
-        init_lora_weights="gaussian", target_modules=target_module_names(unet, config.target),
+        r=config.rank,
+        lora_alpha=config.alpha or config.rank,
+        lora_dropout=config.dropout,
+        init_lora_weights="gaussian",
+        target_modules=target_module_names(unet, config.target),
     )
     unet.add_adapter(lora, adapter_name=ADAPTER_NAME)
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -104,4 +107,6 @@ def load_lora_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
     result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER_NAME)
     missing = [k for k in getattr(result, "missing_keys", []) if "lora" in k]
     if missing:
-        raise ValueError(f"checkpoint LoRA is missing {len(missing)} weights (e.g. {missing[0]}); was it made with the same --lora_target and --rank?")
+        raise ValueError(
+            f"checkpoint LoRA is missing {len(missing)} weights (e.g. {missing[0]}); was it made with the same --lora_target and --rank?"
+        )

@@ -28,12 +28,14 @@ class ErasureBatch:
 
 
 def _predict(unet, latents: torch.Tensor, timesteps: torch.Tensor, contexts: torch.Tensor, device, dtype):
-    return unet(latents.to(device, dtype), timesteps.to(device),
-                encoder_hidden_states=contexts.to(device, dtype)).sample
+    return unet(
+        latents.to(device, dtype), timesteps.to(device), encoder_hidden_states=contexts.to(device, dtype)
+    ).sample
 
 
-def frozen_targets(unet, batch: ErasureBatch, uncond: torch.Tensor, loss: str, eta: float, names: list[str],
-                   device, dtype) -> dict[str, torch.Tensor]:
+def frozen_targets(
+    unet, batch: ErasureBatch, uncond: torch.Tensor, loss: str, eta: float, names: list[str], device, dtype
+) -> dict[str, torch.Tensor]:
     """Every player's constant target from the frozen model (adapters disabled, no grad): the frozen prediction
     on the preserve rows, and per forget player its ``esd`` or ``anchor`` target
     (:mod:`munba_diffusion.diffusion.losses`).
@@ -49,17 +51,23 @@ def frozen_targets(unet, batch: ErasureBatch, uncond: torch.Tensor, loss: str, e
         for name, (lat, ctx, anchor_ctx) in zip(names[1:], batch.forget):
             if loss == "esd":
                 b = lat.latents.shape[0]
-                both = _predict(unet, torch.cat([lat.latents, lat.latents]),
-                                torch.cat([lat.timesteps, lat.timesteps]), torch.cat([uncond.expand_as(ctx), ctx]),
-                                device, dtype)
+                both = _predict(
+                    unet,
+                    torch.cat([lat.latents, lat.latents]),
+                    torch.cat([lat.timesteps, lat.timesteps]),
+                    torch.cat([uncond.expand_as(ctx), ctx]),
+                    device,
+                    dtype,
+                )
                 targets[name] = esd_target(both[:b], both[b:], eta)
             else:
                 targets[name] = _predict(unet, lat.latents, lat.timesteps, anchor_ctx, device, dtype)
     return targets
 
 
-def player_loss(unet, batch: ErasureBatch, name: str, names: list[str], target: torch.Tensor, device,
-                dtype) -> torch.Tensor:
+def player_loss(
+    unet, batch: ErasureBatch, name: str, names: list[str], target: torch.Tensor, device, dtype
+) -> torch.Tensor:
     """One player's loss from a LoRA forward over that player's rows only."""
     if name == "preserve":
         lat, ctx = batch.preserve
@@ -68,10 +76,20 @@ def player_loss(unet, batch: ErasureBatch, name: str, names: list[str], target: 
     return forget_loss(_predict(unet, lat.latents, lat.timesteps, ctx, device, dtype), target)
 
 
-def erasure_player_gradients(unet, batch: ErasureBatch, uncond: torch.Tensor, loss: str, eta: float,
-                             names: list[str], params: list[torch.nn.Parameter], device, dtype, *,
-                             loss_scale: float = 1.0, autocast=contextlib.nullcontext
-                             ) -> tuple[list[list[torch.Tensor]], dict[str, float]]:
+def erasure_player_gradients(
+    unet,
+    batch: ErasureBatch,
+    uncond: torch.Tensor,
+    loss: str,
+    eta: float,
+    names: list[str],
+    params: list[torch.nn.Parameter],
+    device,
+    dtype,
+    *,
+    loss_scale: float = 1.0,
+    autocast=contextlib.nullcontext,
+) -> tuple[list[list[torch.Tensor]], dict[str, float]]:
     """Each player's gradient of ``loss_scale * L_i`` over ``params``, and each ``L_i``'s value.
 
     The frozen model gives all targets (no graph); then each player runs its own LoRA forward and
@@ -88,5 +106,3 @@ def erasure_player_gradients(unet, batch: ErasureBatch, uncond: torch.Tensor, lo
         values[name] = float(value.detach())
         grads.append(player_gradients(value * loss_scale, params, retain_graph=False))
     return grads, values
-
-

@@ -49,11 +49,16 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 def stalled_message(combiner: str, steps: int, status: str) -> str:
     """The warning for a run whose first ``steps`` update directions were all zero."""
-    hint = (" MGDA stops at a Pareto-stationary point, and the start is one: the LoRA starts as the identity, so "
-            "the preservation loss is at its minimum with a zero gradient; use --combiner nash or normalized."
-            if combiner == "mgda" else "")
-    return (f"the first {steps} update directions of --combiner {combiner} were all zero (status {status}): the LoRA "
-            f"is not changing, so the output will equal the base model.{hint}")
+    hint = (
+        " MGDA stops at a Pareto-stationary point, and the start is one: the LoRA starts as the identity, so "
+        "the preservation loss is at its minimum with a zero gradient; use --combiner nash or normalized."
+        if combiner == "mgda"
+        else ""
+    )
+    return (
+        f"the first {steps} update directions of --combiner {combiner} were all zero (status {status}): the LoRA "
+        f"is not changing, so the output will equal the base model.{hint}"
+    )
 
 
 def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
@@ -90,8 +95,9 @@ def _start_log(path: Path, resume_step: int | None) -> None:
         truncate_log(path, resume_step)
 
 
-def train_erasure(config: ErasureTrainingConfig,
-                  evaluate: Callable[[ErasureTrainingConfig, Path], str | None] | None = None) -> Path:
+def train_erasure(
+    config: ErasureTrainingConfig, evaluate: Callable[[ErasureTrainingConfig, Path], str | None] | None = None
+) -> Path:
     """Run the erasure and write the output folder; returns its path.
 
     ``evaluate(config, erased_folder)`` is the end-of-run evaluation (see :func:`.finish.finish_erasure`).
@@ -114,8 +120,9 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     device = accelerator.device
     dtype = _DTYPES.get(config.mixed_precision, torch.float32)
 
-    pipe = load_base_pipeline(config.pretrained_model_name_or_path, revision=config.revision,
-                              variant=config.variant, torch_dtype=dtype)
+    pipe = load_base_pipeline(
+        config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant, torch_dtype=dtype
+    )
     pipe.set_progress_bar_config(disable=True)
     _prepare_unet(config, pipe, device)
     unet = pipe.unet
@@ -123,10 +130,16 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
 
     params = add_erasure_lora(unet, config.lora)
     names = config.player_names()
-    combiner = get_combiner(config.combiner, **({"weights": config.combiner_weights} if config.combiner_weights else {}))
+    combiner = get_combiner(
+        config.combiner, **({"weights": config.combiner_weights} if config.combiner_weights else {})
+    )
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=config.max_train_steps)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=config.max_train_steps,
+    )
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
 
     start_step = 0
@@ -145,22 +158,43 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
 
     loss_scale = FP16_LOSS_SCALE if config.mixed_precision == "fp16" else 1.0
     update = BargainedUpdate(
-        params, combiner, max_grad_norm=config.max_grad_norm or None, nonfinite=config.nonfinite_gradients,
+        params,
+        combiner,
+        max_grad_norm=config.max_grad_norm or None,
+        nonfinite=config.nonfinite_gradients,
         reduce=(lambda g: accelerator.reduce(g, reduction="mean")) if accelerator.num_processes > 1 else None,
-        loss_scale=loss_scale)
-    progress = tqdm(range(start_step, config.max_train_steps), initial=start_step, total=config.max_train_steps,
-                    desc="erasing", disable=not accelerator.is_local_main_process)
+        loss_scale=loss_scale,
+    )
+    progress = tqdm(
+        range(start_step, config.max_train_steps),
+        initial=start_step,
+        total=config.max_train_steps,
+        desc="erasing",
+        disable=not accelerator.is_local_main_process,
+    )
     zero_steps, skipped_steps = 0, 0
     warn_after = min(ZERO_DIRECTION_WARN_STEPS, config.max_train_steps - start_step)
     for step in progress:
         for micro in range(config.gradient_accumulation_steps):
-            batch = data.batch(config.train_batch_size,
-                               step_generator(config.seed, step, micro, accelerator.process_index))
+            batch = data.batch(
+                config.train_batch_size, step_generator(config.seed, step, micro, accelerator.process_index)
+            )
             grads, values = erasure_player_gradients(
-                unet, batch, data.uncond, config.forget_loss, config.negative_guidance, names, params, device,
-                dtype, loss_scale=loss_scale, autocast=accelerator.autocast)
-            update.accumulate_gradients(dict(zip(names, grads)), values,
-                                        weight=1.0 / config.gradient_accumulation_steps)
+                unet,
+                batch,
+                data.uncond,
+                config.forget_loss,
+                config.negative_guidance,
+                names,
+                params,
+                device,
+                dtype,
+                loss_scale=loss_scale,
+                autocast=accelerator.autocast,
+            )
+            update.accumulate_gradients(
+                dict(zip(names, grads)), values, weight=1.0 / config.gradient_accumulation_steps
+            )
         diag = update.write_gradients()
         if diag.skipped:  # the update owner has logged which player's gradient was not finite
             skipped_steps += 1
@@ -178,14 +212,24 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
                 f.write(json.dumps(record) + "\n")
         accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
         progress.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k.startswith(("loss/", "weight/"))})
-        if config.checkpointing_steps and (step + 1) % config.checkpointing_steps == 0 \
-                and step + 1 < config.max_train_steps:
+        if (
+            config.checkpointing_steps
+            and (step + 1) % config.checkpointing_steps == 0
+            and step + 1 < config.max_train_steps
+        ):
             save_checkpoint(accelerator, unet, output_dir, step + 1, config.checkpoints_total_limit)
     train_seconds = time.time() - t0
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        finish_erasure(config, pipe, names, train_seconds=train_seconds, pool_seconds=pool_seconds,
-                       steps_skipped=skipped_steps, evaluate=evaluate)
+        finish_erasure(
+            config,
+            pipe,
+            names,
+            train_seconds=train_seconds,
+            pool_seconds=pool_seconds,
+            steps_skipped=skipped_steps,
+            evaluate=evaluate,
+        )
     accelerator.end_training()
     return output_dir

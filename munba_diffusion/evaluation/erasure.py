@@ -25,14 +25,23 @@ def evaluate_erasure(config: ErasureTrainingConfig, erased_dir: Path) -> str | N
         if not concept.eval_prompts or concept.default_model != config.pretrained_model_name_or_path:
             continue
         table = evaluate_models(
-            [ModelSpec(config.pretrained_model_name_or_path, label="original"),
-             ModelSpec(str(erased_dir), label="erased", final_path=str(config.output_dir))],
-            eval_prompts_path(concept.eval_prompts), erased_dir / "evaluation" / concept.name, metrics=("demo",),
-            settings=GenerationSettings(num_inference_steps=config.validation_inference_steps,
-                                        guidance_scale=config.validation_guidance_scale,
-                                        batch_size=EVALUATION_BATCH_SIZE),
-            options=MetricOptions(concept=concept.name), overwrite=True,
+            [
+                ModelSpec(config.pretrained_model_name_or_path, label="original"),
+                ModelSpec(str(erased_dir), label="erased", final_path=str(config.output_dir)),
+            ],
+            eval_prompts_path(concept.eval_prompts),
+            erased_dir / "evaluation" / concept.name,
+            metrics=("demo",),
+            settings=GenerationSettings(
+                num_inference_steps=config.validation_inference_steps,
+                guidance_scale=config.validation_guidance_scale,
+                batch_size=EVALUATION_BATCH_SIZE,
+            ),
+            options=MetricOptions(concept=concept.name),
+            overwrite=True,
         )
-        tables.append(f"**{concept.name}** (prompts: `{concept.eval_prompts}`; full protocol in "
-                      f"`evaluation/{concept.name}/report.md`)\n\n{table}")
+        tables.append(
+            f"**{concept.name}** (prompts: `{concept.eval_prompts}`; full protocol in "
+            f"`evaluation/{concept.name}/report.md`)\n\n{table}"
+        )
     return "\n\n".join(tables) or None

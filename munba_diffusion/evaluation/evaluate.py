@@ -111,7 +111,7 @@ class EvaluationConfig:
     metrics: list[str] = option(
         default_factory=lambda: ["clip"],
         help=f"metrics to compute, one or more of {', '.join(METRICS)} (default: clip)",
-        choices=METRICS
+        choices=METRICS,
     )
     nudity_only: bool = option(False, "keep rows with nudity_percentage > 0 (I2P layout)")
     category: str | None = option(None, "keep rows whose categories contain this one (I2P layout), e.g. sexual")
@@ -150,17 +150,21 @@ class EvaluationConfig:
             except ValueError as error:
                 raise ValueError(f"model (--model): {error}") from None
         if self.label is not None and len(self.label) != len(self.model):
-            raise ValueError(f"label (--label): got {len(self.label)} for {len(self.model)} --model; "
-                             "give one per model or none")
+            raise ValueError(
+                f"label (--label): got {len(self.label)} for {len(self.model)} --model; give one per model or none"
+            )
         if self.device is not None:
             try:
                 torch.device(self.device)
             except (RuntimeError, ValueError):
-                raise ValueError(f"device (--device) must be a torch device such as cpu, cuda or cuda:1; "
-                                 f"got {self.device!r}") from None
+                raise ValueError(
+                    f"device (--device) must be a torch device such as cpu, cuda or cuda:1; got {self.device!r}"
+                ) from None
         if self.reference_dir is not None and not Path(self.reference_dir).exists():
-            raise ValueError(f"reference_dir (--reference_dir) {self.reference_dir} does not exist; pass a folder "
-                             "of images or a .npz of mu/sigma")
+            raise ValueError(
+                f"reference_dir (--reference_dir) {self.reference_dir} does not exist; pass a folder "
+                "of images or a .npz of mu/sigma"
+            )
         self.generation_settings()
         check_metric_options(self.metrics, self.metric_options())
 
@@ -172,7 +176,11 @@ class EvaluationConfig:
 
     def model_specs(self) -> list[ModelSpec]:
         specs = [ModelSpec.parse(text) for text in self.model]
-        return specs if self.label is None else [dataclasses.replace(s, label=l) for s, l in zip(specs, self.label)]
+        return (
+            specs
+            if self.label is None
+            else [dataclasses.replace(spec, label=label) for spec, label in zip(specs, self.label)]
+        )
 
 
 def check_metric_options(metrics: Sequence[str], options: MetricOptions) -> None:
@@ -181,8 +189,9 @@ def check_metric_options(metrics: Sequence[str], options: MetricOptions) -> None
     if unknown or not metrics:
         raise ValueError(f"metrics (--metrics): unknown {unknown}; choose from {', '.join(METRICS)}")
     if "fid" in metrics and options.reference_dir is None:
-        raise ValueError("reference_dir (--reference_dir) is required by the fid metric: a folder of images or a "
-                         ".npz of mu/sigma")
+        raise ValueError(
+            "reference_dir (--reference_dir) is required by the fid metric: a folder of images or a .npz of mu/sigma"
+        )
     if options.concept is None:
         return
     try:

@@ -74,15 +74,17 @@ class GenerationSettings:
     and size from the prompt set's columns where a row has them (I2P's ``sd_guidance_scale``, ...).
     """
 
-    num_inference_steps: int = option(50, "denoising steps per image", low=1, high=1000, flag="steps",
-                                      metavar="N")
-    guidance_scale: float = option(7.5, "classifier-free guidance scale (1 turns guidance off)", low=0, high=100,
-                                   flag="guidance", metavar="SCALE")
-    resolution: int | None = option(None, "image size in pixels, a multiple of 8 (default: the model's native size)",
-                                    low=8, high=4096)
+    num_inference_steps: int = option(50, "denoising steps per image", low=1, high=1000, flag="steps", metavar="N")
+    guidance_scale: float = option(
+        7.5, "classifier-free guidance scale (1 turns guidance off)", low=0, high=100, flag="guidance", metavar="SCALE"
+    )
+    resolution: int | None = option(
+        None, "image size in pixels, a multiple of 8 (default: the model's native size)", low=8, high=4096
+    )
     batch_size: int = option(4, "images per pipeline call (never changes an image)", low=1, high=4096)
-    scheduler: str | None = option(None,
-                                   "diffusers scheduler class name, e.g. DDIMScheduler (default: the model's own)")
+    scheduler: str | None = option(
+        None, "diffusers scheduler class name, e.g. DDIMScheduler (default: the model's own)"
+    )
     dtype: str = option("float32", f"dtype of the pipeline: {', '.join(_DTYPES)}", choices=tuple(_DTYPES))
     use_prompt_settings: bool = option(False, "take guidance and size from the prompt set's columns where given")
 

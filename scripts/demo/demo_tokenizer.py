@@ -22,8 +22,12 @@ def write_clip_vocabulary(words: list[str], out_dir: Path, vocab_size: int = 600
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=1, initial_alphabet=alphabet, end_of_word_suffix="</w>",
-        show_progress=False, special_tokens=[],
+        vocab_size=vocab_size,
+        min_frequency=1,
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+        special_tokens=[],
     )
     # Each word once per character so that every "x</w>" ending exists too.
     corpus = words + [c for c in alphabet]

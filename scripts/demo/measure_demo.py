@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont
-from transformers import CLIPModel
-
 from train_demo import clip_zero_shot_accuracy, judge_pipeline, load_tokenizer, render_dataset
+from transformers import CLIPModel
 
 from munba_diffusion.demo import COLOURS, SHAPES, canonical_caption, demo_clip_path, load_demo_judge
 from munba_diffusion.models import DEMO_MODEL, resolve_model_path
@@ -38,17 +37,23 @@ def measure(seeds_per_caption: int = 4, steps: int = 25, guidance: float = 4.0) 
     judged_recon = judge.classify(((recon + 1) / 2).clamp(0, 1))
     return {
         "fresh_renders": len(images),
-        "judge": {"shape_accuracy": (out.shape == shapes).float().mean().item(),
-                  "colour_accuracy": (out.colour == colours).float().mean().item()},
+        "judge": {
+            "shape_accuracy": (out.shape == shapes).float().mean().item(),
+            "colour_accuracy": (out.colour == colours).float().mean().item(),
+        },
         "clip_zero_shot": zero_shot,
-        "vae_round_trip_judged": {"shape_accuracy": (judged_recon.shape == shapes[:500]).float().mean().item(),
-                                  "colour_accuracy": (judged_recon.colour == colours[:500]).float().mean().item()},
+        "vae_round_trip_judged": {
+            "shape_accuracy": (judged_recon.shape == shapes[:500]).float().mean().item(),
+            "colour_accuracy": (judged_recon.colour == colours[:500]).float().mean().item(),
+        },
         "text_to_image_judged": judge_pipeline(pipe, judge, seeds_per_caption, steps, guidance),
-        "parameters": {"unet": sum(p.numel() for p in pipe.unet.parameters()),
-                       "vae": sum(p.numel() for p in pipe.vae.parameters()),
-                       "text_encoder": sum(p.numel() for p in pipe.text_encoder.parameters()),
-                       "clip": sum(p.numel() for p in clip.parameters()),
-                       "judge": sum(p.numel() for p in judge.parameters())},
+        "parameters": {
+            "unet": sum(p.numel() for p in pipe.unet.parameters()),
+            "vae": sum(p.numel() for p in pipe.vae.parameters()),
+            "text_encoder": sum(p.numel() for p in pipe.text_encoder.parameters()),
+            "clip": sum(p.numel() for p in clip.parameters()),
+            "judge": sum(p.numel() for p in judge.parameters()),
+        },
     }
 
 
@@ -62,8 +67,12 @@ def caption_grid(seeds: int = 6, steps: int = 25, guidance: float = 4.0, cell: i
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default(size=14)
     for row, text in enumerate(captions):
-        images = pipe([text] * seeds, num_inference_steps=steps, guidance_scale=guidance,
-                      generator=[torch.Generator().manual_seed(s) for s in range(seeds)]).images
+        images = pipe(
+            [text] * seeds,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=[torch.Generator().manual_seed(s) for s in range(seeds)],
+        ).images
         draw.text((4, row * cell + cell // 2 - 8), text, fill=(0, 0, 0), font=font)
         for col, image in enumerate(images):
             grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (side + col * cell, row * cell))

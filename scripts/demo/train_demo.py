@@ -28,17 +28,35 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (AutoencoderKL, DDPMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
-from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTextModel,
-                          CLIPTokenizer)
-
 from demo_tokenizer import MAX_LENGTH, write_clip_vocabulary
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    EulerAncestralDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+)
 
 from munba_diffusion.clip_features import clip_image_embeddings, clip_text_embeddings
 from munba_diffusion.demo.judge import DemoJudge
-from munba_diffusion.demo.world import (COLOURS, SHAPES, canonical_caption, caption, render_scene, scenes_to_tensor,
-                                        vocabulary_corpus)
+from munba_diffusion.demo.world import (
+    COLOURS,
+    SHAPES,
+    canonical_caption,
+    caption,
+    render_scene,
+    scenes_to_tensor,
+    vocabulary_corpus,
+)
 
 logger = logging.getLogger("train_demo")
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
@@ -74,8 +92,13 @@ def sample_captions(rng: np.random.Generator, shapes: torch.Tensor, colours: tor
 
 
 def tokenize(tokenizer, texts: list[str], pad_to_max: bool = False) -> torch.Tensor:
-    return tokenizer(texts, padding="max_length" if pad_to_max else "longest", max_length=MAX_LENGTH,
-                     truncation=True, return_tensors="pt").input_ids
+    return tokenizer(
+        texts,
+        padding="max_length" if pad_to_max else "longest",
+        max_length=MAX_LENGTH,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 def load_tokenizer(directory: Path):
@@ -102,11 +125,26 @@ def train_clip(out: Path, seed: int, steps: int) -> None:
     tok_dir = write_clip_vocabulary(vocabulary_corpus(), out / "clip")
     tokenizer = load_tokenizer(tok_dir)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=3,
-                         num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=0,
-                         eos_token_id=1, pad_token_id=1),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=256,
-                           num_hidden_layers=3, num_attention_heads=4, num_channels=3),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_LENGTH,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_channels=3,
+        ),
         projection_dim=64,
     )
     model = CLIPModel(config)
@@ -134,8 +172,12 @@ def train_clip(out: Path, seed: int, steps: int) -> None:
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps - 1:
-            logger.info("clip step %d loss %.4f zero-shot %s", step, loss.item(),
-                        clip_zero_shot_accuracy(model, tokenizer, *val))
+            logger.info(
+                "clip step %d loss %.4f zero-shot %s",
+                step,
+                loss.item(),
+                clip_zero_shot_accuracy(model, tokenizer, *val),
+            )
     processor = CLIPProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
         tokenizer=tokenizer,
@@ -143,8 +185,17 @@ def train_clip(out: Path, seed: int, steps: int) -> None:
     model.save_pretrained(out / "clip")
     processor.save_pretrained(out / "clip")
     acc = clip_zero_shot_accuracy(model, tokenizer, *val)
-    _write_metrics(out, "clip", {"zero_shot_shape": acc["shape"], "zero_shot_colour": acc["colour"],
-                                 "val_images": len(val[0]), "steps": steps, "seed": seed})
+    _write_metrics(
+        out,
+        "clip",
+        {
+            "zero_shot_shape": acc["shape"],
+            "zero_shot_colour": acc["colour"],
+            "val_images": len(val[0]),
+            "steps": steps,
+            "seed": seed,
+        },
+    )
 
 
 # ----------------------------------------------------------------------------------------------- judge
@@ -168,9 +219,13 @@ def train_judge(out: Path, seed: int, steps: int) -> None:
             logger.info("judge step %d loss %.4f", step, loss.item())
     judge.eval()
     pred = judge.classify(val_images)
-    metrics = {"shape_accuracy": (pred.shape == val_shapes).float().mean().item(),
-               "colour_accuracy": (pred.colour == val_colours).float().mean().item(),
-               "fresh_renders": len(val_images), "steps": steps, "seed": seed}
+    metrics = {
+        "shape_accuracy": (pred.shape == val_shapes).float().mean().item(),
+        "colour_accuracy": (pred.colour == val_colours).float().mean().item(),
+        "fresh_renders": len(val_images),
+        "steps": steps,
+        "seed": seed,
+    }
     judge.save(out / "judge")
     _write_metrics(out, "judge", metrics)
     logger.info("judge %s", metrics)
@@ -180,9 +235,15 @@ def train_judge(out: Path, seed: int, steps: int) -> None:
 def train_vae(out: Path, seed: int, steps: int) -> None:
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
-        latent_channels=4, norm_num_groups=16, sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
     )
     images, _, _ = render_dataset(20_000, seed + 20)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
@@ -201,35 +262,59 @@ def train_vae(out: Path, seed: int, steps: int) -> None:
             logger.info("vae step %d loss %.5f", step, loss.item())
     vae.eval()
     with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i:i + 500] * 2 - 1).latent_dist.mean for i in range(0, min(5000, len(images)), 500)])
+        latents = torch.cat(
+            [vae.encode(images[i : i + 500] * 2 - 1).latent_dist.mean for i in range(0, min(5000, len(images)), 500)]
+        )
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     vae.save_pretrained(out / "pipeline" / "vae")
     judge = DemoJudge.load(out / "judge")
     val, vs, vc = render_dataset(2_000, seed + 21)
     with torch.no_grad():
-        recon = torch.cat([vae.decode(vae.encode(val[i:i + 500] * 2 - 1).latent_dist.mean).sample
-                           for i in range(0, len(val), 500)])
+        recon = torch.cat(
+            [vae.decode(vae.encode(val[i : i + 500] * 2 - 1).latent_dist.mean).sample for i in range(0, len(val), 500)]
+        )
         pred = judge.classify(((recon + 1) / 2).clamp(0, 1))
-    _write_metrics(out, "vae", {"recon_mse": F.mse_loss((recon + 1) / 2, val).item(),
-                                "judge_shape_on_recon": (pred.shape == vs).float().mean().item(),
-                                "judge_colour_on_recon": (pred.colour == vc).float().mean().item(),
-                                "scaling_factor": vae.config.scaling_factor, "steps": steps, "seed": seed})
+    _write_metrics(
+        out,
+        "vae",
+        {
+            "recon_mse": F.mse_loss((recon + 1) / 2, val).item(),
+            "judge_shape_on_recon": (pred.shape == vs).float().mean().item(),
+            "judge_colour_on_recon": (pred.colour == vc).float().mean().item(),
+            "scaling_factor": vae.config.scaling_factor,
+            "steps": steps,
+            "seed": seed,
+        },
+    )
 
 
 # ----------------------------------------------------------------------------------------------- unet
 def _build_unet(cross_attention_dim: int):
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
         block_out_channels=(48, 96, 96),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=16,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=16,
     )
 
 
 def _scheduler_config() -> dict:
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
 
 
 def demo_scheduler():
@@ -243,9 +328,14 @@ def assemble_pipeline(out: Path, unet):
     text_encoder = CLIPTextModel(CLIPTextConfig(**clip.config.text_config.to_dict()))
     text_encoder.load_state_dict(clip.text_model.state_dict())
     return StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(out / "pipeline" / "vae"), text_encoder=text_encoder.eval(),
-        tokenizer=load_tokenizer(out / "clip"), unet=unet, scheduler=demo_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=AutoencoderKL.from_pretrained(out / "pipeline" / "vae"),
+        text_encoder=text_encoder.eval(),
+        tokenizer=load_tokenizer(out / "clip"),
+        unet=unet,
+        scheduler=demo_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -269,12 +359,15 @@ def judge_pipeline(pipe, judge, seeds_per_caption: int = 2, steps: int = 25, gui
                 shapes.append(s)
                 colours.append(c)
     gens = [torch.Generator().manual_seed(1000 + i) for i in range(len(prompts))]
-    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                  output_type="pt").images
+    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt").images
     pred = judge.classify(images)
-    return {"shape_accuracy": (pred.shape == torch.tensor(shapes)).float().mean().item(),
-            "colour_accuracy": (pred.colour == torch.tensor(colours)).float().mean().item(),
-            "images": len(prompts), "steps": steps, "guidance_scale": guidance}
+    return {
+        "shape_accuracy": (pred.shape == torch.tensor(shapes)).float().mean().item(),
+        "colour_accuracy": (pred.colour == torch.tensor(colours)).float().mean().item(),
+        "images": len(prompts),
+        "steps": steps,
+        "guidance_scale": guidance,
+    }
 
 
 def train_unet(out: Path, seed: int, steps: int, batch: int = 32) -> None:
@@ -284,8 +377,10 @@ def train_unet(out: Path, seed: int, steps: int, batch: int = 32) -> None:
     tokenizer = load_tokenizer(out / "clip")
     images, shapes, colours = render_dataset(60_000, seed + 30)
     with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i:i + 1000] * 2 - 1).latent_dist.mean
-                             for i in range(0, len(images), 1000)]) * vae.config.scaling_factor
+        latents = (
+            torch.cat([vae.encode(images[i : i + 1000] * 2 - 1).latent_dist.mean for i in range(0, len(images), 1000)])
+            * vae.config.scaling_factor
+        )
     del images
     unet = _build_unet(clip.config.text_config.hidden_size)
     logger.info("unet parameters: %.2fM", sum(p.numel() for p in unet.parameters()) / 1e6)
@@ -327,8 +422,13 @@ def train_unet(out: Path, seed: int, steps: int, batch: int = 32) -> None:
     pipe.set_progress_bar_config(disable=True)
     save_demo_pipeline(pipe, out / "pipeline")
     metrics = judge_pipeline(pipe, judge, seeds_per_caption=4)
-    metrics.update(steps=steps, batch_size=batch, seed=seed, train_seconds=round(time.time() - start),
-                   parameters=sum(p.numel() for p in ema.parameters()))
+    metrics.update(
+        steps=steps,
+        batch_size=batch,
+        seed=seed,
+        train_seconds=round(time.time() - start),
+        parameters=sum(p.numel() for p in ema.parameters()),
+    )
     _write_metrics(out, "unet", metrics)
     logger.info("final %s", metrics)
 
@@ -358,7 +458,8 @@ def main(argv: list[str] | None = None) -> None:
         steps = args.steps or STAGE_STEPS[stage]
         logger.info("stage %s: %d steps", stage, steps)
         {"clip": train_clip, "judge": train_judge, "vae": train_vae, "unet": train_unet}[stage](
-            args.output_dir, args.seed, steps)
+            args.output_dir, args.seed, steps
+        )
 
 
 if __name__ == "__main__":

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from collections.abc import Mapping, Sequence
 
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from .card import erased_model_card, write_model_card
-from .folder import (RESULT_NAMES, OutputDirLock, check_output_dir, staged_output_dir, write_erased_model)
+from .folder import RESULT_NAMES, OutputDirLock, check_output_dir, staged_output_dir, write_erased_model
 from .hub import push_erased_model_to_hub
 from .record import run_record
 
 __all__ = [
-    "RESULT_NAMES", "OutputDirLock", "check_output_dir", "erased_model_card", "export_erased_model",
-    "push_erased_model_to_hub", "run_record", "staged_output_dir", "write_erased_model", "write_model_card",
+    "RESULT_NAMES",
+    "OutputDirLock",
+    "check_output_dir",
+    "erased_model_card",
+    "export_erased_model",
+    "push_erased_model_to_hub",
+    "run_record",
+    "staged_output_dir",
+    "write_erased_model",
+    "write_model_card",
 ]
 
 
@@ -35,9 +43,13 @@ def export_erased_model(
     trained peft LoRA) described by the run ``record``. Returns ``output_dir``."""
     output_dir = check_output_dir(output_dir, overwrite_output_dir)
     with staged_output_dir(output_dir) as staging:
-        widget = write_erased_model(pipeline, staging, record, before_after=before_after,
-                                    widget_images=widget_images)
-        card = erased_model_card(record, widget=widget, has_before_after=before_after is not None,
-                                 evaluation_markdown=evaluation_markdown, model_id=hub_model_id or output_dir.name)
+        widget = write_erased_model(pipeline, staging, record, before_after=before_after, widget_images=widget_images)
+        card = erased_model_card(
+            record,
+            widget=widget,
+            has_before_after=before_after is not None,
+            evaluation_markdown=evaluation_markdown,
+            model_id=hub_model_id or output_dir.name,
+        )
         write_model_card(staging, card)
     return output_dir

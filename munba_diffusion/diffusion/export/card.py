@@ -81,9 +81,11 @@ def erased_model_card(
         "Bargaining): a LoRA trained so that prompts of the concept no longer produce it while other prompts keep "
         "their images. The LoRA is fused into this folder's UNet and also shipped on its own.",
         "![Same seeds: original model (top) and erased model (bottom)](images/before_after.png)"
-        if has_before_after else "",
+        if has_before_after
+        else "",
         "## What was erased\n\n| Concept | Forget prompts | Anchor | Preserve prompts |\n|---|---|---|---|\n"
-        + concept_rows + f"\n\nAll prompts are in [`{ERASURE_CONFIG_NAME}`]({ERASURE_CONFIG_NAME}).",
+        + concept_rows
+        + f"\n\nAll prompts are in [`{ERASURE_CONFIG_NAME}`]({ERASURE_CONFIG_NAME}).",
         "## How it was erased\n\n"
         f"- Base model: {base_line}\n"
         f"- Forget loss: `{record['forget_loss']}`; the forget and preserve gradients were combined each step by "

@@ -39,10 +39,28 @@ from munba_diffusion.pipelines.munba import ERASURE_CONFIG_NAME, LORA_WEIGHT_NAM
 
 from ...io import save_image_atomic, write_json_atomic
 
-PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker",
-                       "feature_extractor", "image_encoder")
-RESULT_NAMES = frozenset({"model_index.json", LORA_WEIGHT_NAME, ERASURE_CONFIG_NAME, PIPELINE_FILE_NAME,
-                          "README.md", "images", "evaluation", *PIPELINE_COMPONENTS})
+PIPELINE_COMPONENTS = (
+    "unet",
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "scheduler",
+    "safety_checker",
+    "feature_extractor",
+    "image_encoder",
+)
+RESULT_NAMES = frozenset(
+    {
+        "model_index.json",
+        LORA_WEIGHT_NAME,
+        ERASURE_CONFIG_NAME,
+        PIPELINE_FILE_NAME,
+        "README.md",
+        "images",
+        "evaluation",
+        *PIPELINE_COMPONENTS,
+    }
+)
 """Every top-level entry an export writes; anything else in output_dir (checkpoints, logs, the lock) is kept."""
 LOCK_NAME = ".munba.lock"
 FOLDER_MODE = 0o755  # what save_pretrained's folders get under the usual umask (mkdtemp would give 0o700)
@@ -60,12 +78,16 @@ def check_output_dir(output_dir: str | Path, overwrite_output_dir: bool = False)
     if not taken:
         return output_dir
     if not (output_dir / ERASURE_CONFIG_NAME).is_file():
-        raise FileExistsError(f"{output_dir} holds files this project did not write ({', '.join(taken)}); choose "
-                              "an empty or new --output_dir (your files are never replaced).")
+        raise FileExistsError(
+            f"{output_dir} holds files this project did not write ({', '.join(taken)}); choose "
+            "an empty or new --output_dir (your files are never replaced)."
+        )
     if not overwrite_output_dir:
-        raise FileExistsError(f"{output_dir} already holds an erased model ({', '.join(taken)}); pass "
-                              "--overwrite_output_dir (overwrite_output_dir=True) to replace it, or choose another "
-                              "--output_dir.")
+        raise FileExistsError(
+            f"{output_dir} already holds an erased model ({', '.join(taken)}); pass "
+            "--overwrite_output_dir (overwrite_output_dir=True) to replace it, or choose another "
+            "--output_dir."
+        )
     return output_dir
 
 
@@ -86,8 +108,10 @@ class OutputDirLock:
             except FileExistsError:
                 owner = self._owner()
                 if owner is not None and _process_alive(owner):
-                    raise FileExistsError(f"{self.path.parent} is being written by another run (process {owner}); "
-                                          "wait for it to finish or choose another --output_dir") from None
+                    raise FileExistsError(
+                        f"{self.path.parent} is being written by another run (process {owner}); "
+                        "wait for it to finish or choose another --output_dir"
+                    ) from None
                 self.path.unlink(missing_ok=True)  # left behind by a run that was killed
                 continue
             with os.fdopen(descriptor, "w") as handle:
@@ -219,8 +243,9 @@ def check_record_matches_adapter(record: Mapping[str, Any], peft_config: Any) ->
         )
 
 
-def _save_fused_pipeline(pipeline: StableDiffusionPipeline, adapter_name: str, record: Mapping[str, Any],
-                         directory: Path) -> None:
+def _save_fused_pipeline(
+    pipeline: StableDiffusionPipeline, adapter_name: str, record: Mapping[str, Any], directory: Path
+) -> None:
     """Save the pipeline with the LoRA fused into a copy of the UNet, as a MunbaPipeline folder."""
     fused_unet = copy.deepcopy(pipeline.unet)
     fused_unet.fuse_lora(lora_scale=1.0, adapter_names=[adapter_name])

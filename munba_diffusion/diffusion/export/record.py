@@ -15,14 +15,25 @@ from ...models import model_license
 from ..config import ErasureTrainingConfig
 
 
-def run_record(config: ErasureTrainingConfig, *, players: list[str], target_modules: list[str],
-               train_seconds: float, pool_seconds: float, steps_skipped: int = 0) -> dict[str, Any]:
+def run_record(
+    config: ErasureTrainingConfig,
+    *,
+    players: list[str],
+    target_modules: list[str],
+    train_seconds: float,
+    pool_seconds: float,
+    steps_skipped: int = 0,
+) -> dict[str, Any]:
     """``config.record()`` plus ``run`` statistics, ``license``, ``versions`` and ``created`` (ISO 8601, UTC)."""
     return {
         **config.record(),
-        "run": {"players": players, "target_modules": sorted(target_modules),
-                "train_seconds": round(train_seconds, 1), "latent_pool_seconds": round(pool_seconds, 1),
-                "steps_skipped": steps_skipped},
+        "run": {
+            "players": players,
+            "target_modules": sorted(target_modules),
+            "train_seconds": round(train_seconds, 1),
+            "latent_pool_seconds": round(pool_seconds, 1),
+            "steps_skipped": steps_skipped,
+        },
         "license": model_license(config.pretrained_model_name_or_path),
         "versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
