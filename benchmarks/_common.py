@@ -148,6 +148,16 @@ def same_option(cls: type, name: str) -> Any:
     return dataclasses.field(default=field.default, default_factory=field.default_factory, metadata=field.metadata)
 
 
+def check_device(device: str) -> None:
+    """A one-line ValueError unless ``device`` is a torch device string (``cpu``, ``cuda``, ``cuda:1``, ...)."""
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(
+            f"device (--device) must be a torch device such as cpu, cuda or cuda:1; got {device!r}"
+        ) from None
+
+
 def options_of(config: Any, cls: type) -> dict[str, Any]:
     """The values of ``config``'s fields that ``cls`` (a dataclass) also has, by name."""
     names = {f.name for f in dataclasses.fields(cls)}

@@ -38,7 +38,7 @@ from munba_diffusion.classifiers.models import MODELS, build_model
 from munba_diffusion.classifiers.unlearn import METHODS, TrainConfig, UnlearnConfig, train_classifier, unlearn
 from munba_diffusion.config import check_options, option, parse_config
 
-from ._common import check_results, same_option, tuples, write_results
+from ._common import check_device, check_results, same_option, tuples, write_results
 
 PROG = "munba-unlearn-classifier"
 # Learning rates per forget kind and method, chosen once by `--lr_grid` on seed 100 (never a reported seed):
@@ -112,6 +112,7 @@ class BenchmarkConfig:
         """Check names and specs before any work; returns the parsed forget specs."""
         if not self.seeds:
             raise ValueError("no seeds given; pass e.g. --seeds 0 1 2")
+        check_device(self.device)
         specs = [parse_forget_spec(text) for text in self.forget]
         rates = self.learning_rates
         missing = sorted(

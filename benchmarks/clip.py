@@ -58,7 +58,7 @@ from munba_diffusion.config import check_options, option, parse_config
 from munba_diffusion.demo import COLOURS, SHAPES, render_scene
 from munba_diffusion.models import DEMO_MODEL
 
-from ._common import check_results, options_of, same_option, tuples, write_results
+from ._common import check_device, check_results, options_of, same_option, tuples, write_results
 
 PROG = "munba-unlearn-clip"
 DEMO_DATASET = "munba-demo"  # the demo world's renders as a dataset (the benchmark's own data, not a model)
@@ -142,6 +142,9 @@ class ClipBenchmarkConfig:
             raise ValueError("seeds, methods, params, adapters and forget each need at least one value")
         check_templates(self.shape_templates)
         check_templates(self.heldout_templates)
+        check_device(self.device)
+        if self.dataset == DEMO_DATASET:  # the demo's class names are known before any model or data loads
+            ZeroShotTask(SHAPES, self.shape_templates).class_ids(self.forget)
 
     @property
     def shape_templates(self) -> tuple[str, ...]:

@@ -33,7 +33,7 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
 _META = "munba_option"
@@ -196,9 +196,16 @@ def _converter(kind: Any) -> Any:
     return str  # values of other types (e.g. a preset or a name) are parsed by the dataclass itself
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (``prog: error: ... (see --help)``), without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser(cls: type, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """An ``argparse`` parser with one flag per :func:`option` field of ``cls`` (plus a hyphen alias)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog=prog, description=description or cls.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     hints = _field_types(cls)

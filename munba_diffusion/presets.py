@@ -7,6 +7,7 @@ as package data. ``resolve_concept`` turns one ``--concept`` argument into a :cl
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -72,25 +73,138 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in _presets_dir().iterdir() if p.name.endswith(".yaml"))
 
 
-def preset_from_mapping(data: dict, source: str) -> ConceptPreset:
-    """Build a preset from parsed YAML, checking the schema."""
-    if not isinstance(data, dict) or "name" not in data or "forget" not in data:
+PRESET_KEYS = ("name", "description", "forget", "preserve", "anchor", "default_model", "eval")
+"""The keys of a preset file (schema: ``prompts/README.md``); any other key is refused, naming the closest."""
+SCHEMA = "prompts/README.md"
+
+
+def _shown(value: object) -> str:
+    """A value as an error message shows it: its YAML kind and, when short, the value."""
+    kinds = {dict: "a mapping", list: "a list", bool: "true/false", int: "a number", float: "a number"}
+    kind = "empty" if value is None else kinds.get(type(value), type(value).__name__)
+    text = repr(value)
+    return kind if value is None or len(text) > 40 else f"{kind} {text}"
+
+
+def _string(data: dict, key: str, where: str, *, required: bool = False) -> str | None:
+    value = data.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or (required and not value.strip()):
         raise ValueError(
-            f"{source} is not a concept preset: it needs at least 'name' and 'forget' (see prompts/README.md)"
+            f"{where}: '{key}' must be a non-empty string, got {_shown(value)}; write {key}: \"...\" (schema: {SCHEMA})"
         )
-    forget = tuple(str(p) for p in data["forget"] or ())
-    anchor = data.get("anchor", "")
-    anchors = tuple(str(a) for a in anchor) if isinstance(anchor, list) else (str(anchor or ""),) * len(forget)
+    return value
+
+
+def _strings(data: dict, key: str, where: str, *, blank_ok: bool = False) -> tuple[str, ...] | None:
+    """A list of strings or one string (None when the key is absent or empty)."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ValueError(
+            f"{where}: '{key}' must be a list of strings (or one string), got {_shown(value)}; write each prompt "
+            f"on its own '- ' line under {key}: (schema: {SCHEMA})"
+        )
+    for number, item in enumerate(value, start=1):
+        if not isinstance(item, str):
+            raise ValueError(
+                f"{where}: entry {number} of '{key}' must be a string, got {_shown(item)}; quote it or write it as "
+                f"plain text (schema: {SCHEMA})"
+            )
+        if not blank_ok and not item.strip():
+            raise ValueError(f"{where}: entry {number} of '{key}' is empty; write a prompt there or delete the line")
+    return tuple(value)
+
+
+def preset_from_mapping(data: object, source: str, *, where: str | None = None) -> ConceptPreset:
+    """Build a preset from parsed YAML, checking every key and its type (schema: ``prompts/README.md``).
+
+    ``source`` is recorded on the preset; ``where`` names the file in error messages (default: ``source``). Every
+    error is one ``ValueError`` line that names the file and the key to fix.
+    """
+    where = where or source
+    for key in data if isinstance(data, dict) else ():
+        if key not in PRESET_KEYS:
+            close = difflib.get_close_matches(str(key), PRESET_KEYS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(
+                f"{where}: unknown key {str(key)!r}; {hint}a preset has the keys {', '.join(PRESET_KEYS)} "
+                f"(schema: {SCHEMA})"
+            )
+    if not isinstance(data, dict) or "name" not in data or "forget" not in data:
+        raise ValueError(f"{where} is not a concept preset: it needs at least 'name' and 'forget' keys (see {SCHEMA})")
+    name = _string(data, "name", where, required=True)
+    forget = _strings(data, "forget", where)
+    if not forget:
+        raise ValueError(f"{where}: 'forget' is empty; add at least one prompt under forget: (schema: {SCHEMA})")
+    anchor = _strings(data, "anchor", where, blank_ok=True)
+    if anchor is None or (len(anchor) == 1 and not isinstance(data.get("anchor"), list)):
+        anchor = ((anchor or ("",))[0],) * len(forget)
+    if len(anchor) != len(forget):
+        raise ValueError(
+            f"{where}: 'anchor' has {len(anchor)} entries for {len(forget)} 'forget' prompts; give one anchor "
+            "string, or one anchor per forget prompt"
+        )
     return ConceptPreset(
-        name=str(data["name"]),
+        name=name,
         forget_prompts=forget,
-        preserve_prompts=tuple(str(p) for p in data.get("preserve") or ()),
-        anchor_prompts=anchors,
-        description=str(data.get("description", "")),
-        default_model=data.get("default_model"),
-        eval_prompts=data.get("eval"),
+        preserve_prompts=_strings(data, "preserve", where) or (),
+        anchor_prompts=anchor,
+        description=_string(data, "description", where) or "",
+        default_model=_string(data, "default_model", where),
+        eval_prompts=_string(data, "eval", where),
         source=source,
     )
+
+
+def _read_text(path: Path, what: str, fix: str) -> str:
+    """The UTF-8 text of ``path``, or a one-line error that names the file and ``fix``."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{what} {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+            f"save it as UTF-8"
+        ) from None
+    except OSError as error:
+        raise ValueError(f"cannot read {what} {path} ({error.strerror or type(error).__name__}); {fix}") from None
+
+
+def _parse_preset_yaml(text: str, where: str) -> object:
+    """``yaml.safe_load`` (plain data only: no tag ever constructs an object), with one-line errors."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = str(getattr(error, "problem", None) or error).splitlines()[0]
+        tag = re.search(r"the tag '([^']+)'", problem)
+        if isinstance(error, yaml.constructor.ConstructorError) and tag:
+            shown = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+            raise ValueError(
+                f"{where}{at}: the tag {shown} is not allowed (a preset holds only strings and lists of strings, "
+                f"and nothing in it is ever run); remove the tag"
+            ) from None
+        context = getattr(error, "context", None)
+        detail = f"{problem}, {context}" if context else problem
+        raise ValueError(f"{where}{at}: not valid YAML ({detail}); fix the file (schema: {SCHEMA})") from None
+
+
+def read_preset_file(path: str | Path) -> ConceptPreset:
+    """A preset .yaml file (read with ``yaml.safe_load``; see :func:`preset_from_mapping` for the checks)."""
+    path = Path(path)
+    if not path.is_file():
+        state = "is not a file" if path.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"preset file {path} {state}; pass an existing .yaml, a bundled preset name (see prompts/presets/) "
+            f"or '{TEXT_PREFIX}<phrase>'"
+        )
+    text = _read_text(path, "preset file", "check its permissions")
+    return preset_from_mapping(_parse_preset_yaml(text, str(path)), source=str(path))
 
 
 def load_preset(name: str) -> ConceptPreset:
@@ -103,20 +217,20 @@ def load_preset(name: str) -> ConceptPreset:
             f"unknown concept {name!r}: {hint}choose a preset ({', '.join(names)}), a preset .yaml file, "
             f"or free text as '{TEXT_PREFIX}<phrase>'"
         )
-    text = (_presets_dir() / f"{name}.yaml").read_text(encoding="utf-8")
-    return preset_from_mapping(yaml.safe_load(text), source=f"preset:{name}")
+    resource = _presets_dir() / f"{name}.yaml"
+    where = f"bundled preset {resource}"
+    text = resource.read_text(encoding="utf-8")
+    return preset_from_mapping(_parse_preset_yaml(text, where), source=f"preset:{name}", where=where)
 
 
 def read_prompt_file(path: str | Path) -> tuple[str, ...]:
     """One prompt per line; blank lines and lines starting with '#' are skipped."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist; pass a text file with one prompt per line")
-    prompts = tuple(
-        line.strip()
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
-    )
+        state = "is not a file" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"prompt file {path} {state}; pass a text file with one prompt per line")
+    text = _read_text(path, "prompt file", "pass a text file you can read, with one prompt per line")
+    prompts = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts; write one prompt per line")
     return prompts
@@ -143,10 +257,7 @@ def resolve_concept(spec: str) -> ConceptPreset:
     if spec.startswith(TEXT_PREFIX):
         return concept_from_text(spec[len(TEXT_PREFIX) :])
     if spec.endswith((".yaml", ".yml")):
-        path = Path(spec)
-        if not path.is_file():
-            raise FileNotFoundError(f"preset file {path} does not exist")
-        return preset_from_mapping(yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path))
+        return read_preset_file(spec)
     return load_preset(spec)
 
 

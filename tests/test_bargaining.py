@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from munba_diffusion.bargaining import (
     normalized_weights,
     pcgrad_weights,
 )
+from munba_diffusion.bargaining.nash import min_norm_unit_weights, solve_unit_nash_system
 from munba_diffusion.step import gram_matrix
 
 SHAPES = [(3,), (17, 5), (4, 3, 3, 3), (1000,), (2, 64)]
@@ -145,7 +147,7 @@ def test_opposite_gradients_perturb_and_favour_the_larger(ratio: float) -> None:
     g_f = ratio * g_r
     gram = vectors_gram(g_r, g_f)
     weighting = NashBargaining(perturbation=1e-2)(gram)
-    assert weighting.status == "opposite_gradients"
+    assert weighting.status == "opposite_gradients:0,1"
     assert torch.isfinite(weighting.weights).all() and (weighting.weights > 0).all()
     d = weighting.weights[0] * g_r.double() + weighting.weights[1] * g_f.double()
     larger = g_f if abs(ratio) >= 1 else g_r  # on a tie the first player's gradient is perturbed
@@ -169,18 +171,18 @@ def test_parallel_gradients_are_the_continuous_limit_of_the_closed_form() -> Non
     g_r = torch.tensor([1.0, 2.0, 2.0])
     gram = vectors_gram(g_r, 2.0 * g_r)
     weighting = nash_bargaining_weights(gram)
-    assert weighting.status == "parallel_gradients"
+    assert weighting.status == "parallel_gradients:0,1"
     assert weighting.weights.tolist() == pytest.approx([1 / (math.sqrt(2) * 3), 1 / (math.sqrt(2) * 6)], rel=1e-12)
     near = vectors_gram(g_r, 2.0 * g_r + torch.tensor([0.0, 1e-4, -1e-4]))
     assert nash_bargaining_weights(near).weights.tolist() == pytest.approx(weighting.weights.tolist(), rel=1e-6)
 
 
-def test_three_conflicting_players_are_perturbed() -> None:
+def test_three_cancelling_players_get_no_step() -> None:
     g = torch.randn(2, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    vectors = [g[0], g[1], -(g[0] + g[1])]  # sum of unit-free directions is zero: no common ascent direction
+    vectors = [g[0], g[1], -(g[0] + g[1])]  # g_0 + g_1 + g_2 = 0: every direction makes someone lose
     weighting = nash_bargaining_weights(vectors_gram(*vectors))
-    assert weighting.status == "conflicting_gradients"
-    assert torch.isfinite(weighting.weights).all()
+    assert weighting.status == "conflicting_gradients:0,1,2"
+    assert weighting.weights.tolist() == [0.0, 0.0, 0.0]  # nothing lost, and the status says why
 
 
 def test_zero_player_among_three_reduces_to_two_player_closed_form() -> None:
@@ -301,9 +303,171 @@ def test_iterative_solver_on_many_low_dimensional_games() -> None:
         dim = int(torch.randint(2, 8, (1,), generator=generator))
         scales = 10 ** (6 * torch.rand(k, 1, generator=generator, dtype=torch.float64) - 3)
         g = scales * torch.randn(k, dim, generator=generator, dtype=torch.float64)
-        weighting = nash_bargaining_weights(g @ g.T)
-        statuses.add(weighting.status)
-        assert torch.isfinite(weighting.weights).all()
+        weighting = assert_nash_promise(g @ g.T)
+        statuses.add(weighting.status.partition(":")[0])
         if weighting.status == "ok":
             assert kkt_residual(g @ g.T, weighting.weights) < 1e-8
     assert statuses == {"ok", "conflicting_gradients"}
+
+
+# --- The promise, for every accepted input: "every player gains, or the status says why not" -------------------
+
+EPS = torch.finfo(torch.float64).eps
+MAX_BETA = 1000.0  # 1 / sqrt(opposite_tol) at the defaults
+NOISES = [0.0, 1e-12, 1e-10, 1e-8, 1e-6, 1e-3]
+
+
+def assert_nash_promise(gram: torch.Tensor):
+    """Nash bargaining on ``gram`` keeps the module doc's promise; returns the weighting.
+
+    No exception, finite weights. Players that are not flagged zero either all strictly gain with the bounded,
+    certified KKT solution (``ok``, possibly with ``zero_gradient``/``parallel_gradients`` tags), or the status
+    names players and nobody loses from the returned direction (or it is zero); the documented exception is two
+    opposite players, where the larger one gains.
+    """
+    weighting = nash_bargaining_weights(gram)
+    alpha, k = weighting.weights, gram.shape[0]
+    assert alpha.dtype == torch.float64 and torch.isfinite(alpha).all(), weighting
+    tags = dict(tag.partition(":")[::2] for tag in weighting.status.split(";"))
+    if weighting.status != "ok":
+        assert all(re.fullmatch(r"\d+(,\d+)*", players) for players in tags.values()), weighting.status
+    zero = {int(i) for i in tags.get("zero_gradient", "").split(",") if i}
+    active = [i for i in range(k) if i not in zero]
+    assert (alpha[sorted(zero)] == 0).all()
+    if not active:
+        return weighting
+    sub, w = gram[active][:, active], alpha[active]
+    utilities = sub @ w  # g_i . d: check utilities, not only residuals
+    if set(tags) <= {"ok", "zero_gradient", "parallel_gradients"}:
+        assert (w > 0).all() and (utilities > 0).all(), (weighting, utilities)
+        bound = 1e-12 + 8 * EPS * len(active) * MAX_BETA**2  # the documented residual bound
+        assert kkt_residual(sub, w) <= 2 * bound, (weighting, kkt_residual(sub, w))
+        cosines = utilities / (sub.diagonal().sqrt() * (w @ sub @ w).sqrt())
+        assert (cosines >= 0.99 / (MAX_BETA * math.sqrt(len(active)))).all(), (weighting, cosines)
+    elif "opposite_gradients" in tags:
+        larger = int(torch.argmax(sub.diagonal()))
+        assert utilities[larger] > 0, weighting
+    else:
+        assert set(tags) <= {"zero_gradient", "conflicting_gradients", "not_converged"}, weighting.status
+        floor = 8 * k * EPS * (gram.abs() @ alpha.abs())[active]
+        assert (w == 0).all() or (utilities > floor).all(), (weighting, utilities)
+    return weighting
+
+
+def regular_simplex(k: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` unit vectors summing to zero (a regular simplex's directions), randomly rotated into ``R^dim``."""
+    directions = torch.eye(k, dtype=torch.float64) - 1.0 / k
+    directions = directions / directions.norm(dim=1, keepdim=True)
+    coordinates = directions @ torch.linalg.svd(directions).Vh[: k - 1].T  # (k, k - 1), the same Gram matrix
+    padded = torch.cat([coordinates, torch.zeros(k, dim - k + 1, dtype=torch.float64)], dim=1)
+    rotation, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+    return padded @ rotation
+
+
+def player_norms(k: int, generator: torch.Generator) -> torch.Tensor:
+    return 10 ** (6 * torch.rand(k, 1, generator=generator, dtype=torch.float64) - 3)  # 1e-3 .. 1e3
+
+
+@pytest.mark.parametrize("noise", NOISES)
+def test_promise_for_simplex_players(noise: float) -> None:
+    """Concepts at 120 degrees and their K-player analogues (measured on main: LinAlgError, and "ok" with losers)."""
+    generator = torch.Generator().manual_seed(int(-math.log10(noise)) if noise else 0)
+    statuses = set()
+    for k in range(3, 9):
+        for _ in range(4):
+            dim = k + int(torch.randint(0, 3, (1,), generator=generator))
+            units = regular_simplex(k, dim, generator)
+            g = player_norms(k, generator) * (
+                units + noise * torch.randn(k, dim, generator=generator, dtype=torch.float64)
+            )
+            statuses.add(assert_nash_promise(g @ g.T).status.partition(":")[0])
+    if noise <= 1e-6:  # sum of unit gradients < sqrt(K) / B: provably no bounded bargain
+        assert statuses == {"conflicting_gradients"}
+
+
+def test_promise_for_rank_deficient_gram_matrices() -> None:
+    generator = torch.Generator().manual_seed(1)
+    for k in range(3, 9):
+        for rank in range(1, k):
+            for _ in range(3):
+                g = player_norms(k, generator) * torch.randn(k, rank, generator=generator, dtype=torch.float64)
+                assert_nash_promise(g @ g.T)
+        duplicated = torch.randn(k, 4, generator=generator, dtype=torch.float64)
+        duplicated[-1] = 7.0 * duplicated[0]  # the same player twice
+        assert_nash_promise(duplicated @ duplicated.T)
+
+
+@pytest.mark.parametrize("zeros", [1, 2])
+def test_promise_with_zero_gradients(zeros: int) -> None:
+    generator = torch.Generator().manual_seed(2 + zeros)
+    for k in range(3, 9):
+        for trial in range(8):
+            dim = int(torch.randint(2, 8, (1,), generator=generator))
+            g = player_norms(k, generator) * torch.randn(k, dim, generator=generator, dtype=torch.float64)
+            if trial % 2:  # zero players among conflicting ones
+                g[: k - 1] = player_norms(k - 1, generator) * regular_simplex(k - 1, dim + k, generator)[:, :dim]
+            chosen = torch.randperm(k, generator=generator)[:zeros]
+            g[chosen] = 0.0
+            weighting = assert_nash_promise(g @ g.T)
+            assert weighting.status.startswith("zero_gradient:" + ",".join(map(str, sorted(chosen.tolist()))))
+
+
+def test_promise_for_opposite_and_parallel_pairs_among_three() -> None:
+    generator = torch.Generator().manual_seed(4)
+    for trial in range(120):
+        dim = int(torch.randint(2, 6, (1,), generator=generator))
+        g = torch.randn(3, dim, generator=generator, dtype=torch.float64)
+        gap = 10 ** (-12 * torch.rand((), generator=generator).item())
+        jitter = gap * torch.randn(dim, generator=generator, dtype=torch.float64)
+        g[1] = [-g[0], -g[0] + jitter, g[0] + jitter, g[0]][trial % 4]
+        g = player_norms(3, generator) * g[torch.randperm(3, generator=generator)]
+        weighting = assert_nash_promise(g @ g.T)
+        if trial % 4 == 0:  # an exactly opposite pair: no direction helps both, and neither may lose
+            assert weighting.status.startswith("conflicting_gradients:")
+            assert (weighting.weights == 0).all()
+
+
+def test_promise_for_two_players_near_opposite() -> None:
+    for exponent in range(0, 13):
+        angle = math.pi - 10.0**-exponent
+        gram = vectors_gram(torch.tensor([1e-3, 0.0]), 1e3 * torch.tensor([math.cos(angle), math.sin(angle)]))
+        weighting = assert_nash_promise(gram)
+        assert (weighting.status == "ok") == (1 + math.cos(angle) > 1e-6)
+
+
+def test_three_concepts_at_120_degrees_with_tiny_noise_never_raise() -> None:
+    """The measured failure: 120-degree concepts plus noise in [0, 1e-8] raised LinAlgError mid-training."""
+    generator = torch.Generator().manual_seed(5)
+    for trial in range(60):
+        units = regular_simplex(3, 3, generator)
+        noise = 1e-8 * torch.rand((), generator=generator).item() * (trial % 3 != 0)
+        g = units + noise * torch.randn(3, 3, generator=generator, dtype=torch.float64)
+        weighting = assert_nash_promise(g @ g.T)
+        assert weighting.status.startswith("conflicting_gradients:")
+    beta, converged = solve_unit_nash_system(regular_simplex(3, 3, generator) @ regular_simplex(3, 3, generator).T)
+    assert not converged and torch.isfinite(beta).all()
+
+
+def test_conflicting_fallback_is_the_min_norm_point_of_the_unit_gradients() -> None:
+    """A tetrahedron's directions plus a small common part eps: the Nash solution (beta = 1 / (2 eps)) is beyond B."""
+    eps = 1e-4
+    units = torch.cat(
+        [
+            math.sqrt(1 - eps**2) * regular_simplex(4, 3, torch.Generator().manual_seed(6)),
+            torch.full((4, 1), eps, dtype=torch.float64),
+        ],
+        dim=1,
+    )
+    g = torch.tensor([[1e-2], [1.0], [30.0], [1e2]], dtype=torch.float64) * units
+    weighting = assert_nash_promise(g @ g.T)
+    assert weighting.status == "conflicting_gradients:0,1,2,3"
+    d = weighting.weights @ g
+    # the min-norm point of the unit gradients' hull is v = eps e_4 (lambda = 1/4 each): a short step all gain from
+    assert torch.allclose(weighting.weights * g.norm(dim=1), torch.full((4,), 0.25, dtype=torch.float64), rtol=1e-8)
+    assert torch.allclose(d, torch.tensor([0.0, 0.0, 0.0, eps], dtype=torch.float64), atol=1e-12)
+    assert (g @ d > 0).all() and float(d @ d) < 4 / MAX_BETA**2  # |v|^2 < K / B^2
+    # optimality of the min-norm point: u_i . v >= |v|^2; no worse than Frank-Wolfe MGDA
+    lam = min_norm_unit_weights(units @ units.T)
+    v = lam @ units
+    assert ((units @ v) >= float(v @ v) - 16 * EPS).all()
+    assert float(v @ v) <= float((mgda_weights(units @ units.T).weights @ units).norm() ** 2) * (1 + 1e-6)

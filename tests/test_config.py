@@ -82,7 +82,10 @@ def test_parser_refuses_a_broken_rule_with_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(Settings, ["--rate", "2"], prog="tool")
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "tool: error: rate (--rate) must be < 1; got 2.0"
+    assert capsys.readouterr().err == "tool: error: rate (--rate) must be < 1; got 2.0 (see --help)\n"  # no usage block
+    with pytest.raises(SystemExit):
+        parse_config(Settings, ["--no-such-flag"], prog="tool")
+    assert capsys.readouterr().err == "tool: error: unrecognized arguments: --no-such-flag (see --help)\n"
 
 
 def test_record_leaves_secrets_out():
@@ -126,6 +129,7 @@ BAD_TRAINING_VALUES = {
     "lr_warmup_steps": (-1, "lr_warmup_steps (--lr_warmup_steps) must be >= 0"),
     "max_grad_norm": (-1.0, "max_grad_norm (--max_grad_norm) must be >= 0"),
     "mixed_precision": ("fp8", "mixed_precision (--mixed_precision) must be one of no, fp16, bf16"),
+    "save_dtype": ("float64", "save_dtype (--save_dtype) must be one of float32, float16, bfloat16"),
     "enable_xformers_memory_efficient_attention": ("on", "enable_xformers_memory_efficient_attention"),
     "report_to": ("mlflow", "report_to (--report_to) must be one of none, tensorboard, wandb, all"),
     "checkpointing_steps": (-5, "checkpointing_steps (--checkpointing_steps) must be >= 0"),

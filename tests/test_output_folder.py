@@ -59,6 +59,7 @@ def test_evaluation_and_card_are_written_before_the_single_swap(demo_with_lora, 
         ["preserve", "forget"],
         train_seconds=1.0,
         pool_seconds=0.5,
+        resolution=32,
         evaluate=evaluate,
     )
     assert seen["folder"] != output_dir and seen["final_exists"] is False  # evaluated in staging, before the swap

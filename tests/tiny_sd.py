@@ -195,4 +195,5 @@ def tiny_erasure_config(concept: str = "circle", *, base_model: str = "CompVis/s
         target_modules=[CROSS_ATTENTION_TARGETS],
         train_seconds=0.0,
         pool_seconds=0.0,
+        resolution=32,
     )

@@ -147,8 +147,16 @@ def load_hf_classification_data(
     max_test_samples: int | None = None,
 ) -> ClassificationData:
     """``datasets.load_dataset(name)`` (a Hub id or a local folder) as :class:`ClassificationData`."""
+    try:
+        splits = load_dataset(name)
+    except Exception as error:  # datasets raises ConnectionError, FileNotFoundError, ValueError or its own errors
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ValueError(
+            f"cannot load dataset {name!r} ({reason}); pass {DIGITS!r} (offline), a local dataset folder, or a Hub "
+            "dataset (online once, then cached)"
+        ) from None
     return classification_data_from_splits(
-        load_dataset(name), name, image_size, test_fraction, split_seed, max_train_samples, max_test_samples
+        splits, name, image_size, test_fraction, split_seed, max_train_samples, max_test_samples
     )
 
 

@@ -35,11 +35,7 @@ def load_base_pipeline(
                 f"folder that holds model_index.json, unet/, vae/, ... or {_BUNDLED}"
             )
         path = str(folder)
-    elif is_offline():
-        raise OSError(
-            f"offline (HF_HUB_OFFLINE=1): cannot download {name_or_path!r}; pass a local diffusers folder "
-            f"(e.g. a snapshot of it) or --pretrained_model_name_or_path {_BUNDLED}"
-        )
+    offline = is_offline() and not is_local_path(path)  # a Hub id: only the local Hugging Face cache can serve it
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             path,
@@ -48,8 +44,14 @@ def load_base_pipeline(
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
+            local_files_only=offline,
         )
     except OSError as error:  # unreachable Hub, missing files, wrong revision
+        if offline:
+            raise OSError(
+                f"offline (HF_HUB_OFFLINE=1) and {name_or_path!r} is not in the local Hugging Face cache; download "
+                f"it once online, pass a local diffusers folder, or --pretrained_model_name_or_path {_BUNDLED}"
+            ) from None
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise OSError(
             f"could not load {name_or_path!r} ({first}); check the id/revision and your connection, or "

@@ -15,12 +15,35 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from ..io import write_json_atomic
+from ..io import write_json_atomic, write_text_atomic
 from .config import CHECKPOINTS_DIR, ErasureTrainingConfig
 from .lora import load_lora_state_dict, lora_state_dict
 
 LORA_CHECKPOINT_NAME = "erasure_lora.safetensors"
 STEP_FILE = "step.json"
+RUN_CONFIG_FILE = "run_config.json"
+# options a resumed run may change: where and how results are written, shown and shared, not what is trained
+RESUMABLE_CHANGES = frozenset(
+    {
+        "output_dir",
+        "overwrite_output_dir",
+        "resume_from_checkpoint",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "report_to",
+        "validation_prompts",
+        "validation_seeds",
+        "validation_guidance_scale",
+        "validation_inference_steps",
+        "evaluate",
+        "push_to_hub",
+        "hub_model_id",
+        "save_dtype",
+        "nonfinite_gradients",
+        "gradient_checkpointing",
+        "enable_xformers_memory_efficient_attention",
+    }
+)
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -35,7 +58,8 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
 
 
 def checkpoint_to_resume(config: ErasureTrainingConfig) -> Path | None:
-    """The checkpoint the run resumes from (None: a fresh start), checked before any work.
+    """The checkpoint the run resumes from (None: a fresh start), checked before any work: a checkpoint of a run
+    with other settings (:data:`RESUMABLE_CHANGES` aside) is refused, naming the setting.
 
     Checkpoints of an earlier run are never silently overwritten: resuming needs ``--resume_from_checkpoint``,
     starting over needs ``--overwrite_output_dir`` (which then removes the old checkpoints and logs).
@@ -54,16 +78,50 @@ def checkpoint_to_resume(config: ErasureTrainingConfig) -> Path | None:
                 shutil.rmtree(output_dir / sub, ignore_errors=True)
         return None
     if resume == "latest":
-        return existing[-1] if existing else None
-    path = Path(resume)
-    if not path.is_absolute() and not path.exists():
-        path = output_dir / CHECKPOINTS_DIR / resume
+        if not existing:
+            return None
+        path = existing[-1]
+    else:
+        path = Path(resume)
+        if not path.is_absolute() and not path.exists():
+            path = output_dir / CHECKPOINTS_DIR / resume
     if not (path / LORA_CHECKPOINT_NAME).is_file():
         raise FileNotFoundError(
             f"{resume} is not a checkpoint of this trainer (no {LORA_CHECKPOINT_NAME}); "
             "pass --resume_from_checkpoint latest or a checkpoint-N folder"
         )
+    check_same_run(config, path)
     return path
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # missing, truncated by a kill, or not JSON
+        raise ValueError(
+            f"{path} ({what}) cannot be read ({type(error).__name__}); resume from another checkpoint "
+            "or start over with --overwrite_output_dir"
+        ) from None
+
+
+def check_same_run(config: ErasureTrainingConfig, checkpoint: Path) -> None:
+    """Refuse to resume ``checkpoint`` with settings that change what is trained, naming the first that differs."""
+    saved = _read_json(checkpoint / RUN_CONFIG_FILE, "the settings of the run that wrote it")
+    step = int(_read_json(checkpoint / STEP_FILE, "its step")["global_step"])
+    current = config.record()
+    for name in sorted(set(saved) | set(current)):
+        if name not in RESUMABLE_CHANGES and saved.get(name) != current.get(name):
+            raise ValueError(
+                f"{checkpoint.name} was trained with {name}={_short(saved.get(name))}, this run asks for "
+                f"{_short(current.get(name))}; resume with the same --{name} or start over with --overwrite_output_dir"
+            )
+    if step >= config.max_train_steps:
+        raise ValueError(f"{checkpoint.name} is at step {step}, not before --max_train_steps {config.max_train_steps}")
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
@@ -75,10 +133,11 @@ def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
         shutil.rmtree(old)
 
 
-def save_checkpoint(accelerator, unet, output_dir: Path, step: int, limit: int | None) -> None:
-    """Write ``checkpoint-<step>`` (all processes call it; the main process writes the files)."""
+def save_checkpoint(accelerator, unet, config: ErasureTrainingConfig, step: int) -> None:
+    """Write ``checkpoint-<step>`` with the run's settings (all processes call it; the main process writes)."""
+    output_dir = config.output_dir
     if accelerator.is_main_process:
-        prune_checkpoints(output_dir, limit)
+        prune_checkpoints(output_dir, config.checkpoints_total_limit)
     final = output_dir / CHECKPOINTS_DIR / f"checkpoint-{step}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -88,19 +147,33 @@ def save_checkpoint(accelerator, unet, output_dir: Path, step: int, limit: int |
     if accelerator.is_main_process:
         save_file({k: v.contiguous().cpu() for k, v in lora_state_dict(unet).items()}, str(tmp / LORA_CHECKPOINT_NAME))
         write_json_atomic(tmp / STEP_FILE, {"global_step": step})
+        write_json_atomic(tmp / RUN_CONFIG_FILE, config.record())
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
 
 
 def load_checkpoint(accelerator, unet, path: Path) -> int:
-    """Restore the state saved by :func:`save_checkpoint`; returns its step."""
-    accelerator.load_state(str(path))
-    load_lora_state_dict(unet, load_file(str(path / LORA_CHECKPOINT_NAME)))
-    return int(json.loads((path / STEP_FILE).read_text())["global_step"])
+    """Restore the state saved by :func:`save_checkpoint`; returns its step. A damaged file is one line."""
+    try:
+        accelerator.load_state(str(path))
+        load_lora_state_dict(unet, load_file(str(path / LORA_CHECKPOINT_NAME)))
+    except Exception as error:  # truncated, tampered or foreign files: safetensors, torch and peft raise many types
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ValueError(
+            f"{path} is damaged ({first}); resume from an earlier checkpoint or start over with --overwrite_output_dir"
+        ) from None
+    return int(_read_json(path / STEP_FILE, "its step")["global_step"])
 
 
 def truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after ``step`` by an interrupted run, so a resumed log has each step once."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line torn by the kill
+            continue
+    write_text_atomic(path, "".join(line + "\n" for line in kept))

@@ -27,6 +27,7 @@ CHECKPOINTS_DIR = "checkpoints"  # inside output_dir
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
 TRACKERS = ("none", "tensorboard", "wandb", "all")
 WEIGHTED_COMBINERS = ("sum",)  # the combiners that take fixed per-player weights
 
@@ -93,6 +94,12 @@ class ErasureTrainingConfig:
     max_grad_norm: float = option(1.0, "clip the combined gradient of the LoRA to this norm (0 disables)", low=0.0)
     mixed_precision: str | None = option(
         None, "no, fp16 or bf16 (default: accelerate config's choice, else no)", choices=MIXED_PRECISIONS
+    )
+    save_dtype: str = option(
+        "float32",
+        "dtype of the exported pipeline; half-precision training (--mixed_precision) keeps the frozen "
+        "weights in half precision in memory only, the folder is saved in this dtype",
+        choices=SAVE_DTYPES,
     )
     enable_xformers_memory_efficient_attention: bool = option(False, "use xformers attention (GPU, optional extra)")
     report_to: str = option("none", "experiment tracker", choices=TRACKERS)

@@ -59,7 +59,9 @@ def encode_prompts(pipe, prompts: list[str], device) -> torch.Tensor:
     return torch.cat(out)
 
 
-def build_erasure_data(config: ErasureTrainingConfig, pipe, unet, device, dtype, latent_shape) -> ErasureData:
+def build_erasure_data(
+    config: ErasureTrainingConfig, pipe, unet, device, dtype, latent_shape, resolution: int
+) -> ErasureData:
     """Encode every prompt and build each player's latent source (pool / fresh / image folder)."""
     uncond = encode_prompts(pipe, [""], device)
     preserve = config.preserve_prompts()
@@ -77,7 +79,7 @@ def build_erasure_data(config: ErasureTrainingConfig, pipe, unet, device, dtype,
 
     def source(contexts, image_dir, desc):
         if image_dir is not None:
-            latents = encode_image_folder(pipe.vae, image_dir, config.resolution, device, dtype)
+            latents = encode_image_folder(pipe.vae, image_dir, resolution, device, dtype)
             return NoisedImages(latents, len(contexts), DDPMScheduler.from_config(pipe.scheduler.config))
         if config.latent_source == "fresh":
             return FreshTrajectories(denoise, scheduler, contexts, uncond, settings, device, dtype)

@@ -89,6 +89,7 @@ def finish_erasure(
     *,
     train_seconds: float,
     pool_seconds: float,
+    resolution: int,
     steps_skipped: int = 0,
     evaluate: Callable[[ErasureTrainingConfig, Path], str | None] | None = None,
 ) -> None:
@@ -111,6 +112,7 @@ def finish_erasure(
         target_modules=list(pipe.unet.peft_config[ADAPTER_NAME].target_modules),
         train_seconds=train_seconds,
         pool_seconds=pool_seconds,
+        resolution=resolution,
         steps_skipped=steps_skipped,
     )
     with staged_output_dir(output_dir) as staging:

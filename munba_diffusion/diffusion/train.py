@@ -32,6 +32,7 @@ from .export import OutputDirLock, check_output_dir
 from .finish import finish_erasure
 from .lora import add_erasure_lora
 from .players import erasure_player_gradients
+from .preflight import check_processes, check_run_environment
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +78,13 @@ def _prepare_unet(config: ErasureTrainingConfig, pipe, device) -> None:
         pipe.unet.enable_gradient_checkpointing()  # diffusers uses the non-reentrant kind autograd.grad needs
 
 
-def _latent_shape(config: ErasureTrainingConfig, pipe) -> tuple[int, int, int]:
+def _resolution(config: ErasureTrainingConfig, pipe) -> int:
+    """The training resolution: ``--resolution`` or the model's native size (the configuration is not changed)."""
     factor = pipe.vae_scale_factor
-    if config.resolution is None:
-        config.resolution = pipe.unet.config.sample_size * factor
-    if config.resolution % factor:
-        raise ValueError(f"--resolution {config.resolution} must be a multiple of {factor} for this VAE")
-    side = config.resolution // factor
-    return (pipe.unet.config.in_channels, side, side)
+    resolution = config.resolution or pipe.unet.config.sample_size * factor
+    if resolution % factor:
+        raise ValueError(f"--resolution {resolution} must be a multiple of {factor} for this VAE")
+    return resolution
 
 
 def _start_log(path: Path, resume_step: int | None) -> None:
@@ -102,6 +102,7 @@ def train_erasure(
 
     ``evaluate(config, erased_folder)`` is the end-of-run evaluation (see :func:`.finish.finish_erasure`).
     """
+    check_run_environment(config)
     check_output_dir(config.output_dir, config.overwrite_output_dir or config.resume_from_checkpoint is not None)
     with OutputDirLock(config.output_dir):
         return _train_locked(config, evaluate)
@@ -116,6 +117,7 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         kwargs_handlers=[GradScalerKwargs(enabled=False)],  # see FP16_LOSS_SCALE
     )
+    check_processes(accelerator.num_processes)
     set_seed(config.seed)
     device = accelerator.device
     dtype = _DTYPES.get(config.mixed_precision, torch.float32)
@@ -126,7 +128,9 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     pipe.set_progress_bar_config(disable=True)
     _prepare_unet(config, pipe, device)
     unet = pipe.unet
-    latent_shape = _latent_shape(config, pipe)
+    resolution = _resolution(config, pipe)
+    side = resolution // pipe.vae_scale_factor
+    latent_shape = (unet.config.in_channels, side, side)
 
     params = add_erasure_lora(unet, config.lora)
     names = config.player_names()
@@ -148,7 +152,7 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
         logger.info("resumed from %s at step %d", resume_path, start_step)
 
     t0 = time.time()
-    data = build_erasure_data(config, pipe, unet, device, dtype, latent_shape)
+    data = build_erasure_data(config, pipe, unet, device, dtype, latent_shape, resolution)
     pool_seconds = time.time() - t0
 
     log_path = output_dir / "logs" / LOG_FILE
@@ -217,7 +221,7 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
             and (step + 1) % config.checkpointing_steps == 0
             and step + 1 < config.max_train_steps
         ):
-            save_checkpoint(accelerator, unet, output_dir, step + 1, config.checkpoints_total_limit)
+            save_checkpoint(accelerator, unet, config, step + 1)
     train_seconds = time.time() - t0
 
     accelerator.wait_for_everyone()
@@ -228,6 +232,7 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
             names,
             train_seconds=train_seconds,
             pool_seconds=pool_seconds,
+            resolution=resolution,
             steps_skipped=skipped_steps,
             evaluate=evaluate,
         )

@@ -31,6 +31,8 @@ from .fid import INCEPTION_FILE, default_inception_dir, fid_score
 from .generate import (
     GenerationSettings,
     ModelSpec,
+    check_lora_file,
+    check_model,
     generate_images,
     load_pipeline,
     model_protocol,
@@ -43,6 +45,7 @@ from .prompt_sets import PromptSet, load_prompt_set
 from .report import GRID_PNG, check_no_report, comparison_grid, library_versions, results_table, write_report
 
 METRICS: tuple[str, ...] = ("nudenet", "fid", "clip", "objects", "demo")
+CONCEPT_METRICS: tuple[str, ...] = ("objects", "demo")  # the metrics that read --concept
 
 
 @dataclass(frozen=True)
@@ -146,8 +149,10 @@ class EvaluationConfig:
             raise ValueError("model (--model) is required: give at least one model to evaluate")
         for text in self.model:
             try:
-                ModelSpec.parse(text)
-            except ValueError as error:
+                spec = ModelSpec.parse(text)
+                if spec.lora is not None:  # a LoRA file is checked here (its header only), before any model loads
+                    check_lora_file(spec.lora)
+            except (ValueError, OSError) as error:
                 raise ValueError(f"model (--model): {error}") from None
         if self.label is not None and len(self.label) != len(self.model):
             raise ValueError(
@@ -194,6 +199,13 @@ def check_metric_options(metrics: Sequence[str], options: MetricOptions) -> None
         )
     if options.concept is None:
         return
+    readers = [m for m in metrics if m in CONCEPT_METRICS]
+    if not readers and not ("nudenet" in metrics and options.concept.strip().lower() == "nudity"):
+        raise ValueError(
+            f"concept (--concept) {options.concept!r} is read by the {' and '.join(CONCEPT_METRICS)} metrics only, "
+            f"and --metrics is {' '.join(metrics)}: nothing would score it; add --metrics demo (demo shapes and "
+            "colours) or objects (Imagenette classes), or drop --concept"
+        )
     try:
         if "objects" in metrics:
             imagenette_class(options.concept)
@@ -288,6 +300,8 @@ def evaluate_models(
             f"need at least one model, each with its own label, got {labels}; "
             "give ModelSpec(label=...) to tell them apart"
         )
+    for spec in specs:  # every model and LoRA is checked before the first one loads
+        check_model(spec)
     state = process_state()
     device = torch.device(device) if device is not None else state.device
 

@@ -22,10 +22,11 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from diffusers import DiffusionPipeline
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from ..config import check_options, option
-from ..io import TEMPORARY_GLOB, save_image_atomic, write_json_atomic, write_jsonl_atomic
+from ..io import TEMPORARY_GLOB, is_local_path, is_offline, save_image_atomic, write_json_atomic, write_jsonl_atomic
 from ..models import bundled_model_names, resolve_model_path
 from .manifest import MANIFEST_NAME, read_manifest
 from .prompt_sets import PromptRecord, PromptSet
@@ -119,28 +120,102 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_pipeline(spec: ModelSpec, settings: GenerationSettings, device: str | torch.device):
-    """Load the pipeline of ``spec`` with the safety checker off (the field's protocol), LoRA and scheduler applied."""
-    path = resolve_model_path(spec.path)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+"""Weight files in Python's pickle format: never loaded (unpickling a file can run any code in it)."""
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")  # pickle, torch.save's zip
+_PIPELINES = ", ".join(bundled_model_names("pipeline"))
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def check_lora_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path when it is a readable, complete ``.safetensors`` file; otherwise a one-line error.
+
+    A pickle (``.bin``, ``.pt``, ... or pickle bytes under any name) is refused without being unpickled; a torn or
+    damaged file is refused by its header (``safetensors.safe_open`` reads only the header; no tensor is loaded).
+    """
+    lora = Path(path)
+    fix = f"pass BASE{LORA_SEPARATOR}path/to/pytorch_lora_weights.safetensors"
+    if not lora.is_file():
+        raise FileNotFoundError(f"LoRA file {lora} {'is not a file' if lora.exists() else 'not found'}; {fix}")
     try:
-        config = DiffusionPipeline.load_config(path)
-    except (OSError, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise FileNotFoundError(
-            f"cannot load model {spec.path!r} ({reason}); pass a diffusers folder, a cached Hub id or a bundled model "
-            f"({', '.join(bundled_model_names('pipeline'))})"
+        with lora.open("rb") as handle:
+            head = handle.read(8)
+    except OSError as error:
+        raise PermissionError(f"cannot read LoRA file {lora} ({error.strerror or _first_line(error)}); {fix}") from None
+    if lora.suffix.lower() in PICKLE_SUFFIXES or head.startswith(_PICKLE_MAGIC):
+        raise ValueError(
+            f"LoRA file {lora} is a pickle, which is never loaded here (unpickling can run code); convert it to "
+            f".safetensors (safetensors.torch.save_file) and {fix}"
+        )
+    if lora.suffix.lower() != ".safetensors":
+        raise ValueError(f"LoRA file {lora} must be a .safetensors file; {fix}")
+    try:
+        with safe_open(str(lora), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(
+            f"LoRA file {lora} is damaged or not safetensors ({_first_line(error)}); write it again (the trainer's "
+            f"output folder holds pytorch_lora_weights.safetensors) and {fix}"
         ) from None
+    return lora
+
+
+def check_model(spec: ModelSpec) -> dict:
+    """Check that ``spec`` can load, reading only small files (its LoRA's header and ``model_index.json``, from the
+    local Hugging Face cache when offline); returns the pipeline's config. Raises a one-line error naming the fix."""
+    if spec.lora is not None:
+        check_lora_file(spec.lora)
+    path = resolve_model_path(spec.path)
+    fix = f"pass a diffusers folder, a cached Hub id or a bundled model ({_PIPELINES})"
+    if is_local_path(path):
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model {spec.path} does not exist; {fix}")
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"model {spec.path} is not a diffusers pipeline folder (no model_index.json); {fix}"
+            )
+    try:
+        return DiffusionPipeline.load_config(path)
+    except (OSError, ValueError) as error:
+        if is_offline() and not is_local_path(path):
+            raise FileNotFoundError(
+                f"offline (HF_HUB_OFFLINE=1) and model {spec.path!r} is not in the local Hugging Face cache; "
+                f"download it once online, or {fix}"
+            ) from None
+        raise FileNotFoundError(f"cannot load model {spec.path!r} ({_first_line(error)}); {fix}") from None
+
+
+def load_pipeline(spec: ModelSpec, settings: GenerationSettings, device: str | torch.device):
+    """Load the pipeline of ``spec`` with the safety checker off (the field's protocol), LoRA and scheduler applied.
+
+    Everything that can be checked without loading weights is checked first (:func:`check_model`); a model or LoRA
+    that fails while loading is one line too.
+    """
+    config = check_model(spec)
+    path = resolve_model_path(spec.path)
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in config else {}
     if settings.dtype != "float32":
         kwargs["torch_dtype"] = _DTYPES[settings.dtype]
-    pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # missing or damaged weight files
+        raise ValueError(
+            f"cannot load model {spec.path!r} ({_first_line(error)}); its files are incomplete or damaged: "
+            "download or export it again"
+        ) from None
     if spec.lora is not None:
         lora = Path(spec.lora)
-        if not lora.is_file():
-            raise FileNotFoundError(
-                f"LoRA file {lora} not found; pass BASE{LORA_SEPARATOR}path/to/pytorch_lora_weights.safetensors"
-            )
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        try:
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as error:
+            raise ValueError(
+                f"LoRA file {lora} does not load into {spec.path!r} ({_first_line(error)}); pass a diffusers-format "
+                "LoRA trained on this base model"
+            ) from None
     if settings.scheduler is not None:
         pipe.scheduler = scheduler_class(settings.scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -177,11 +177,24 @@ def _resolve_csv(source: str | Path) -> Path:
 
 
 def load_csv_records(path: Path) -> list[PromptRecord]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or "prompt" not in reader.fieldnames:
-            raise ValueError(f"{path} has no 'prompt' column; the header needs prompt and a seed column")
-        return [record_from_row(row, i, f"{path} row {i + 2}") for i, row in enumerate(reader)]
+    """The rows of a prompt-set CSV; a file that is not UTF-8 CSV text is one line that names it."""
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or "prompt" not in reader.fieldnames:
+                raise ValueError(f"{path} has no 'prompt' column; the header needs prompt and a seed column")
+            return [record_from_row(row, i, f"{path} row {i + 2}") for i, row in enumerate(reader)]
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"prompt set {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+            "save it as UTF-8 CSV"
+        ) from None
+    except csv.Error as error:
+        raise ValueError(f"prompt set {path} is not a CSV file ({error}); save it as CSV with a header row") from None
+    except OSError as error:
+        raise ValueError(
+            f"cannot read prompt set {path} ({error.strerror or type(error).__name__}); pass a CSV file you can read"
+        ) from None
 
 
 def load_i2p_records(split: str = "train") -> list[PromptRecord]:

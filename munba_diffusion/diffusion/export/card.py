@@ -93,7 +93,7 @@ def erased_model_card(
         f"- LoRA: rank {record['rank']}, alpha {alpha}, target set `{record['lora_target']}` ({targets})\n"
         f"- Training: {record['max_train_steps']} steps, learning rate {record['learning_rate']}, batch size "
         f"{record['train_batch_size']} x {record['gradient_accumulation_steps']} accumulation, resolution "
-        f"{record['resolution']}, seed {record['seed']}, mixed precision `{record['mixed_precision']}`\n"
+        f"{record['run']['resolution']}, seed {record['seed']}, mixed precision `{record['mixed_precision']}`\n"
         f"- Created {record.get('created', '')} with {versions}",
         f"## Evaluation\n\n{evaluation_markdown.strip()}" if evaluation_markdown else "",
         _how_to_load(base, names[0], model_id),

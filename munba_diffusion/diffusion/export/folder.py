@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
@@ -63,6 +64,7 @@ RESULT_NAMES = frozenset(
 )
 """Every top-level entry an export writes; anything else in output_dir (checkpoints, logs, the lock) is kept."""
 LOCK_NAME = ".munba.lock"
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FOLDER_MODE = 0o755  # what save_pretrained's folders get under the usual umask (mkdtemp would give 0o700)
 
 
@@ -247,12 +249,13 @@ def _save_fused_pipeline(
     pipeline: StableDiffusionPipeline, adapter_name: str, record: Mapping[str, Any], directory: Path
 ) -> None:
     """Save the pipeline with the LoRA fused into a copy of the UNet, as a MunbaPipeline folder."""
-    fused_unet = copy.deepcopy(pipeline.unet)
+    dtype = SAVE_DTYPES[record.get("save_dtype", "float32")]
+    fused_unet = copy.deepcopy(pipeline.unet).to(dtype)  # fused in the saved dtype (float32: no half rounding)
     fused_unet.fuse_lora(lora_scale=1.0, adapter_names=[adapter_name])
     fused_unet.unload_lora()
     erased = MunbaPipeline(
-        vae=pipeline.vae,
-        text_encoder=pipeline.text_encoder,
+        vae=_in_dtype(pipeline.vae, dtype),
+        text_encoder=_in_dtype(pipeline.text_encoder, dtype),
         tokenizer=pipeline.tokenizer,
         unet=fused_unet,
         scheduler=pipeline.scheduler,
@@ -268,6 +271,11 @@ def _save_fused_pipeline(
         },
     )
     erased.save_pretrained(directory)  # keeps _class_name "StableDiffusionPipeline" and writes munba.py
+
+
+def _in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` in ``dtype``, copied when it has to change (the caller's pipeline is never cast)."""
+    return module if module.dtype == dtype else copy.deepcopy(module).to(dtype)
 
 
 def _save_lora(pipeline: StableDiffusionPipeline, adapter_name: str, directory: Path) -> None:

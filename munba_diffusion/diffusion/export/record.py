@@ -22,6 +22,7 @@ def run_record(
     target_modules: list[str],
     train_seconds: float,
     pool_seconds: float,
+    resolution: int,
     steps_skipped: int = 0,
 ) -> dict[str, Any]:
     """``config.record()`` plus ``run`` statistics, ``license``, ``versions`` and ``created`` (ISO 8601, UTC)."""
@@ -29,6 +30,7 @@ def run_record(
         **config.record(),
         "run": {
             "players": players,
+            "resolution": resolution,
             "target_modules": sorted(target_modules),
             "train_seconds": round(train_seconds, 1),
             "latent_pool_seconds": round(pool_seconds, 1),

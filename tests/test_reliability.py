@@ -1,0 +1,247 @@
+"""Nothing lost, nothing silent (trainer side): resume refuses other settings, torn files, the Hub cache offline,
+secrets, the exported dtype, launches that cannot be what was asked, optional packages found at start."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors import safe_open
+
+import munba_diffusion.diffusion.preflight as preflight
+import train_erase
+from munba_diffusion.diffusion.base_model import load_base_pipeline
+from munba_diffusion.diffusion.checkpoints import truncate_log
+from munba_diffusion.diffusion.config import ErasureTrainingConfig
+from munba_diffusion.diffusion.export import export_erased_model
+from munba_diffusion.models import DEMO_MODEL, resolve_model_path
+from tests.tiny_sd import add_random_lora, build_tiny_sd_pipeline, tiny_erasure_config
+
+torch.set_num_threads(1)
+FAST = [
+    "--sampler_steps",
+    "2",
+    "--pool_trajectories",
+    "1",
+    "--validation_inference_steps",
+    "1",
+    "--validation_seeds",
+    "1",
+    "--no_evaluation",
+    "--train_batch_size",
+    "1",
+]
+SECRET = "hf_thisIsNotARealToken123"
+RESUME_CHANGES = [
+    ("--rank", "8", "rank"),
+    ("--learning_rate", "0.5", "learning_rate"),
+    ("--concept", "square", "concepts"),
+]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory):
+    """A 3-step demo run with a checkpoint at step 2; the trackers' configuration is captured."""
+    out = tmp_path_factory.mktemp("run") / "erased"
+    captured = {}
+    original = Accelerator.init_trackers
+
+    def capture(self, project_name, config=None, init_kwargs=None):
+        captured["config"] = config
+        return original(self, project_name, config=config, init_kwargs=init_kwargs or {})
+
+    Accelerator.init_trackers = capture
+    try:
+        train_erase.main(
+            [
+                "--pretrained_model_name_or_path",
+                DEMO_MODEL,
+                "--concept",
+                "circle",
+                "--output_dir",
+                str(out),
+                "--max_train_steps",
+                "3",
+                "--checkpointing_steps",
+                "2",
+                "--hub_token",
+                SECRET,
+                *FAST,
+            ]
+        )
+    finally:
+        Accelerator.init_trackers = original
+    return out, captured["config"]
+
+
+def test_secrets_never_reach_trackers_logs_records_or_cards(checkpointed_run):
+    out, tracker_config = checkpointed_run
+    assert "hub_token" not in tracker_config and SECRET not in json.dumps(tracker_config)
+    assert tracker_config["rank"] == "4"  # the trackers do get the run's settings
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize(
+    "flag,value,setting",
+    # resuming past --max_train_steps would export a longer run under a smaller count
+    [*RESUME_CHANGES, ("--max_train_steps", "2", "max_train_steps")],
+)
+def test_resume_with_other_settings_refuses_naming_the_setting(
+    checkpointed_run, tmp_path, capsys, flag, value, setting
+):
+    out = shutil.copytree(checkpointed_run[0], tmp_path / "erased")
+    before = _files(out)
+    argv = [
+        "--pretrained_model_name_or_path",
+        DEMO_MODEL,
+        "--concept",
+        "circle",
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "3",
+        "--resume_from_checkpoint",
+        "latest",
+        "--hub_token",
+        SECRET,
+        *FAST,
+    ]
+    argv = [value if a == "circle" and flag == "--concept" else a for a in argv] + (
+        [] if flag == "--concept" else [flag, value]
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        train_erase.main(argv)
+    message = str(exit_info.value.code)
+    assert "\n" not in message and f"trained with {setting}=" in message and "--overwrite_output_dir" in message
+    assert _files(out) == before
+
+
+def test_a_damaged_checkpoint_is_one_line(checkpointed_run, tmp_path):
+    out = shutil.copytree(checkpointed_run[0], tmp_path / "erased")
+    lora = out / "checkpoints" / "checkpoint-2" / "erasure_lora.safetensors"
+    lora.write_bytes(lora.read_bytes()[:100])  # torn by a kill or a full disk
+    with pytest.raises(SystemExit) as exit_info:
+        train_erase.main(
+            [
+                "--pretrained_model_name_or_path",
+                DEMO_MODEL,
+                "--concept",
+                "circle",
+                "--output_dir",
+                str(out),
+                "--max_train_steps",
+                "3",
+                "--resume_from_checkpoint",
+                "latest",
+                *FAST,
+            ]
+        )
+    message = str(exit_info.value.code)
+    assert "\n" not in message and "checkpoint-2 is damaged" in message and "earlier checkpoint" in message
+
+
+def test_a_log_torn_by_a_kill_is_truncated_cleanly(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
+    truncate_log(log, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_offline_hub_id_in_the_local_cache_loads(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-demo" / "snapshots" / ("0" * 40)
+    shutil.copytree(resolve_model_path(DEMO_MODEL), snapshot)
+    (cache / "models--someone--tiny-demo" / "refs").mkdir()
+    (cache / "models--someone--tiny-demo" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    pipe = load_base_pipeline("someone/tiny-demo")
+    assert pipe.unet.config.sample_size == 16
+    with pytest.raises(OSError, match="not in the local Hugging Face cache") as error:
+        load_base_pipeline("someone/not-cached")
+    assert "\n" not in str(error.value)
+
+
+def test_half_precision_training_exports_the_base_dtype(tmp_path):
+    pipe = build_tiny_sd_pipeline(0)
+    add_random_lora(pipe)
+    pipe.to(dtype=torch.bfloat16)  # what --mixed_precision bf16 does to the frozen weights in memory
+    out = export_erased_model(pipe, tmp_path / "out", tiny_erasure_config())
+    for part in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ):
+        with safe_open(out / part, "pt") as weights:
+            assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float32}, part
+    assert pipe.vae.dtype == torch.bfloat16 and pipe.unet.dtype == torch.bfloat16  # the caller's pipeline untouched
+
+
+def test_processes_that_each_run_alone_are_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="ACCELERATE_USE_CPU=1 torchrun") as error:
+        preflight.check_processes(num_processes=1)
+    assert "\n" not in str(error.value)
+    preflight.check_processes(num_processes=2)  # a working two-process launch
+
+
+def test_accelerate_asked_for_two_processes_but_started_one(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` runs one process; its parent's command line says 2."""
+    parent = tmp_path / "launcher.py"
+    parent.write_text(
+        "import subprocess, sys\nsys.exit(subprocess.call([sys.executable, '-c', "
+        "'from munba_diffusion.diffusion.preflight import launched_processes; "
+        "print(launched_processes())']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(parent), "accelerate", "--num_processes", "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path.cwd())},
+    )
+    assert result.stdout.strip() == "2"
+
+
+@pytest.mark.parametrize(
+    "overrides,fix",
+    [
+        ({"report_to": "tensorboard"}, 'pip install "munba-diffusion[tensorboard]"'),
+        ({"enable_xformers_memory_efficient_attention": True}, 'pip install "munba-diffusion[xformers]"'),
+    ],
+)
+def test_missing_optional_packages_are_found_at_start(monkeypatch, tmp_path, overrides, fix):
+    monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: None)
+    config = ErasureTrainingConfig(concepts=["red"], output_dir=tmp_path / "out", **overrides)
+    with pytest.raises(ValueError) as error:
+        preflight.check_run_environment(config)
+    assert fix in str(error.value) and "\n" not in str(error.value)
+
+
+def test_push_to_hub_problems_are_found_at_start(monkeypatch, tmp_path):
+    config = ErasureTrainingConfig(
+        concepts=["red"], output_dir=tmp_path / "out", push_to_hub=True, hub_model_id="someone/x"
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="cannot upload while offline"):
+        preflight.check_run_environment(config)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(preflight, "get_token", lambda: None)
+    with pytest.raises(ValueError, match="needs a Hub token"):
+        preflight.check_run_environment(config)
