@@ -421,7 +421,8 @@ def markdown(results: dict) -> str:
         rows,
     )
     ratios = [
-        f"- {target} {name.replace('_over_', ' / ')}: **{value:.3f}x**"
+        f"- {target} {name.replace('_over_', ' / ')}: "
+        + (f"**{value:.3f}x**" if value is not None else "n/a (no RSS growth)")
         for target, m in results["measured"].items()
         for name, value in m["ratios"].items()
     ]
@@ -530,7 +531,8 @@ def run(config: MemoryConfig) -> dict:
         for key, name in (("peak_minus_baseline_bytes", "ours_over_{}"), ("held_tensor_bytes", "held_ours_over_{}")):
             ratios.update(
                 {
-                    name.format(b): runs["ours"][key] / runs[b][key]
+                    # an RSS difference can read 0 on a loaded machine: no ratio then, rather than a crash
+                    name.format(b): runs["ours"][key] / runs[b][key] if runs[b][key] > 0 else None
                     for b in ("esd", "esd_two_players")
                     if "ours" in runs and b in runs
                 }

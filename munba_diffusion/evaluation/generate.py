@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from itertools import groupby
@@ -179,7 +180,9 @@ def check_model(spec: ModelSpec) -> dict:
                 f"model {spec.path} is not a diffusers pipeline folder (no model_index.json); {fix}"
             )
     try:
-        return DiffusionPipeline.load_config(path)
+        with warnings.catch_warnings():  # huggingface_hub's deprecation notices about diffusers' own arguments
+            warnings.simplefilter("ignore")
+            return DiffusionPipeline.load_config(path)
     except (OSError, ValueError) as error:
         if is_offline() and not is_local_path(path):
             raise FileNotFoundError(
