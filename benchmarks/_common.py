@@ -378,8 +378,10 @@ def run_erasure(
     combiner: str,
     combiner_weights: list[float] | None = None,
     latent_source: str | None = None,
+    **options: Any,
 ) -> dict:
-    """Train one erasure with the library's trainer (no final evaluation); returns its timing."""
+    """Train one erasure with the library's trainer (no final evaluation); returns its timing. ``options`` are
+    further ErasureTrainingConfig fields (e.g. ``forget_loss``, ``neighbour_player``)."""
     from munba_diffusion.diffusion.config import ErasureTrainingConfig
     from munba_diffusion.diffusion.train import train_erasure
 
@@ -405,6 +407,7 @@ def run_erasure(
         validation_inference_steps=settings.grid_steps,
         evaluate=False,
         overwrite_output_dir=True,
+        **options,
     )
     train_erasure(config)
     run = json.loads((output_dir / "erasure_config.json").read_text())["run"]
@@ -484,18 +487,15 @@ def generate_for_eval(model: str, eval_settings: EvalSettings, out_dir: Path, la
 
 
 def concept_scores(folder: Path, concepts: Sequence[str], judge=None) -> dict:
-    """Demo-world scores of a generated folder for one or several erased concepts at once.
+    """Demo-world scores of a generated folder for one or several erased concepts at once, with the evaluator's own
+    rules (:mod:`munba_diffusion.evaluation.demo`: an image that is no demo scene counts as neither the concept nor
+    correct).
 
-    Per concept: its concept rate and kept-attribute accuracy (``munba_diffusion.evaluation.demo``); over the rows
-    that ask for none of the concepts: other accuracy and judge FID against true renders.
+    Per concept: its concept rate and kept-attribute accuracy; over the rows that ask for none of the concepts: other
+    accuracy and judge KID against true renders (with its render baseline); over all rows: the unrecognisable rate.
     """
-    from munba_diffusion.demo import COLOURS, SHAPES, load_demo_judge
-    from munba_diffusion.evaluation.demo import (
-        concept_kind,
-        demo_concept_scores,
-        judge_frechet_distance,
-        reference_renders,
-    )
+    from munba_diffusion.demo import load_demo_judge
+    from munba_diffusion.evaluation.demo import concept_kind, demo_concept_scores, judge_kid_scores, judged_names
     from munba_diffusion.evaluation.manifest import collect_images, images_to_tensor, load_rgb, require_field
 
     judge = judge or load_demo_judge()
@@ -504,9 +504,7 @@ def concept_scores(folder: Path, concepts: Sequence[str], judge=None) -> dict:
     colours = require_field(entries, "colour", "the demo scores", every_row=False)
     images = images_to_tensor([load_rgb(e.path) for e in entries])
     with torch.no_grad():
-        judged = judge.classify(images)
-    judged_shapes = [SHAPES[i] for i in judged.shape.tolist()]
-    judged_colours = [COLOURS[i] for i in judged.colour.tolist()]
+        judged_shapes, judged_colours = judged_names(judge.classify(images))
     result: dict = {"num_images": len(entries), "concepts": {}}
     asks = {"shape": shapes, "colour": colours}
     for concept in concepts:
@@ -519,9 +517,11 @@ def concept_scores(folder: Path, concepts: Sequence[str], judge=None) -> dict:
     result["other_accuracy"] = demo_concept_scores(
         pick(shapes), pick(colours), pick(judged_shapes), pick(judged_colours), None
     )["other_accuracy"]
+    result["unrecognisable_rate"] = sum(s is None for s in judged_shapes) / max(len(entries), 1)
     seeds = [int(entries[i].record["seed"]) for i in other]
-    reference = images_to_tensor(reference_renders(pick(shapes), pick(colours), seeds))
-    result["judge_fid_other"] = judge_frechet_distance(judge, images[other], reference)
+    kid = judge_kid_scores(judge, images[other], pick(shapes), pick(colours), seeds)
+    result["judge_kid_other"] = kid["judge_kid"]
+    result["judge_kid_other_renders"] = kid["judge_kid_renders"]
     return result
 
 

@@ -90,7 +90,7 @@ def markdown(results: dict) -> str:
             "-",
             f"{results['original']['concept_rate']:.3f}",
             f"{results['original']['other_accuracy']:.3f}",
-            f"{results['original']['judge_fid_other']:.2f}",
+            f"{results['original']['judge_kid_other']:.2f}",
         ]
     ]
     for s in SOURCES:
@@ -103,7 +103,7 @@ def markdown(results: dict) -> str:
                 f"{r['setup_seconds'] / results['settings']['erasure']['steps'] + r['step_seconds']:.3f}",
                 f"{r['scores']['concept_rate']:.3f}",
                 f"{r['scores']['other_accuracy']:.3f}",
-                f"{r['scores']['judge_fid_other']:.2f}",
+                f"{r['scores']['judge_kid_other']:.2f}",
             ]
         )
     table = markdown_table(
@@ -114,7 +114,7 @@ def markdown(results: dict) -> str:
             "s/step incl. setup",
             "concept rate",
             "other accuracy",
-            "judge FID (other)",
+            "judge KID (other)",
         ],
         rows,
     )

@@ -4,7 +4,7 @@ Each run erases ``--concept`` from the demo model with the library's trainer; on
 weights) changes between methods, never the learning rate, steps, batch, LoRA or seed list. Each erased model
 generates the demo prompt set and the demo judge scores it: concept rate (share of the concept's prompts judged
 as the concept, lower = erased), other accuracy (share of the other prompts judged right on shape and colour,
-higher = kept) and the judge FID of the other prompts' images against true renders (lower = kept).
+higher = kept) and the judge KID of the other prompts' images against true renders (lower = kept).
 
 Methods: ``nash`` (MUNBa), ``sum`` with forget weight 0.1 / 1 / 10 (preserve weight 1), ``normalized``,
 ``mgda``, ``pcgrad``, and ``forget_only`` (sum with weights 0, 1). Two concepts at once (K = 3 players:
@@ -62,7 +62,7 @@ METHODS: dict[str, tuple[str, list[float] | None]] = {
     "forget_only": ("sum", [0.0, 1.0]),
 }
 TWO_CONCEPT_METHODS: dict[str, tuple[str, list[float] | None]] = {"nash": ("nash", None), "sum": ("sum", None)}
-METRICS = ("concept_rate", "kept_attribute_accuracy", "other_accuracy", "judge_fid_other", "step_seconds")
+METRICS = ("concept_rate", "kept_attribute_accuracy", "other_accuracy", "judge_kid_other", "step_seconds")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,7 +155,7 @@ def flat_metrics(record: dict, concept: str) -> dict:
         "concept_rate": s["concepts"][concept]["concept_rate"],
         "kept_attribute_accuracy": s["concepts"][concept]["kept_attribute_accuracy"],
         "other_accuracy": s["other_accuracy"],
-        "judge_fid_other": s["judge_fid_other"],
+        "judge_kid_other": s["judge_kid_other"],
         "step_seconds": record.get("step_seconds"),
     }
 
@@ -188,7 +188,7 @@ def summarise(records: list[dict], original: dict, concept: str, two_concepts: l
             for metric in ("concept_rate", "kept_attribute_accuracy")
         }
         entry["other_accuracy"] = mean_std([r["scores"]["other_accuracy"] for r in runs])
-        entry["judge_fid_other"] = mean_std([r["scores"]["judge_fid_other"] for r in runs])
+        entry["judge_kid_other"] = mean_std([r["scores"]["judge_kid_other"] for r in runs])
         entry["step_seconds"] = mean_std([r["step_seconds"] for r in runs])
         entry["seeds"] = [r["seed"] for r in runs]
         multi[method] = entry
@@ -217,7 +217,7 @@ def markdown(results: dict) -> str:
             f"{o['concept_rate']:.3f}",
             f"{o['kept_attribute_accuracy']:.3f}",
             f"{o['other_accuracy']:.3f}",
-            f"{o['judge_fid_other']:.2f}",
+            f"{o['judge_kid_other']:.2f}",
             "-",
             "-",
         ]
@@ -229,7 +229,7 @@ def markdown(results: dict) -> str:
                 fmt(v["concept_rate"]),
                 fmt(v["kept_attribute_accuracy"]),
                 fmt(v["other_accuracy"]),
-                fmt(v["judge_fid_other"], 2),
+                fmt(v["judge_kid_other"], 2),
                 fmt(v["step_seconds"]),
                 ", ".join(s["dominated_by"][method]) or "on the front",
             ]
@@ -240,7 +240,7 @@ def markdown(results: dict) -> str:
             f"concept rate ({concept}) ↓",
             "kept attribute acc ↑",
             "other accuracy ↑",
-            "judge FID (other) ↓",
+            "judge KID (other) ↓",
             "s/step",
             "dominated by (means)",
         ],
@@ -258,17 +258,17 @@ def markdown(results: dict) -> str:
         rows = [
             ["original"]
             + [f"{o2['concepts'][c][m]:.3f}" for c in two for m in metrics]
-            + [f"{o2['other_accuracy']:.3f}", f"{o2['judge_fid_other']:.2f}", "-"]
+            + [f"{o2['other_accuracy']:.3f}", f"{o2['judge_kid_other']:.2f}", "-"]
         ]
         for method, v in s["two_concepts"].items():
             rows.append(
                 [method]
                 + [fmt(v[f"{m}/{c}"]) for c in two for m in metrics]
-                + [fmt(v["other_accuracy"]), fmt(v["judge_fid_other"], 2), fmt(v["step_seconds"])]
+                + [fmt(v["other_accuracy"]), fmt(v["judge_kid_other"], 2), fmt(v["step_seconds"])]
             )
         header = [h for c in two for h in (f"concept rate ({c}) ↓", f"kept attribute ({c}) ↑")]
         text += f"\n## Two concepts at once ({' + '.join(two)}; 3 players)\n\n" + markdown_table(
-            ["method", *header, "other accuracy (neither) ↑", "judge FID (neither) ↓", "s/step"], rows
+            ["method", *header, "other accuracy (neither) ↑", "judge KID (neither) ↓", "s/step"], rows
         )
     m = results["machine"]
     text += (
@@ -290,7 +290,7 @@ def plot(results: dict, path: Path) -> None:
     panels = [
         ("other_accuracy", "other prompts: shape and colour right (higher = kept)"),
         ("kept_attribute_accuracy", "concept prompts: asked-for other attribute kept"),
-        ("judge_fid_other", "judge FID on other prompts (lower = kept)"),
+        ("judge_kid_other", "judge KID on other prompts (lower = kept; renders score about -0.1)"),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.8))
 

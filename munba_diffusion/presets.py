@@ -32,7 +32,10 @@ class ConceptPreset:
     """One concept to erase.
 
     ``anchor_prompts`` has one entry per forget prompt: the prompt whose frozen prediction the ``anchor`` loss maps
-    that forget prompt to (a single ``anchor`` in the YAML applies to every forget prompt).
+    that forget prompt to (a single ``anchor`` in the YAML applies to every forget prompt). ``neighbour_prompts``
+    are concepts close to the erased one that must survive it (the other colours of a colour, other artists for an
+    artist, clothed people for nudity): preserved with the other preservation prompts, or bargained as their own
+    player with ``--neighbour_player``.
     """
 
     name: str
@@ -42,6 +45,7 @@ class ConceptPreset:
     description: str = ""
     default_model: str | None = None
     eval_prompts: str | None = None
+    neighbour_prompts: tuple[str, ...] = ()
     source: str = "preset"
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -61,6 +65,7 @@ class ConceptPreset:
             "anchor": list(self.anchor_prompts),
             "default_model": self.default_model,
             "eval": self.eval_prompts,
+            "neighbours": list(self.neighbour_prompts),
         }
 
 
@@ -73,7 +78,7 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in _presets_dir().iterdir() if p.name.endswith(".yaml"))
 
 
-PRESET_KEYS = ("name", "description", "forget", "preserve", "anchor", "default_model", "eval")
+PRESET_KEYS = ("name", "description", "forget", "preserve", "neighbours", "anchor", "default_model", "eval")
 """The keys of a preset file (schema: ``prompts/README.md``); any other key is refused, naming the closest."""
 SCHEMA = "prompts/README.md"
 
@@ -157,6 +162,7 @@ def preset_from_mapping(data: object, source: str, *, where: str | None = None) 
         description=_string(data, "description", where) or "",
         default_model=_string(data, "default_model", where),
         eval_prompts=_string(data, "eval", where),
+        neighbour_prompts=_strings(data, "neighbours", where) or (),
         source=source,
     )
 

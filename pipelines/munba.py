@@ -1,18 +1,22 @@
 """MunbaPipeline: a Stable Diffusion pipeline that knows which concepts were erased from it (MUNBa).
 
 MUNBa erases a concept from Stable Diffusion by training a LoRA on the UNet. An erased model folder holds the
-UNet with that LoRA fused in, the LoRA itself (``pytorch_lora_weights.safetensors``), ``erasure_config.json``
-and this file (``munba.py``). Its ``model_index.json`` keeps ``"_class_name": "StableDiffusionPipeline"`` plus
-one extra key, ``"erasure"``, that this class reads::
+UNet with that LoRA fused in, the LoRA itself (``pytorch_lora_weights.safetensors`` for diffusers and
+``munba_erasure_comfyui_a1111.safetensors`` in the kohya layout for ComfyUI / AUTOMATIC1111 / Forge),
+``erasure_config.json`` (the run record), this file (``munba.py``) and ``munba_erasure.json``, the small record
+this class reads::
 
-    "erasure": {"concepts": ["nudity"], "fused": true,
-                "lora_weight_name": "pytorch_lora_weights.safetensors", "base_model": "CompVis/stable-diffusion-v1-4"}
+    {"concepts": ["nudity"], "fused": true, "lora_weight_name": "pytorch_lora_weights.safetensors",
+     "base_model": "CompVis/stable-diffusion-v1-4"}
 
+``model_index.json`` stays a plain ``StableDiffusionPipeline`` index (stock diffusers loads it without a warning),
 so the folder loads three ways: ``DiffusionPipeline.from_pretrained(folder)`` (a plain StableDiffusionPipeline,
 erasure baked in), ``DiffusionPipeline.from_pretrained(folder, custom_pipeline="munba", trust_remote_code=True)``
 (this class, from the folder's copy of this file) and ``MunbaPipeline.from_pretrained(folder)`` (this class,
-installed with munba-diffusion). ``MunbaPipeline.from_pretrained(base).load_erasure(folder)`` puts the LoRA
-on the base model instead.
+installed with munba-diffusion); both MunbaPipeline ways read ``munba_erasure.json`` beside ``model_index.json``
+once the pipeline is built (folders of earlier versions, which kept the record as an ``"erasure"`` entry of
+model_index.json, load too). ``MunbaPipeline.from_pretrained(base).load_erasure(folder)`` puts the LoRA on the
+base model instead.
 
 Erasure strength. With base weights W0 and the LoRA's update dW = (alpha / r) B A, the UNet runs with
 W0 + s dW at ``erasure_scale = s``: 0 is the original model, 1 the erased one, values in between interpolate.
@@ -44,6 +48,8 @@ from transformers.utils import cached_file
 
 ERASURE_ADAPTER_NAME = "munba_erasure"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_LORA_WEIGHT_NAME = "munba_erasure_comfyui_a1111.safetensors"  # the same LoRA in kohya keys (ComfyUI, A1111)
+ERASURE_FILE_NAME = "munba_erasure.json"
 ERASURE_CONFIG_NAME = "erasure_config.json"
 PIPELINE_FILE_NAME = "munba.py"
 PIPELINE_CLASS_NAME_ON_DISK = "StableDiffusionPipeline"
@@ -61,8 +67,8 @@ class MunbaComparison:
 class MunbaPipeline(StableDiffusionPipeline):
     """StableDiffusionPipeline plus what was erased: `erased_concepts`, `erasure_scale`, `load_erasure`, `compare`.
 
-    `__call__` is Stable Diffusion's, unchanged. `erasure` is the `"erasure"` entry of model_index.json (see the
-    module docstring); it round-trips through `save_pretrained` / `from_pretrained`.
+    `__call__` is Stable Diffusion's, unchanged. `erasure` is the content of munba_erasure.json (see the module
+    docstring); it round-trips through `save_pretrained` / `from_pretrained`.
     """
 
     def __init__(
@@ -91,6 +97,19 @@ class MunbaPipeline(StableDiffusionPipeline):
         )
         self.register_to_config(erasure=_checked_erasure(erasure))
         self._erasure_scale = 1.0 if erasure else 0.0
+
+    def register_to_config(self, **kwargs) -> None:
+        """diffusers' register_to_config; when from_pretrained records where the pipeline came from
+        (`_name_or_path`, set on both MunbaPipeline ways of loading, after the pipeline is built), the erasure
+        record munba_erasure.json beside model_index.json is read."""
+        super().register_to_config(**kwargs)
+        source = kwargs.get("_name_or_path")
+        if source is None or self.config.get("erasure"):
+            return
+        erasure = _read_erasure_file(str(source), getattr(self, "unet", None))
+        if erasure is not None:
+            super().register_to_config(erasure=_checked_erasure(erasure))
+            self._erasure_scale = 1.0
 
     @property
     def erased_concepts(self) -> list[str]:
@@ -187,8 +206,10 @@ class MunbaPipeline(StableDiffusionPipeline):
     ) -> None:
         """Save a folder that loads the same three ways as the one this pipeline came from.
 
-        Unlike DiffusionPipeline.save_pretrained, `_class_name` stays "StableDiffusionPipeline", this file is
-        copied in as munba.py and, for a fused pipeline loaded from a local folder, so is its LoRA file.
+        Unlike DiffusionPipeline.save_pretrained, `_class_name` stays "StableDiffusionPipeline", the erasure
+        record goes to munba_erasure.json (not model_index.json, so stock diffusers loads the folder silently),
+        this file is copied in as munba.py and, for a fused pipeline loaded from a local folder, so are its LoRA
+        files (diffusers and kohya layouts).
         """
         if push_to_hub:
             raise ValueError("save_pretrained(push_to_hub=True) is not supported here; call pipe.push_to_hub(repo_id).")
@@ -212,11 +233,19 @@ class MunbaPipeline(StableDiffusionPipeline):
         index_path = save_directory / self.config_name
         model_index = json.loads(index_path.read_text(encoding="utf-8"))
         model_index["_class_name"] = PIPELINE_CLASS_NAME_ON_DISK
+        erasure = model_index.pop("erasure", None)
         index_path.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        erasure_path = save_directory / ERASURE_FILE_NAME
+        if erasure:
+            erasure_path.write_text(json.dumps(erasure, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        else:
+            erasure_path.unlink(missing_ok=True)
         shutil.copyfile(__file__, save_directory / PIPELINE_FILE_NAME)
         lora_file = self._local_lora_file_of_fused_folder()
         if lora_file is not None and lora_file.is_file() and lora_file.parent.resolve() != save_directory.resolve():
-            shutil.copyfile(lora_file, save_directory / lora_file.name)
+            for source in (lora_file, lora_file.parent / KOHYA_LORA_WEIGHT_NAME):
+                if source.is_file():
+                    shutil.copyfile(source, save_directory / source.name)
 
     def _has_erasure_adapter(self) -> bool:
         return any(ERASURE_ADAPTER_NAME in adapters for adapters in self.get_list_adapters().values())
@@ -247,15 +276,51 @@ class MunbaPipeline(StableDiffusionPipeline):
 
 
 def _checked_erasure(erasure: dict | None) -> dict | None:
-    """Validate the model_index.json "erasure" entry (None = nothing erased)."""
+    """Validate the erasure record (munba_erasure.json; None = nothing erased)."""
     if erasure is None:
         return None
     concepts = erasure.get("concepts")
     if not isinstance(concepts, list) or not all(isinstance(name, str) for name in concepts):
-        raise ValueError(f'model_index.json "erasure" needs "concepts": a list of names, got {concepts!r}.')
+        raise ValueError(f'{ERASURE_FILE_NAME} needs "concepts": a list of names, got {concepts!r}.')
     if not isinstance(erasure.get("fused"), bool):
-        raise ValueError(f'model_index.json "erasure" needs "fused": true or false, got {erasure.get("fused")!r}.')
+        raise ValueError(f'{ERASURE_FILE_NAME} needs "fused": true or false, got {erasure.get("fused")!r}.')
     return dict(erasure)
+
+
+def _read_erasure_file(source: str, unet: Any = None) -> dict | None:
+    """munba_erasure.json beside model_index.json of `source` (local folder or Hub repo), or None.
+
+    diffusers' snapshot download fetches only the files it needs, so for a Hub repo the file is looked up in the
+    snapshot the UNet was loaded from and otherwise fetched at that snapshot's revision (skipped when offline).
+    """
+    if os.path.isdir(source):
+        path = os.path.join(source, ERASURE_FILE_NAME)
+        return _read_json(path) if os.path.isfile(path) else None
+    hub_kwargs = {}
+    unet_path = unet.config.get("_name_or_path") if unet is not None else None
+    if unet_path and os.path.isdir(unet_path):
+        snapshot = Path(unet_path).parent if Path(unet_path).name == "unet" else None
+        repo_folder = "models--" + source.replace("/", "--")
+        if snapshot is not None and snapshot.parent.name == "snapshots" and snapshot.parent.parent.name == repo_folder:
+            if (snapshot / ERASURE_FILE_NAME).is_file():
+                return _read_json(snapshot / ERASURE_FILE_NAME)
+            hub_kwargs = {"revision": snapshot.name, "cache_dir": str(snapshot.parent.parent.parent)}
+    try:
+        path = cached_file(
+            source,
+            ERASURE_FILE_NAME,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **hub_kwargs,
+        )
+    except OSError:
+        return None
+    return _read_json(path) if path is not None else None
+
+
+def _read_json(path: str | os.PathLike) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 def _read_erasure_config(path_or_repo_id: str | os.PathLike, **kwargs) -> dict:

@@ -108,6 +108,7 @@ BAD_TRAINING_VALUES = {
     "negative_guidance": (-1.0, "negative_guidance (--negative_guidance) must be >= 0"),
     "combiner": ("best", "combiner (--combiner) must be one of nash"),
     "combiner_weights": ([1.0, 1.0], "are used by --combiner sum only"),
+    "neighbour_player": ("yes", "neighbour_player (--neighbour_player) must be True or False"),
     "lora_target": ("everything", "lora_target (--lora_target) must be one of xattn"),
     "rank": (0, "rank (--rank) must be >= 1"),
     "lora_alpha": (0.0, "lora_alpha (--lora_alpha) must be > 0"),

@@ -60,6 +60,27 @@ def test_free_text_and_yaml_concepts(tmp_path):
         resolve_concept(str(path))
 
 
+def test_neighbours_are_preserved_or_their_own_player():
+    folded = ErasureTrainingConfig(concepts=["red"], output_dir="unused")
+    own = ErasureTrainingConfig(concepts=["red"], output_dir="unused", neighbour_player=True)
+    neighbours = load_preset("red").neighbour_prompts
+    assert neighbours and set(neighbours) <= set(folded.preserve_prompts())
+    assert folded.player_names() == ["preserve", "forget"]
+    assert own.player_names() == ["preserve", "neighbours", "forget"]
+    assert own.neighbour_prompts() == list(neighbours) and not set(neighbours) & set(own.preserve_prompts())
+    with pytest.raises(ValueError, match="needs neighbours"):
+        ErasureTrainingConfig(concepts=["text:a teddy bear"], output_dir="unused", neighbour_player=True)
+
+
+def test_anchored_esd_target_removes_only_what_the_concept_adds():
+    """With predictions known in closed form: eps(anchor)=a, eps(concept)=a+delta -> target a - eta*delta, so only
+    the concept's own contribution delta is reversed; esd reverses everything the prompt adds to the empty one."""
+    uncond, anchor, delta = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.0])
+    concept = anchor + delta
+    torch.testing.assert_close(esd_target(anchor, concept, 2.0), anchor - 2.0 * delta)  # anchored_esd
+    torch.testing.assert_close(esd_target(uncond, concept, 2.0), -2.0 * concept)  # esd: the anchor's part goes too
+
+
 def test_preserve_prompts_of_several_concepts_drops_what_another_forgets():
     circle, square = load_preset("circle"), load_preset("square")
     preserve = ErasureTrainingConfig(concepts=[circle, square], output_dir="unused").preserve_prompts()
@@ -120,10 +141,10 @@ def test_esd_target_is_negative_guidance():
     torch.testing.assert_close(student.grad, torch.tensor([1.0, -3.0]))  # d/ds mean((s - target)^2)
 
 
-@pytest.mark.parametrize("loss", ["esd", "anchor"])
+@pytest.mark.parametrize("loss", ["esd", "anchored_esd", "anchor"])
 def test_player_gradients_match_the_losses_written_out(loss):
-    """Three players (preserve + two concepts), each with its own rows: the trainer's per-player forwards give
-    every player the gradient of its loss as the losses module defines it, computed here from plain forwards."""
+    """Four players (preserve, neighbours, two concepts), each with its own rows: the trainer's per-player forwards
+    give every player the gradient of its loss as the losses module defines it, computed here from plain forwards."""
     unet = build_tiny_sd_pipeline(seed=2).unet
     params = add_erasure_lora(unet, ErasureLoraConfig(rank=2, target="attn"))
     gen = torch.Generator().manual_seed(0)
@@ -142,9 +163,13 @@ def test_player_gradients_match_the_losses_written_out(loss):
     def ctx(b):
         return torch.randn(b, 8, dim, generator=gen)
 
-    batch = ErasureBatch(forget=[(rows(2), ctx(2), ctx(2)), (rows(1), ctx(1), ctx(1))], preserve=(rows(3), ctx(3)))
+    batch = ErasureBatch(
+        forget=[(rows(2), ctx(2), ctx(2)), (rows(1), ctx(1), ctx(1))],
+        preserve=(rows(3), ctx(3)),
+        neighbours=(rows(2), ctx(2)),
+    )
     uncond = ctx(1)
-    names = ["preserve", "forget:a", "forget:b"]
+    names = ["preserve", "neighbours", "forget:a", "forget:b"]
     grads, values = erasure_player_gradients(
         unet, batch, uncond, loss, 0.5, names, params, torch.device("cpu"), torch.float32, loss_scale=3.0
     )
@@ -153,18 +178,17 @@ def test_player_gradients_match_the_losses_written_out(loss):
         return unet(lat.latents, lat.timesteps, encoder_hidden_states=c).sample
 
     for i, name in enumerate(names):
-        if name == "preserve":
-            lat, c = batch.preserve
+        if name in ("preserve", "neighbours"):
+            lat, c = batch.preserve if name == "preserve" else batch.neighbours
             with torch.no_grad(), adapters_disabled(unet):
                 target = eps(lat, c)
             expected = preservation_loss(eps(lat, c), target)
         else:
-            lat, c, anchor_ctx = batch.forget[i - 1]
+            lat, c, anchor_ctx = batch.forget[i - 2]
             with torch.no_grad(), adapters_disabled(unet):
+                reference = {"esd": uncond.expand_as(c), "anchored_esd": anchor_ctx}.get(loss)
                 target = (
-                    esd_target(eps(lat, uncond.expand_as(c)), eps(lat, c), 0.5)
-                    if loss == "esd"
-                    else eps(lat, anchor_ctx)
+                    esd_target(eps(lat, reference), eps(lat, c), 0.5) if reference is not None else eps(lat, anchor_ctx)
                 )
             expected = forget_loss(eps(lat, c), target)
         assert values[name] == pytest.approx(float(expected.detach()), rel=1e-4)

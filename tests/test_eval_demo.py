@@ -47,6 +47,24 @@ def test_scores_for_an_erased_colour_and_for_no_concept():
         scores("dog")
 
 
+def test_unrecognisable_images_are_neither_the_concept_nor_right():
+    # A judged name of None = unrecognisable: the first circle row and the first other row lose their verdict.
+    rows = [(a, (None, None)) if i in (0, 4) else (a, j) for i, (a, j) in enumerate(ROWS)]
+    asked_s, asked_c = [a[0] for a, _ in rows], [a[1] for a, _ in rows]
+    judged_s, judged_c = [j[0] for _, j in rows], [j[1] for _, j in rows]
+    result = demo_concept_scores(asked_s, asked_c, judged_s, judged_c, "circle")
+    assert result["concept_rate"] == 0.0  # was 1/4: the one circle still drawn is now unrecognisable
+    assert result["kept_attribute_accuracy"] == 1 / 3 and result["other_accuracy"] == 1 / 3
+    assert result["unrecognisable_rate"] == 2 / 7
+    assert result["unrecognisable_rate_concept"] == 1 / 4 and result["unrecognisable_rate_other"] == 1 / 3
+    assert scores("circle")["unrecognisable_rate"] == 0.0
+    # Everything unrecognisable: nothing is the concept, nothing is right, and the report says why.
+    none = [None] * len(ROWS)
+    collapsed = demo_concept_scores(asked_s, asked_c, none, none, "circle")
+    assert collapsed["concept_rate"] == collapsed["other_accuracy"] == collapsed["kept_attribute_accuracy"] == 0.0
+    assert collapsed["unrecognisable_rate"] == 1.0
+
+
 def render_folder(folder, swap_circles: bool = False, noise: bool = False):
     """A generation folder of true renders for every (shape, colour) prompt plus shape-only and colour-only ones.
 
@@ -73,15 +91,24 @@ def test_bundled_judge_sees_an_erased_circle_and_kept_colours(tmp_path):
     assert faithful["concept_rate"] >= 0.85 and erased["concept_rate"] <= 0.15
     assert erased["kept_attribute_accuracy"] >= 0.85 and faithful["kept_attribute_accuracy"] >= 0.85
     assert faithful["other_accuracy"] >= 0.85 and erased["other_accuracy"] == pytest.approx(faithful["other_accuracy"])
-    # Same non-circle images in both folders -> same judge FID on them; CLIP likes squares less for "a red circle".
-    assert erased["judge_fid_other"] == pytest.approx(faithful["judge_fid_other"])
+    assert faithful["unrecognisable_rate"] == erased["unrecognisable_rate"] == 0.0
+    # Same non-circle images in both folders -> same judge KID on them; CLIP likes squares less for "a red circle".
+    assert erased["judge_kid_other"] == pytest.approx(faithful["judge_kid_other"])
+    assert erased["judge_kid_other_renders"] == pytest.approx(faithful["judge_kid_other_renders"])
     assert erased["clip_score_concept"] < faithful["clip_score_concept"]
     assert erased["clip_score_other"] == pytest.approx(faithful["clip_score_other"], rel=1e-4)
 
 
-def test_judge_fid_separates_renders_from_noise(tmp_path):
+def test_judge_kid_and_unrecognisable_rate_separate_renders_from_noise(tmp_path):
     renders = demo_metrics(render_folder(tmp_path / "renders"), None)
     noise = demo_metrics(render_folder(tmp_path / "noise", noise=True), None)
-    assert renders["num_concept_images"] == 0 and renders["other_accuracy"] >= 0.85 and noise["other_accuracy"] <= 0.5
-    assert renders["judge_fid_other"] * 5 < noise["judge_fid_other"]
+    assert renders["num_concept_images"] == 0 and renders["other_accuracy"] >= 0.85
+    # Noise is unrecognisable, so it is right on nothing (the judge alone would have named a shape and a colour).
+    assert renders["unrecognisable_rate"] == 0.0 and noise["unrecognisable_rate"] == 1.0
+    assert noise["other_accuracy"] == 0.0
+    # True renders score what fresh renders score (the baseline printed beside the KID); noise is far off.
+    assert renders["num_reference_renders"] == 40 * 8
+    baseline, spread = renders["judge_kid_other_renders"], renders["judge_kid_other_renders_std"]
+    assert abs(renders["judge_kid_other"] - baseline) < 0.1 and 0 < spread < 0.1
+    assert noise["judge_kid_other"] > baseline + 1.0
     assert renders["clip_score_other"] > noise["clip_score_other"]

@@ -1,4 +1,5 @@
-"""export_erased_model: folder layout, LoRA file, config, model card, overwrite protection, atomicity, loader errors."""
+"""export_erased_model: folder layout, LoRA file, config, model card (model-index included), overwrite protection,
+atomicity, loader errors."""
 
 import json
 import os
@@ -8,19 +9,75 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+from peft import LoraConfig
 from PIL import Image
 from safetensors import safe_open
 
 import munba_diffusion.diffusion.export.card as card_module
 import munba_diffusion.diffusion.export.folder as folder_module
 import munba_diffusion.diffusion.export.hub as hub_module
-from munba_diffusion.diffusion.export import check_output_dir, export_erased_model, push_erased_model_to_hub
+from munba_diffusion.diffusion.config import ErasureTrainingConfig
+from munba_diffusion.diffusion.export import (
+    check_output_dir,
+    erased_model_card,
+    export_erased_model,
+    push_erased_model_to_hub,
+    read_evaluation_reports,
+)
+from munba_diffusion.diffusion.finish import finish_erasure
 from munba_diffusion.diffusion.loading import load_erased_pipeline
+from munba_diffusion.diffusion.lora import ADAPTER_NAME, target_module_names
+from munba_diffusion.presets import ConceptPreset
 from tests.tiny_sd import add_random_lora, build_tiny_sd_pipeline, save_tiny_sd, tiny_erasure_config
 
 torch.set_num_threads(1)  # the tiny models run ~50x slower when 2 threads fight other jobs for 2 cores
 
 EVALUATION = "| metric | original | erased |\n|---|---|---|\n| circle accuracy | 0.97 | 0.03 |"
+PROMPT_SET = {"name": "/somewhere/prompts/eval/demo.csv", "size": 96, "sha256": "82c672e4aceb0edd"}
+ERASED_DEMO = {
+    "num_images": 96,
+    "concept": "circle",
+    "concept_kind": "shape",
+    "num_concept_images": 24,
+    "concept_rate": 0.041666666666666664,
+    "kept_attribute_accuracy": 0.75,
+    "other_accuracy": 0.8888888888888888,
+    "judge_kid_other": 0.012345678901234,
+    "judge_kid_other_renders_std": None,
+    "clip_score_other": 53.93284225463867,
+    "clip_score_concept": 6.629644393920898,
+    "clip_model": "/somewhere/clip",
+}
+ERASED_NUDENET = {
+    "num_images": 96,
+    "threshold": 0.6,
+    "classes": ["FEMALE_BREAST_EXPOSED"],
+    "class_counts": {"FEMALE_BREAST_EXPOSED": 3},
+    "total_detections": 3,
+    "nudity_rate": 0.03125,
+    "attack_threshold": 0.45,
+    "attack_success_rate": 0.0625,
+}
+REPORT = {  # report.json as the end-of-run evaluation writes it (the erased model labelled "erased")
+    "results": {
+        "original": {"demo": {**ERASED_DEMO, "concept_rate": 0.9166666666666666}, "fid": {"fid": 12.5}},
+        "erased": {"demo": ERASED_DEMO, "nudenet": ERASED_NUDENET, "fid": {"fid": 13.25, "mode": "clean"}},
+    },
+    "protocol": {"prompt_set": PROMPT_SET, "models": {}},
+}
+MEASURED = {  # (metric, key) -> value: every measured number of the erased model in REPORT
+    ("demo", "concept_rate"): 0.041666666666666664,
+    ("demo", "kept_attribute_accuracy"): 0.75,
+    ("demo", "other_accuracy"): 0.8888888888888888,
+    ("demo", "judge_kid_other"): 0.012345678901234,
+    ("demo", "clip_score_other"): 53.93284225463867,
+    ("demo", "clip_score_concept"): 6.629644393920898,
+    ("nudenet", "total_detections"): 3,
+    ("nudenet", "nudity_rate"): 0.03125,
+    ("nudenet", "attack_success_rate"): 0.0625,
+    ("fid", "fid"): 13.25,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +99,7 @@ def exported(trained, tmp_path_factory):
         tiny_erasure_config(),
         before_after=picture("white"),
         evaluation_markdown=EVALUATION,
+        evaluation_reports={"circle": REPORT},
         widget_images=[("a red circle", picture("red")), ("a blue square", picture("blue"))],
         hub_model_id="someone/erased-circle",
     )
@@ -59,6 +117,8 @@ def test_folder_layout(exported):
             "images",
             "model_index.json",
             "munba.py",
+            "munba_erasure.json",
+            "munba_erasure_comfyui_a1111.safetensors",
             "pytorch_lora_weights.safetensors",
             "scheduler",
             "text_encoder",
@@ -72,6 +132,14 @@ def test_folder_layout(exported):
     assert "diffusion_pytorch_model.safetensors" in unet_files
     with safe_open(exported / "unet" / "diffusion_pytorch_model.safetensors", "pt") as weights:
         assert not [key for key in weights.keys() if "lora" in key or "base_layer" in key]  # fused, plain keys
+    model_index = json.loads((exported / "model_index.json").read_text())
+    assert model_index["_class_name"] == "StableDiffusionPipeline" and "erasure" not in model_index
+    assert json.loads((exported / "munba_erasure.json").read_text()) == {
+        "concepts": ["circle"],
+        "fused": True,
+        "lora_weight_name": "pytorch_lora_weights.safetensors",
+        "base_model": "CompVis/stable-diffusion-v1-4",
+    }
 
 
 def test_lora_file_carries_adapter_metadata(exported):
@@ -111,6 +179,82 @@ def test_model_card(exported):
     for way in ('from_pretrained("someone/erased-circle")', 'custom_pipeline="munba"', "load_erasure("):
         assert way in card.text
     assert "`esd`" in card.text and "`nash`" in card.text and "rank 4, alpha 8.0" in card.text
+    for tool in ("ComfyUI", "AUTOMATIC1111", "Forge", "`munba_erasure_comfyui_a1111.safetensors`", "needs `peft`"):
+        assert tool in card.text
+
+
+def assert_model_index_holds_the_report(card: ModelCard, name: str) -> None:
+    """The card's model-index parses offline (YAML, huggingface_hub's own converters) into REPORT's numbers."""
+    header = yaml.safe_load(card.content.split("---")[1])
+    model_index = header["model-index"]
+    model_name, results = model_index_to_eval_results(model_index)
+    assert model_name == name
+    assert eval_results_to_model_index(model_name, results) == model_index  # the Hub's round trip is lossless
+    assert card.data.eval_results == results  # ModelCardData accepted it (it drops an invalid model-index)
+    assert {(r.metric_config, r.metric_type): r.metric_value for r in results} == MEASURED
+    for result in results:
+        assert result.task_type == "text-to-image" and result.dataset_type == "demo"
+        assert result.dataset_config == "circle" and result.dataset_revision == PROMPT_SET["sha256"]
+        assert result.metric_value == REPORT["results"]["erased"][result.metric_config][result.metric_type]
+    assert next(r for r in results if r.metric_type == "concept_rate").metric_name == "Concept rate"
+
+
+def test_model_card_model_index_equals_the_evaluation_report(exported):
+    card = ModelCard.load(exported / "README.md")
+    assert_model_index_holds_the_report(card, "erased-circle")
+
+
+def test_model_card_without_evaluation_has_no_model_index():
+    card = erased_model_card(tiny_erasure_config(), evaluation_reports={})
+    assert "model-index" not in card.data.to_dict() and "model_name" not in card.data.to_dict()
+    only_original = {"results": {"original": REPORT["results"]["original"], "base": {}}, "protocol": {}}
+    assert (
+        "model-index" not in erased_model_card(tiny_erasure_config(), evaluation_reports={"c": only_original}).content
+    )
+
+
+def test_read_evaluation_reports(tmp_path):
+    assert read_evaluation_reports(tmp_path) == {}
+    for concept in ("circle", "square"):
+        (tmp_path / "evaluation" / concept).mkdir(parents=True)
+        (tmp_path / "evaluation" / concept / "report.json").write_text(json.dumps(REPORT))
+    (tmp_path / "evaluation" / "images").mkdir()  # folders without a report are not evaluations
+    assert read_evaluation_reports(tmp_path) == {"circle": REPORT, "square": REPORT}
+    results = ModelCard(str(erased_model_card(tiny_erasure_config(), evaluation_reports={"square": REPORT}))).data
+    assert {r.dataset_config for r in results.eval_results} == {"square"}
+
+
+def test_finish_puts_the_evaluation_reports_into_the_model_index(tmp_path):
+    """The trainer's last step: the evaluate callback writes report.json into the staging folder; the card built
+    in the same staging folder carries its numbers."""
+    pipe = build_tiny_sd_pipeline(0)
+    pipe.unet.requires_grad_(False)
+    targets = target_module_names(pipe.unet, "xattn")
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8.0, target_modules=targets), adapter_name=ADAPTER_NAME)
+    preset = ConceptPreset(name="circle", forget_prompts=("a circle",), preserve_prompts=("a square",))
+    config = ErasureTrainingConfig(
+        concepts=[preset],
+        output_dir=tmp_path / "erased-circle",
+        rank=4,
+        lora_alpha=8.0,
+        resolution=32,
+        validation_prompts=["a circle"],
+        validation_seeds=1,
+        validation_inference_steps=1,
+    )
+    seen = {}
+
+    def evaluate(config, folder):
+        seen["folder"] = folder
+        (folder / "evaluation" / "circle").mkdir(parents=True)
+        (folder / "evaluation" / "circle" / "report.json").write_text(json.dumps(REPORT))
+        return EVALUATION
+
+    finish_erasure(
+        config, pipe, ["preserve", "circle"], train_seconds=0, pool_seconds=0, resolution=32, evaluate=evaluate
+    )
+    assert seen["folder"] != config.output_dir  # the staging folder
+    assert_model_index_holds_the_report(ModelCard.load(config.output_dir / "README.md"), "erased-circle")
 
 
 def test_model_card_for_a_local_base_model(trained, tmp_path):
@@ -148,7 +292,7 @@ def test_existing_results_need_overwrite_and_other_files_survive(trained, tmp_pa
     assert json.loads((output_dir / "erasure_config.json").read_text())["concepts"][0]["name"] == "circle"
 
     export_erased_model(trained, output_dir, tiny_erasure_config("square"), overwrite_output_dir=True)
-    assert json.loads((output_dir / "model_index.json").read_text())["erasure"]["concepts"] == ["square"]
+    assert json.loads((output_dir / "munba_erasure.json").read_text())["concepts"] == ["square"]
     assert (output_dir / "checkpoint-10" / "state.txt").read_text() == "training state"
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging or retired folders left
 
@@ -175,7 +319,7 @@ def test_failed_overwrite_keeps_the_old_folder(trained, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         export_erased_model(trained, output_dir, tiny_erasure_config("square"), overwrite_output_dir=True)
     assert sorted(os.listdir(output_dir)) == old_files
-    assert json.loads((output_dir / "model_index.json").read_text())["erasure"]["concepts"] == ["circle"]
+    assert json.loads((output_dir / "munba_erasure.json").read_text())["concepts"] == ["circle"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
     assert load_erased_pipeline(output_dir).erased_concepts == ["circle"]
 
@@ -236,6 +380,7 @@ def test_push_uploads_results_only(exported, tmp_path, monkeypatch):
     assert calls["repo"]["private"] is True
     patterns = calls["upload"]["allow_patterns"]
     results = {"model_index.json", "munba.py", "README.md", "pytorch_lora_weights.safetensors", "unet/*", "images/*"}
+    results |= {"munba_erasure.json", "munba_erasure_comfyui_a1111.safetensors"}
     assert results <= set(patterns)
     assert not any(pattern.startswith("checkpoint") for pattern in patterns)
     with pytest.raises(FileNotFoundError, match="not an erased model folder"):

@@ -22,6 +22,7 @@ from ..step import nonfinite_gradients_option
 from .latents import LATENT_SOURCES
 from .lora import TARGET_SETS, ErasureLoraConfig
 from .losses import FORGET_LOSSES
+from .players import NEIGHBOURS
 
 CHECKPOINTS_DIR = "checkpoints"  # inside output_dir
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -64,6 +65,11 @@ class ErasureTrainingConfig:
     combiner: str = option("nash", "how the players' gradients are combined each step", choices=COMBINERS)
     combiner_weights: list[float] | None = option(
         None, "fixed weights for --combiner sum: the preservation player's first, then each concept's", low=0.0
+    )
+    neighbour_player: bool = option(
+        False,
+        "bargain the concepts' neighbours (the preset's 'neighbours') as their own preservation player "
+        "instead of folding them into the preservation prompts",
     )
     lora_target: str = option("xattn", "which UNet layers the LoRA adapts", choices=TARGET_SETS)
     rank: int = option(4, "LoRA rank", low=1)
@@ -137,6 +143,7 @@ class ErasureTrainingConfig:
             raise ValueError("--latent_source images needs --forget_image_dir (and optionally --preserve_image_dir)")
         self.concepts = self._resolved_concepts()
         self.preserve_prompts()
+        self.neighbour_prompts()
 
     def _check_paths(self) -> None:
         if self.output_dir.exists() and not self.output_dir.is_dir():
@@ -167,11 +174,11 @@ class ErasureTrainingConfig:
                 f"combiner_weights (--combiner_weights) are used by --combiner "
                 f"{' or '.join(WEIGHTED_COMBINERS)} only; drop them or pass --combiner sum"
             )
-        players = 1 + len(self.concepts)
+        players = len(self.player_names())
         if len(self.combiner_weights) != players:
             raise ValueError(
-                f"combiner_weights (--combiner_weights) needs {players} numbers (the preservation "
-                f"player's, then one per --concept); got {len(self.combiner_weights)}"
+                f"combiner_weights (--combiner_weights) needs {players} numbers, one per player "
+                f"({', '.join(self.player_names())}); got {len(self.combiner_weights)}"
             )
 
     def _resolved_concepts(self) -> list[ConceptPreset]:
@@ -199,13 +206,32 @@ class ErasureTrainingConfig:
         self.forget_prompts_file = self.preserve_prompts_file = self.anchor_prompt = None
         return concepts
 
-    def preserve_prompts(self) -> list[str]:
-        """The union of the concepts' preservation prompts, minus anything one of them forgets."""
+    def _kept(self, prompts: list[str]) -> list[str]:
+        """``prompts`` without repeats and without anything a concept forgets."""
         forget = {p for c in self.concepts for p in c.forget_prompts}
-        kept = list(dict.fromkeys(p for c in self.concepts for p in c.preserve_prompts if p not in forget))
+        return list(dict.fromkeys(p for p in prompts if p not in forget))
+
+    def preserve_prompts(self) -> list[str]:
+        """The preservation player's prompts: the concepts' ``preserve`` prompts (and their neighbours, unless the
+        neighbours are their own player), minus anything one of them forgets."""
+        neighbours = [p for c in self.concepts for p in c.neighbour_prompts]
+        own = [p for c in self.concepts for p in c.preserve_prompts]
+        if self.neighbour_player:  # the neighbours are their own player's prompts, not this one's
+            kept = [p for p in self._kept(own) if p not in set(neighbours)]
+        else:
+            kept = self._kept(own + neighbours)
         if not kept:
             raise ValueError(
                 "no preservation prompts left; give the concept 'preserve' prompts or --preserve_prompts_file"
+            )
+        return kept
+
+    def neighbour_prompts(self) -> list[str]:
+        """The neighbour player's prompts (``--neighbour_player``): the concepts' ``neighbours``."""
+        kept = self._kept([p for c in self.concepts for p in c.neighbour_prompts])
+        if self.neighbour_player and not kept:
+            raise ValueError(
+                "--neighbour_player needs neighbours: add a 'neighbours' list to the concept's preset (prompts/README.md)"
             )
         return kept
 
@@ -214,9 +240,10 @@ class ErasureTrainingConfig:
         return ErasureLoraConfig(rank=self.rank, alpha=self.lora_alpha, target=self.lora_target)
 
     def player_names(self) -> list[str]:
-        """``preserve`` then one forgetting player per concept (``forget`` alone when there is one)."""
+        """``preserve``, ``neighbours`` (with ``--neighbour_player``), then one forgetting player per concept
+        (``forget`` alone when there is one)."""
         forget = ["forget"] if len(self.concepts) == 1 else [f"forget:{c.name}" for c in self.concepts]
-        return ["preserve", *forget]
+        return ["preserve", *([NEIGHBOURS] if self.neighbour_player else []), *forget]
 
     def record(self) -> dict[str, Any]:
         """Every option as JSON values (the concepts in full, secrets left out): the run record's ``config``."""

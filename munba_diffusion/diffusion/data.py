@@ -28,11 +28,14 @@ class ErasureData:
         preserve_source: LatentSource,
         preserve_contexts: torch.Tensor,
         uncond: torch.Tensor,
+        neighbour_source: LatentSource | None = None,
+        neighbour_contexts: torch.Tensor | None = None,
     ):
         self.uncond = uncond  # the empty prompt's context
         self.forget_sources, self.forget_contexts = forget_sources, forget_contexts
         self.anchor_contexts = anchor_contexts
         self.preserve_source, self.preserve_contexts = preserve_source, preserve_contexts
+        self.neighbour_source, self.neighbour_contexts = neighbour_source, neighbour_contexts
 
     def batch(self, batch_size: int, generator: torch.Generator) -> ErasureBatch:
         forget = []
@@ -40,7 +43,11 @@ class ErasureData:
             lat = source.sample(batch_size, generator)
             forget.append((lat, ctx[lat.prompt_index], anchor[lat.prompt_index]))
         plat = self.preserve_source.sample(batch_size, generator)
-        return ErasureBatch(forget, (plat, self.preserve_contexts[plat.prompt_index]))
+        neighbours = None
+        if self.neighbour_source is not None:
+            nlat = self.neighbour_source.sample(batch_size, generator)
+            neighbours = (nlat, self.neighbour_contexts[nlat.prompt_index])
+        return ErasureBatch(forget, (plat, self.preserve_contexts[plat.prompt_index]), neighbours)
 
 
 @torch.no_grad()
@@ -100,4 +107,10 @@ def build_erasure_data(
         source(ctx, config.forget_image_dir, f"pool: {c.name}") for c, ctx in zip(config.concepts, forget_ctx)
     ]
     preserve_source = source(preserve_ctx, config.preserve_image_dir, "pool: preserve")
-    return ErasureData(forget_sources, forget_ctx, anchor_ctx, preserve_source, preserve_ctx, uncond)
+    neighbour_source = neighbour_ctx = None
+    if config.neighbour_player:
+        neighbour_ctx = encode_prompts(pipe, config.neighbour_prompts(), device)
+        neighbour_source = source(neighbour_ctx, None, "pool: neighbours")
+    return ErasureData(
+        forget_sources, forget_ctx, anchor_ctx, preserve_source, preserve_ctx, uncond, neighbour_source, neighbour_ctx
+    )

@@ -15,6 +15,7 @@ from .export import (
     check_output_dir,
     erased_model_card,
     push_erased_model_to_hub,
+    read_evaluation_reports,
     run_record,
     staged_output_dir,
     write_erased_model,
@@ -96,7 +97,8 @@ def finish_erasure(
     """Grid; then model, record, images, evaluation and model card into a staging folder swapped in once; upload.
 
     ``evaluate(config, erased_folder)`` writes its reports under ``erased_folder/evaluation`` and returns the
-    Markdown for the model card (the command line passes
+    Markdown for the model card; the numbers of its ``evaluation/<concept>/report.json`` become the card's
+    model-index (the command line passes
     :func:`munba_diffusion.evaluation.erasure.evaluate_erasure`; the trainer itself does not know the evaluators).
     """
     output_dir = check_output_dir(
@@ -123,6 +125,7 @@ def finish_erasure(
             widget=widget,
             has_before_after=True,
             evaluation_markdown=table,
+            evaluation_reports=read_evaluation_reports(staging),
             model_id=config.hub_model_id or output_dir.name,
         )
         write_model_card(staging, card)

@@ -10,7 +10,7 @@ from typing import Any
 from diffusers import DiffusionPipeline
 
 from munba_diffusion.io import is_local_path
-from munba_diffusion.pipelines.munba import LORA_WEIGHT_NAME, PIPELINE_FILE_NAME, MunbaPipeline
+from munba_diffusion.pipelines.munba import ERASURE_FILE_NAME, LORA_WEIGHT_NAME, PIPELINE_FILE_NAME, MunbaPipeline
 
 
 def load_erased_pipeline(
@@ -49,9 +49,9 @@ def check_erased_model_folder(path: str | os.PathLike, *, need_pipeline_file: bo
             "(its --output_dir)."
         )
     model_index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
-    if not model_index.get("erasure"):
+    if not (path / ERASURE_FILE_NAME).is_file() and not model_index.get("erasure"):  # "erasure": earlier folders
         raise ValueError(
-            f'{path} is a pipeline without an erasure (no "erasure" in model_index.json); load it with '
+            f"{path} is a pipeline without an erasure (no {ERASURE_FILE_NAME}); load it with "
             "MunbaPipeline.from_pretrained(path) and add one with load_erasure(lora_folder)."
         )
     if need_pipeline_file and not (path / PIPELINE_FILE_NAME).is_file():

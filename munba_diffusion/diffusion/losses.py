@@ -6,7 +6,14 @@ frozen model's (same UNet, adapters disabled), :math:`c_f` a forget prompt, :mat
 
 - ``esd`` (negative guidance, ESD):
   :math:`L_f = \| \epsilon_\theta(x_t, c_f) - [\epsilon^*(x_t, \varnothing) - \eta(\epsilon^*(x_t, c_f) - \epsilon^*(x_t, \varnothing))] \|^2`
-- ``anchor`` (MUNBa / concept ablation): :math:`L_f = \| \epsilon_\theta(x_t, c_f) - \epsilon^*(x_t, c_a) \|^2`
+- ``anchored_esd`` (negative guidance relative to the anchor): the same with the anchor prompt in place of the
+  empty one, :math:`L_f = \| \epsilon_\theta(x_t, c_f) - [\epsilon^*(x_t, c_a) - \eta(\epsilon^*(x_t, c_f) - \epsilon^*(x_t, c_a))] \|^2`.
+  ``esd`` pushes the prediction away from everything the prompt adds to the empty prompt ("a red circle": the
+  colour *and* the shape), so the rest of the prompt goes with the concept; ``anchored_esd`` removes only what the
+  concept adds to its anchor ("a red circle" minus "a circle": the redness) and keeps the rest. With an empty
+  anchor (free-text concepts) the two are the same. The right choice when the preset's anchors say what must stay.
+- ``anchor`` (MUNBa / concept ablation): :math:`L_f = \| \epsilon_\theta(x_t, c_f) - \epsilon^*(x_t, c_a) \|^2`:
+  the concept is mapped to a fixed substitute (the anchor's own image), the right choice when the user names one.
 - preservation: :math:`L_r = \| \epsilon_\theta(x_t, c_r) - \epsilon^*(x_t, c_r) \|^2`
 
 All are means over elements (``F.mse_loss``); targets are constants (computed without gradients).
@@ -17,12 +24,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FORGET_LOSSES = ("esd", "anchor")
+FORGET_LOSSES = ("esd", "anchored_esd", "anchor")
 
 
-def esd_target(eps_uncond: torch.Tensor, eps_concept: torch.Tensor, eta: float) -> torch.Tensor:
-    """Negative-guidance target :math:`\\epsilon^*(\\varnothing) - \\eta(\\epsilon^*(c_f) - \\epsilon^*(\\varnothing))`."""
-    return eps_uncond - eta * (eps_concept - eps_uncond)
+def esd_target(eps_reference: torch.Tensor, eps_concept: torch.Tensor, eta: float) -> torch.Tensor:
+    """Negative-guidance target :math:`\\epsilon^*(r) - \\eta(\\epsilon^*(c_f) - \\epsilon^*(r))`, with the
+    reference prompt :math:`r` the empty prompt (``esd``) or the anchor (``anchored_esd``)."""
+    return eps_reference - eta * (eps_concept - eps_reference)
 
 
 def forget_loss(eps_student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,25 @@ from .latents import LatentBatch
 from .lora import adapters_disabled
 from .losses import esd_target, forget_loss, preservation_loss
 
+NEIGHBOURS = "neighbours"  # the optional preservation player of the concepts' neighbours (--neighbour_player)
+
 
 @dataclass
 class ErasureBatch:
-    """Inputs of one micro-step: per forget player its x_t, timesteps, prompt contexts; same for preserve."""
+    """Inputs of one micro-step: per forget player its x_t, timesteps, prompt contexts; same for preserve (and for
+    the neighbours, when they are their own player)."""
 
     forget: list[tuple[LatentBatch, torch.Tensor, torch.Tensor]]  # (latents, concept ctx, anchor ctx)
     preserve: tuple[LatentBatch, torch.Tensor]
+    neighbours: tuple[LatentBatch, torch.Tensor] | None = None
+
+    def preservation_rows(self, name: str) -> tuple[LatentBatch, torch.Tensor]:
+        return self.neighbours if name == NEIGHBOURS else self.preserve
+
+
+def forget_names(names: list[str]) -> list[str]:
+    """The forgetting players among ``names``, in the order of ``ErasureBatch.forget``."""
+    return [n for n in names if n.startswith("forget")]
 
 
 def _predict(unet, latents: torch.Tensor, timesteps: torch.Tensor, contexts: torch.Tensor, device, dtype):
@@ -37,7 +49,7 @@ def frozen_targets(
     unet, batch: ErasureBatch, uncond: torch.Tensor, loss: str, eta: float, names: list[str], device, dtype
 ) -> dict[str, torch.Tensor]:
     """Every player's constant target from the frozen model (adapters disabled, no grad): the frozen prediction
-    on the preserve rows, and per forget player its ``esd`` or ``anchor`` target
+    on the preservation rows, and per forget player its ``esd``, ``anchored_esd`` or ``anchor`` target
     (:mod:`munba_diffusion.diffusion.losses`).
 
     The preserve rows go through the frozen model on their own, in the same batch shape as the LoRA forward of
@@ -46,16 +58,20 @@ def frozen_targets(
     direction that the bargaining would treat as a player's wish.
     """
     with torch.no_grad(), adapters_disabled(unet):
-        plat, pctx = batch.preserve
-        targets = {"preserve": _predict(unet, plat.latents, plat.timesteps, pctx, device, dtype)}
-        for name, (lat, ctx, anchor_ctx) in zip(names[1:], batch.forget):
-            if loss == "esd":
+        targets = {}
+        for name in names:
+            if not name.startswith("forget"):
+                plat, pctx = batch.preservation_rows(name)
+                targets[name] = _predict(unet, plat.latents, plat.timesteps, pctx, device, dtype)
+        for name, (lat, ctx, anchor_ctx) in zip(forget_names(names), batch.forget):
+            if loss in ("esd", "anchored_esd"):
+                reference = uncond.expand_as(ctx) if loss == "esd" else anchor_ctx  # what the concept is measured from
                 b = lat.latents.shape[0]
                 both = _predict(
                     unet,
                     torch.cat([lat.latents, lat.latents]),
                     torch.cat([lat.timesteps, lat.timesteps]),
-                    torch.cat([uncond.expand_as(ctx), ctx]),
+                    torch.cat([reference, ctx]),
                     device,
                     dtype,
                 )
@@ -69,10 +85,10 @@ def player_loss(
     unet, batch: ErasureBatch, name: str, names: list[str], target: torch.Tensor, device, dtype
 ) -> torch.Tensor:
     """One player's loss from a LoRA forward over that player's rows only."""
-    if name == "preserve":
-        lat, ctx = batch.preserve
+    if not name.startswith("forget"):
+        lat, ctx = batch.preservation_rows(name)
         return preservation_loss(_predict(unet, lat.latents, lat.timesteps, ctx, device, dtype), target)
-    lat, ctx, _ = batch.forget[names.index(name) - 1]
+    lat, ctx, _ = batch.forget[forget_names(names).index(name)]
     return forget_loss(_predict(unet, lat.latents, lat.timesteps, ctx, device, dtype), target)
 
 

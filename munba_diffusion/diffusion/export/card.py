@@ -1,21 +1,51 @@
-"""The Hub model card (README.md) of an erased model folder, built offline from the run record."""
+"""The Hub model card (README.md) of an erased model folder, built offline from the run record and the
+evaluation reports (``evaluation/<concept>/report.json``), whose numbers become the card's ``model-index``."""
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from munba_diffusion.pipelines.munba import ERASURE_CONFIG_NAME, LORA_WEIGHT_NAME
+from munba_diffusion.pipelines.munba import (
+    ERASURE_CONFIG_NAME,
+    ERASURE_FILE_NAME,
+    KOHYA_LORA_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
+    PIPELINE_FILE_NAME,
+)
 
 from ...io import is_local_path, write_text_atomic
 
 CARD_TAGS = ("stable-diffusion", "diffusers", "text-to-image", "lora", "concept-erasure", "munba")
 SD1_LICENSE = "creativeml-openrail-m"
 PROMPTS_SHOWN_PER_CONCEPT = 5
+EVALUATION_DIR = "evaluation"
+REPORT_JSON = "report.json"
+ERASED_LABEL = "erased"
+"""The label of the erased model in the end-of-run evaluation's reports (the other one is the original)."""
+METRIC_NAMES = {
+    "concept_rate": "Concept rate",
+    "kept_attribute_accuracy": "Kept-attribute accuracy",
+    "other_accuracy": "Accuracy on other prompts",
+    "judge_kid_other": "Judge KID (other prompts)",
+    "judge_kid_other_renders": "Judge KID of fresh renders (baseline)",
+    "judge_fid_other": "Judge FID (other prompts)",
+    "clip_score_concept": "CLIP score (concept prompts)",
+    "clip_score_other": "CLIP score (other prompts)",
+    "nudity_rate": "Nudity rate",
+    "attack_success_rate": "Attack success rate",
+    "unlearning_accuracy": "Unlearning accuracy (erased class)",
+    "accuracy": "Accuracy",
+    "fid": "FID",
+    "clip_score": "CLIP score",
+}
+"""Readable names of the usual metrics; any other number of a report is named after its key."""
 
 
 def card_license(record: Mapping[str, Any]) -> str:
@@ -44,17 +74,77 @@ def _anchor_cell(anchor_prompts: Sequence[str]) -> str:
     return _prompt_list(anchors)
 
 
+def read_evaluation_reports(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """``folder/evaluation/<concept>/report.json`` of every evaluated concept, by concept ({} when none ran)."""
+    reports = {}
+    for path in sorted(Path(folder).glob(f"{EVALUATION_DIR}/*/{REPORT_JSON}")):
+        reports[path.parent.name] = json.loads(path.read_text(encoding="utf-8"))
+    return reports
+
+
+def _measured(key: str, value: object) -> bool:
+    """A number the evaluation measured: not a flag, a sample size (``num_*``) or a setting (``*threshold``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return not key.startswith("num_") and not key.endswith("threshold")
+
+
+def evaluation_results(reports: Mapping[str, Mapping[str, Any]], model_label: str = ERASED_LABEL) -> list[EvalResult]:
+    """The erased model's measured numbers in ``reports`` (concept -> report.json) as the Hub's EvalResults.
+
+    One result per top-level number of each metric (``metric_type`` = its key in report.json, ``metric_config`` =
+    the metric, the value unchanged); the dataset is the concept's prompt set (``dataset_config`` = the concept,
+    ``dataset_revision`` = the prompt set's sha256). A report whose erased model is not labelled ``model_label``
+    counts only when it scored a single model. Lists, nested tables and the original model's numbers stay in
+    report.json and the card's Markdown.
+    """
+    results = []
+    for concept, report in reports.items():
+        by_model = report.get("results", {})
+        label = model_label if model_label in by_model else (next(iter(by_model)) if len(by_model) == 1 else None)
+        if label is None:
+            continue
+        prompt_set = report.get("protocol", {}).get("prompt_set", {})
+        prompt_file = Path(str(prompt_set.get("name") or "prompts")).stem
+        size = f" ({prompt_set['size']} prompts)" if prompt_set.get("size") else ""
+        for metric, values in by_model[label].items():
+            for key, value in values.items() if isinstance(values, Mapping) else ():
+                if not _measured(key, value):
+                    continue
+                results.append(
+                    EvalResult(
+                        task_type="text-to-image",
+                        task_name="Concept erasure",
+                        dataset_type=prompt_file,
+                        dataset_name=f"{prompt_file} prompts, concept {concept}{size}",
+                        dataset_config=concept,
+                        dataset_revision=prompt_set.get("sha256"),
+                        metric_type=key,
+                        metric_value=value,
+                        metric_name=METRIC_NAMES.get(key, key.replace("_", " ").capitalize()),
+                        metric_config=metric,
+                    )
+                )
+    return results
+
+
 def erased_model_card(
     record: Mapping[str, Any],
     *,
     widget: Sequence[dict[str, Any]] = (),
     has_before_after: bool = False,
     evaluation_markdown: str | None = None,
+    evaluation_reports: Mapping[str, Mapping[str, Any]] | None = None,
     model_id: str = "path/to/erased-model",
 ) -> ModelCard:
-    """The model card of the erased model that ``record`` (``erasure_config.json``) describes."""
+    """The model card of the erased model that ``record`` (``erasure_config.json``) describes.
+
+    ``evaluation_reports`` (concept -> report.json, see :func:`read_evaluation_reports`) fill the ``model-index``
+    with the erased model's numbers; ``evaluation_markdown`` is the Evaluation section's text.
+    """
     base = record["pretrained_model_name_or_path"]
     base_on_hub = not is_local_path(base) and "/" in base
+    eval_results = evaluation_results(evaluation_reports or {})
     card_data = ModelCardData(
         library_name="diffusers",
         pipeline_tag="text-to-image",
@@ -63,6 +153,8 @@ def erased_model_card(
         base_model_relation="finetune" if base_on_hub else None,
         tags=list(CARD_TAGS),
         widget=list(widget) or None,
+        model_name=model_id.rsplit("/", 1)[-1] if eval_results else None,
+        eval_results=eval_results or None,
     )
     names = [concept["name"] for concept in record["concepts"]]
     concept_rows = "\n".join(
@@ -79,7 +171,8 @@ def erased_model_card(
         f"# {model_id.rsplit('/', 1)[-1]}: {', '.join(names)} erased from {base}",
         f"{base_line} with {', '.join(f'**{n}**' for n in names)} erased by MUNBa (Machine Unlearning via Nash "
         "Bargaining): a LoRA trained so that prompts of the concept no longer produce it while other prompts keep "
-        "their images. The LoRA is fused into this folder's UNet and also shipped on its own.",
+        "their images. The LoRA is fused into this folder's UNet and also shipped on its own, for diffusers and for "
+        "ComfyUI / AUTOMATIC1111 / Forge.",
         "![Same seeds: original model (top) and erased model (bottom)](images/before_after.png)"
         if has_before_after
         else "",
@@ -96,6 +189,7 @@ def erased_model_card(
         f"{record['run']['resolution']}, seed {record['seed']}, mixed precision `{record['mixed_precision']}`\n"
         f"- Created {record.get('created', '')} with {versions}",
         f"## Evaluation\n\n{evaluation_markdown.strip()}" if evaluation_markdown else "",
+        _files_section(),
         _how_to_load(base, names[0], model_id),
         "## Limitations\n\nErasure lowers how often the concept appears; it is not a guarantee. Adversarial "
         "prompts may still recover it, and nearby concepts can change too. Check the evaluation above before "
@@ -112,10 +206,33 @@ def write_model_card(directory: Path, card: ModelCard) -> Path:
     return path
 
 
+def _files_section() -> str:
+    lora_stem = Path(KOHYA_LORA_WEIGHT_NAME).stem
+    return f"""## Which file is for which tool
+
+| File | For |
+|---|---|
+| `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/` | diffusers: the whole \
+pipeline with the erasure fused into the UNet |
+| `{LORA_WEIGHT_NAME}` | diffusers (with peft): the erasure LoRA, to put on the base model with \
+`load_lora_weights` |
+| `{KOHYA_LORA_WEIGHT_NAME}` | **ComfyUI, AUTOMATIC1111, Forge**: the same LoRA in kohya keys, for the base \
+checkpoint |
+| `{PIPELINE_FILE_NAME}`, `{ERASURE_FILE_NAME}` | `MunbaPipeline` (which concepts were erased, `erasure_scale`, \
+`compare`) |
+| `{ERASURE_CONFIG_NAME}` | the run record: every training option, all prompts, library versions |
+
+**ComfyUI**: copy `{KOHYA_LORA_WEIGHT_NAME}` into `ComfyUI/models/loras/` and put a *LoraLoader* (or *LoraLoaderModelOnly*)
+node with strength 1 after the base checkpoint's loader. **AUTOMATIC1111 / Forge**: copy it into `models/Lora/` and
+add `<lora:{lora_stem}:1>` to the prompt. Rename the file (to this model's name, say) to tell several erasures
+apart. Strength 1 is the erased model, 0 the original; the LoRA touches only the UNet."""
+
+
 def _how_to_load(base: str, concept: str, model_id: str) -> str:
     return f"""## How to load
 
-1. As a plain Stable Diffusion pipeline (the erasure is fused into the UNet):
+1. As a plain Stable Diffusion pipeline (the erasure is fused into the UNet; needs `diffusers`, `transformers`,
+`torch`):
 
 ```python
 from diffusers import DiffusionPipeline
@@ -123,7 +240,8 @@ from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained("{model_id}")
 ```
 
-2. As `MunbaPipeline`, which knows what was erased and can dial the erasure (`munba.py` ships in this folder):
+2. As `MunbaPipeline`, which knows what was erased and can dial the erasure (`munba.py` ships in this folder; the
+same packages, plus `peft` for an `erasure_scale` other than 1):
 
 ```python
 import torch
@@ -136,16 +254,18 @@ result = pipe.compare("a photo of {concept}", seed=0)   # same-seed original vs 
 result.grid.save("compare.png")
 ```
 
-With munba-diffusion installed, `from munba_diffusion import MunbaPipeline; MunbaPipeline.from_pretrained("{model_id}")`
-does the same without remote code.
+With munba-diffusion installed (`pip install munba-diffusion`),
+`from munba_diffusion import MunbaPipeline; MunbaPipeline.from_pretrained("{model_id}")` does the same without
+remote code.
 
-3. As the base model plus the erasure LoRA:
+3. As the base model plus the erasure LoRA (`load_lora_weights` needs `peft`: `pip install diffusers transformers
+peft`):
 
 ```python
 from munba_diffusion import MunbaPipeline
 
 pipe = MunbaPipeline.from_pretrained("{base}").load_erasure("{model_id}")
-# or with diffusers (and peft) only:
+# or with diffusers and peft only:
 # pipe = StableDiffusionPipeline.from_pretrained("{base}")
 # pipe.load_lora_weights("{model_id}", weight_name="{LORA_WEIGHT_NAME}")
 ```"""

@@ -2,10 +2,12 @@
 
 Layout of ``output_dir`` (see ``pipelines/munba.py`` for how it loads)::
 
-    model_index.json                    _class_name "StableDiffusionPipeline" + "erasure" entry
+    model_index.json                    a plain StableDiffusionPipeline index (stock diffusers loads it silently)
     unet/ vae/ text_encoder/ tokenizer/ scheduler/      the base pipeline with the LoRA fused into unet
     munba.py                            the MunbaPipeline file, for custom_pipeline="munba"
+    munba_erasure.json                  what MunbaPipeline reads: erased concepts, fused, LoRA file, base model
     pytorch_lora_weights.safetensors    diffusers-format LoRA with peft adapter metadata
+    munba_erasure_comfyui_a1111.safetensors   the same LoRA in kohya keys (ComfyUI, AUTOMATIC1111, Forge)
     erasure_config.json                 the run record (the training configuration + run statistics)
     README.md                           Hub model card
     images/                             before_after.png, widget_<i>.png
@@ -36,9 +38,17 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
-from munba_diffusion.pipelines.munba import ERASURE_CONFIG_NAME, LORA_WEIGHT_NAME, PIPELINE_FILE_NAME, MunbaPipeline
+from munba_diffusion.pipelines.munba import (
+    ERASURE_CONFIG_NAME,
+    ERASURE_FILE_NAME,
+    KOHYA_LORA_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
+    PIPELINE_FILE_NAME,
+    MunbaPipeline,
+)
 
 from ...io import save_image_atomic, write_json_atomic
+from .kohya import save_kohya_lora
 
 PIPELINE_COMPONENTS = (
     "unet",
@@ -54,7 +64,9 @@ RESULT_NAMES = frozenset(
     {
         "model_index.json",
         LORA_WEIGHT_NAME,
+        KOHYA_LORA_WEIGHT_NAME,
         ERASURE_CONFIG_NAME,
+        ERASURE_FILE_NAME,
         PIPELINE_FILE_NAME,
         "README.md",
         "images",
@@ -211,12 +223,14 @@ def write_erased_model(
     before_after: Image.Image | None = None,
     widget_images: Sequence[tuple[str, Image.Image]] = (),
 ) -> list[dict[str, Any]]:
-    """Write the fused pipeline, the LoRA, munba.py, the run record and the images into ``directory`` (a staging
-    folder); returns the model card's widget entries. The caller's UNet keeps its adapter and weights."""
+    """Write the fused pipeline, the LoRA (diffusers and kohya layouts), munba.py, the erasure record, the run
+    record and the images into ``directory`` (a staging folder); returns the model card's widget entries. The
+    caller's UNet keeps its adapter and weights."""
     adapter_name = single_adapter_name(pipeline)
     check_record_matches_adapter(record, pipeline.unet.peft_config[adapter_name])
     _save_fused_pipeline(pipeline, adapter_name, record, directory)
     _save_lora(pipeline, adapter_name, directory)
+    save_kohya_lora(pipeline.unet, adapter_name, record, directory / KOHYA_LORA_WEIGHT_NAME)
     write_json_atomic(directory / ERASURE_CONFIG_NAME, dict(record))
     return _save_images(directory, before_after, widget_images)
 
@@ -250,7 +264,9 @@ def _save_fused_pipeline(
 ) -> None:
     """Save the pipeline with the LoRA fused into a copy of the UNet, as a MunbaPipeline folder."""
     dtype = SAVE_DTYPES[record.get("save_dtype", "float32")]
-    fused_unet = copy.deepcopy(pipeline.unet).to(dtype)  # fused in the saved dtype (float32: no half rounding)
+    fused_unet = copy.deepcopy(pipeline.unet)
+    if fused_unet.dtype != dtype:
+        fused_unet.to(dtype)  # fused in the saved dtype (float32: no half rounding)
     fused_unet.fuse_lora(lora_scale=1.0, adapter_names=[adapter_name])
     fused_unet.unload_lora()
     erased = MunbaPipeline(
@@ -270,7 +286,7 @@ def _save_fused_pipeline(
             "base_model": record["pretrained_model_name_or_path"],
         },
     )
-    erased.save_pretrained(directory)  # keeps _class_name "StableDiffusionPipeline" and writes munba.py
+    erased.save_pretrained(directory)  # _class_name "StableDiffusionPipeline", munba.py and munba_erasure.json
 
 
 def _in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

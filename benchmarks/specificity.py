@@ -1,0 +1,339 @@
+"""Specificity on the demo world: does an erasure remove exactly the concept and keep the rest of the prompt?
+
+For each concept set (red, circle, red + circle), forget target (``esd``, ``anchored_esd``, ``anchor``), combiner
+(``nash``, ``sum``), neighbour setting and seed: erase with the library's trainer at the quick start's settings,
+generate the demo prompt set, judge it, and record
+
+- the concept rate (share of the concept's prompts whose image still shows it; lower is better),
+- the kept attribute (the other attribute those prompts ask for, e.g. the shape of "a red circle"),
+- the other prompts' accuracy and the neighbours' accuracy (prompts that ask for another value of the concept's
+  kind: the other colours when erasing a colour),
+- what replaces the concept: the distribution of the judged value on the concept's prompts (is it always the same
+  substitute?),
+
+each with a 95% Wilson interval over the images, and mean +- std over seeds.
+
+    python -m benchmarks.specificity --output_dir benchmarks/results/specificity
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from munba_diffusion.config import option, parse_config  # noqa: E402
+from munba_diffusion.demo import COLOURS, SHAPES, load_demo_judge  # noqa: E402
+from munba_diffusion.diffusion.losses import FORGET_LOSSES  # noqa: E402
+from munba_diffusion.evaluation.demo import concept_kind  # noqa: E402
+from munba_diffusion.evaluation.manifest import collect_images, images_to_tensor, load_rgb, require_field  # noqa: E402
+from munba_diffusion.io import write_json_atomic  # noqa: E402
+
+from ._common import (  # noqa: E402
+    RESULTS_ROOT,
+    DemoBenchmarkOptions,
+    check_results,
+    generate_for_eval,
+    markdown_table,
+    run_erasure,
+    run_script,
+    save_figure,
+    work_folder,
+    write_results,
+)
+
+WILSON_Z = 1.959964  # two-sided 95% normal quantile
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpecificityConfig(DemoBenchmarkOptions):
+    """Erase each concept set with each forget target and combiner (and optionally the neighbour player)."""
+
+    concept_sets: tuple[str, ...] = option(
+        ("red", "circle", "red+circle"), "concept sets to erase ('+' joins concepts erased together)"
+    )
+    forget_losses: tuple[str, ...] = option(("esd", "anchored_esd", "anchor"), "forget targets", choices=FORGET_LOSSES)
+    combiners: tuple[str, ...] = option(("nash", "sum"), "combiners", choices=("nash", "sum"))
+    neighbour_settings: tuple[str, ...] = option(
+        ("folded",),
+        "folded: neighbours inside the preservation player; player: their own player",
+        choices=("folded", "player"),
+    )
+    seeds: tuple[int, ...] = option((0, 1, 2), "training seeds")
+    runs_limit: int | None = option(None, "stop after this many runs (the rest is reported as missing)", low=1)
+    output_dir: Path = option(
+        RESULTS_ROOT / "specificity",
+        "folder for runs/ (one JSON per finished run: a rerun continues), results.json, results.md and results.png",
+    )
+
+
+def wilson(successes: int, total: int) -> dict:
+    """The share with its 95% Wilson score interval."""
+    if total == 0:
+        return {"rate": None, "low": None, "high": None, "n": 0}
+    p = successes / total
+    centre = (p + WILSON_Z**2 / (2 * total)) / (1 + WILSON_Z**2 / total)
+    half = WILSON_Z * math.sqrt(p * (1 - p) / total + WILSON_Z**2 / (4 * total**2)) / (1 + WILSON_Z**2 / total)
+    return {"rate": p, "low": max(0.0, centre - half), "high": min(1.0, centre + half), "n": total}
+
+
+def specificity_scores(folder: Path, concepts: list[str], judge) -> dict:
+    """Per concept: concept rate, kept attribute, neighbours' accuracy and substitutes; and the other prompts."""
+    entries = collect_images(folder)
+    asked = {
+        "shape": require_field(entries, "shape", "specificity", every_row=False),
+        "colour": require_field(entries, "colour", "specificity", every_row=False),
+    }
+    with torch.no_grad():
+        judged_index = judge.classify(images_to_tensor([load_rgb(e.path) for e in entries]))
+    judged = {
+        "shape": [SHAPES[i] for i in judged_index.shape.tolist()],
+        "colour": [COLOURS[i] for i in judged_index.colour.tolist()],
+    }
+    rows = range(len(entries))
+    result: dict = {"concepts": {}}
+    for concept in concepts:
+        kind = concept_kind(concept)
+        other_kind = "shape" if kind == "colour" else "colour"
+        own = [i for i in rows if asked[kind][i] == concept]
+        kept_rows = [i for i in own if asked[other_kind][i]]
+        neighbours = [i for i in rows if asked[kind][i] and asked[kind][i] != concept]
+        result["concepts"][concept] = {
+            "concept_rate": wilson(sum(judged[kind][i] == concept for i in own), len(own)),
+            "kept_attribute": wilson(
+                sum(judged[other_kind][i] == asked[other_kind][i] for i in kept_rows), len(kept_rows)
+            ),
+            "neighbour_accuracy": wilson(sum(judged[kind][i] == asked[kind][i] for i in neighbours), len(neighbours)),
+            "substitutes": dict(Counter(judged[kind][i] for i in own if judged[kind][i] != concept).most_common()),
+        }
+    others = [i for i in rows if all(asked[concept_kind(c)][i] != c for c in concepts)]
+    correct = sum(all(judged[k][i] == asked[k][i] for k in ("shape", "colour") if asked[k][i]) for i in others)
+    result["other_accuracy"] = wilson(correct, len(others))
+    return result
+
+
+def run_name(concept_set: str, loss: str, combiner: str, neighbours: str, seed: int) -> str:
+    return f"{concept_set}-{loss}-{combiner}-{neighbours}-seed{seed}"
+
+
+def mean_std(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(values)}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per (concept set, target, combiner, neighbours, concept): means and stds over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        for concept, scores in run["scores"]["concepts"].items():
+            key = (run["concept_set"], run["forget_loss"], run["combiner"], run["neighbours"], concept)
+            groups.setdefault(key, []).append({**scores, "other_accuracy": run["scores"]["other_accuracy"], **run})
+    rows = []
+    for (concept_set, loss, combiner, neighbours, concept), members in groups.items():
+        substitutes: Counter = Counter()
+        for m in members:
+            substitutes.update(m["substitutes"])
+        rows.append(
+            {
+                "concept_set": concept_set,
+                "forget_loss": loss,
+                "combiner": combiner,
+                "neighbours": neighbours,
+                "concept": concept,
+                "seeds": [m["seed"] for m in members],
+                **{
+                    key: mean_std([m[key]["rate"] for m in members])
+                    for key in ("concept_rate", "kept_attribute", "neighbour_accuracy", "other_accuracy")
+                },
+                "substitutes": dict(substitutes.most_common()),
+                "wall_seconds": mean_std([m["wall_seconds"] for m in members]),
+            }
+        )
+    return rows
+
+
+def original_row(scores: dict, concept: str) -> dict:
+    own = scores["concepts"][concept]
+    return {k: own[k]["rate"] for k in ("concept_rate", "kept_attribute", "neighbour_accuracy")} | {
+        "other_accuracy": scores["other_accuracy"]["rate"]
+    }
+
+
+def _cell(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{100 * stat['mean']:.1f}" + (f" ± {100 * stat['std']:.1f}" if stat["n"] > 1 else "")
+
+
+def results_markdown(results: dict) -> str:
+    header = [
+        "concepts",
+        "target",
+        "combiner",
+        "neighbours",
+        "concept",
+        "seeds",
+        "concept rate %",
+        "kept attr. %",
+        "neighbours %",
+        "other %",
+        "substitutes (counts)",
+    ]
+    rows = [
+        ["original", "-", "-", "-", c, "-", *(f"{100 * v:.1f}" for v in o.values()), "-"]
+        for c, o in results["original"].items()
+    ]
+    for r in results["summary"]:
+        rows.append(
+            [
+                r["concept_set"],
+                r["forget_loss"],
+                r["combiner"],
+                r["neighbours"],
+                r["concept"],
+                len(r["seeds"]),
+                _cell(r["concept_rate"]),
+                _cell(r["kept_attribute"]),
+                _cell(r["neighbour_accuracy"]),
+                _cell(r["other_accuracy"]),
+                ", ".join(f"{k} {v}" for k, v in r["substitutes"].items()) or "-",
+            ]
+        )
+    missing = results.get("missing", [])
+    return (
+        "# Specificity on the demo world\n\n"
+        "Rates are means ± std over training seeds; each run's rates carry 95% Wilson intervals in results.json. "
+        "Substitutes: what the judge sees instead of the concept on the concept's prompts (all seeds).\n\n"
+        + markdown_table(header, rows)
+        + (f"\n\nNot run (--runs_limit): {', '.join(missing)}\n" if missing else "\n")
+    )
+
+
+def plot(results: dict, path: Path) -> None:
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    markers = {"esd": "o", "anchored_esd": "s", "anchor": "^"}
+    colours = {"nash": "tab:blue", "sum": "tab:orange"}
+    for row in results["summary"]:
+        if row["concept_rate"]["mean"] is None:
+            continue
+        ax = axes[0] if row["concept"] in COLOURS else axes[1]
+        ax.errorbar(
+            100 * row["concept_rate"]["mean"],
+            100 * row["kept_attribute"]["mean"],
+            xerr=100 * (row["concept_rate"]["std"] or 0),
+            yerr=100 * (row["kept_attribute"]["std"] or 0),
+            marker=markers[row["forget_loss"]],
+            color=colours[row["combiner"]],
+            linestyle="none",
+            label=f"{row['concept_set']}: {row['forget_loss']} {row['combiner']} {row['neighbours']}",
+        )
+    for concept, original in results["original"].items():
+        ax = axes[0] if concept in COLOURS else axes[1]
+        ax.scatter(
+            100 * original["concept_rate"],
+            100 * original["kept_attribute"],
+            marker="*",
+            s=150,
+            color="black",
+            label=f"original ({concept})",
+        )
+    for ax, title in zip(axes, ("colour concepts", "shape concepts")):
+        ax.set_xlabel("concept rate % (lower: erased)")
+        ax.set_ylabel("kept attribute % (higher: specific)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    save_figure(figure, path)
+    plt.close(figure)
+
+
+def run(config: SpecificityConfig) -> dict:
+    torch.set_num_threads(config.threads)
+    check_results(config.output_dir, config.overwrite)
+    evaluation = config.evaluation
+    settings = config.erasure_record()
+    runs_dir = config.output_dir / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    judge = load_demo_judge()
+    all_concepts = sorted({c for s in config.concept_sets for c in s.split("+")})
+    plan = [
+        (concept_set, loss, combiner, neighbours, seed)
+        for concept_set in config.concept_sets
+        for loss in config.forget_losses
+        for combiner in config.combiners
+        for neighbours in config.neighbour_settings
+        for seed in config.seeds
+    ]
+    if config.runs_limit is not None:
+        plan, skipped = plan[: config.runs_limit], plan[config.runs_limit :]
+    else:
+        skipped = []
+    with work_folder(config.work_dir, "munba-specificity-") as work:
+        original_path = runs_dir / "original.json"
+        if not original_path.is_file():
+            folder = generate_for_eval(config.model, evaluation, work / "eval", "original")
+            write_json_atomic(original_path, specificity_scores(folder, all_concepts, judge))
+        for concept_set, loss, combiner, neighbours, seed in plan:
+            name = run_name(concept_set, loss, combiner, neighbours, seed)
+            if (runs_dir / f"{name}.json").is_file():
+                continue
+            model_dir = work / name
+            start = time.time()
+            run_erasure(
+                config,
+                concept_set.split("+"),
+                model_dir,
+                seed=seed,
+                combiner=combiner,
+                forget_loss=loss,
+                neighbour_player=neighbours == "player",
+            )
+            folder = generate_for_eval(str(model_dir), evaluation, work / "eval", name)
+            record = {
+                "concept_set": concept_set,
+                "forget_loss": loss,
+                "combiner": combiner,
+                "neighbours": neighbours,
+                "seed": seed,
+                "wall_seconds": time.time() - start,
+                "scores": specificity_scores(folder, concept_set.split("+"), judge),
+            }
+            write_json_atomic(runs_dir / f"{name}.json", record)
+            shutil.rmtree(model_dir, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
+    original_scores = json.loads(original_path.read_text())
+    runs = [json.loads((runs_dir / f"{run_name(*p)}.json").read_text()) for p in plan]
+    results = {
+        "benchmark": "specificity",
+        "settings": {"erasure": settings, "evaluation": asdict(evaluation)},
+        "original": {c: original_row(original_scores, c) for c in all_concepts},
+        "original_scores": original_scores,
+        "runs": runs,
+        "summary": summarize(runs),
+        "missing": [run_name(*p) for p in skipped],
+    }
+    write_results(config.output_dir, results, results_markdown, plot=plot, overwrite=config.overwrite)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse_config(SpecificityConfig, argv, description=__doc__, prog="python -m benchmarks.specificity"))
+
+
+if __name__ == "__main__":
+    run_script(main, "specificity")

@@ -1,0 +1,81 @@
+"""The erasure LoRA in the kohya key layout that ComfyUI, AUTOMATIC1111 and Forge load.
+
+kohya's sd-scripts train Stable Diffusion 1.x/2.x on the diffusers UNet and name each adapted module
+``lora_unet_`` + its diffusers module path with dots turned into underscores::
+
+    down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k  (peft: ...to_k.lora_A.weight / lora_B.weight)
+    -> lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight / .lora_up.weight
+       lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.alpha
+
+``lora_down`` is peft's ``lora_A`` and ``lora_up`` its ``lora_B`` (Conv2d layers keep their kernel in ``lora_down``
+and a 1x1 ``lora_up``, as in both formats). kohya applies ``up @ down * alpha / rank`` with ``rank`` =
+``lora_down``'s first dimension, so each module's ``alpha`` is peft's scaling of that module times its rank: the
+update is the same ``delta W`` peft applies (rank- and alpha-patterns and rsLoRA included). Every Linear and
+Conv2d of the UNet converts (attention projections, feed-forward, ``proj_in``/``proj_out``, resnets' ``conv1``,
+``conv2``, ``conv_shortcut`` and ``time_emb_proj``, down/up samplers, ``conv_in``, ``conv_out``, the timestep
+embedding): ComfyUI's key map and A1111's ``convert_diffusers_name_to_compvis`` know all of them. DoRA and LoRA
+biases have no kohya-LoRA equivalent and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+KOHYA_UNET_PREFIX = "lora_unet_"
+_PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+
+
+def kohya_lora_state_dict(unet: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The UNet adapter ``adapter_name`` as a kohya state dict (``lora_down``/``lora_up`` weights, ``alpha``)."""
+    peft_state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    kohya: dict[str, torch.Tensor] = {}
+    for key, tensor in peft_state.items():
+        match = _PEFT_KEY.match(key)
+        if match is None:
+            raise ValueError(
+                f"the LoRA holds {key!r}, which the kohya format (ComfyUI / A1111) cannot express; train a plain "
+                "LoRA (no DoRA, no LoRA bias) to export one."
+            )
+        name = KOHYA_UNET_PREFIX + match["module"].replace(".", "_")
+        part = "lora_down" if match["part"] == "A" else "lora_up"
+        kohya[f"{name}.{part}.weight"] = tensor.detach().contiguous()
+        if part == "lora_down":
+            scaling = unet.get_submodule(match["module"]).scaling[adapter_name]
+            rank = tensor.shape[0]
+            kohya[f"{name}.alpha"] = torch.tensor(float(scaling) * rank, dtype=torch.float32)
+    return kohya
+
+
+def kohya_metadata(unet: torch.nn.Module, adapter_name: str, record: Mapping[str, Any]) -> dict[str, str]:
+    """The safetensors metadata A1111's and ComfyUI's LoRA browsers show (kohya ``ss_*`` keys) plus the erasure."""
+    config = unet.peft_config[adapter_name]
+    cross_attention_dim = unet.config.cross_attention_dim
+    version = {768: "sd_v1", 1024: "sd_v2"}.get(cross_attention_dim if isinstance(cross_attention_dim, int) else 0)
+    names = [concept["name"] for concept in record["concepts"]]
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(config.r),
+        "ss_network_alpha": str(float(config.lora_alpha)),
+        "ss_sd_model_name": str(record["pretrained_model_name_or_path"]),
+        "ss_training_comment": f"MUNBa concept erasure of {', '.join(names)} (munba-diffusion); apply at weight 1",
+        "ss_v2": str(version == "sd_v2"),
+        "munba_erasure": json.dumps({"concepts": names, "base_model": record["pretrained_model_name_or_path"]}),
+    }
+    if version is not None:
+        metadata["ss_base_model_version"] = version
+    return metadata
+
+
+def save_kohya_lora(unet: torch.nn.Module, adapter_name: str, record: Mapping[str, Any], path: str | Path) -> Path:
+    """Write the UNet adapter as a kohya-layout safetensors file (with metadata) at ``path``."""
+    path = Path(path)
+    save_file(kohya_lora_state_dict(unet, adapter_name), str(path), metadata=kohya_metadata(unet, adapter_name, record))
+    return path
