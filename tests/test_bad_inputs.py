@@ -135,7 +135,7 @@ CASES: tuple[Case, ...] = (
     T("negative ESD guidance", f"{RUN} --negative_guidance -1", "negative_guidance (--negative_guidance) must be >= 0"),
     T("LoRA alpha 0", f"{RUN} --lora_alpha 0", "lora_alpha (--lora_alpha) must be > 0"),
     T("unknown combiner", f"{RUN} --combiner nashh", "combiner (--combiner) must be one of nash, sum"),
-    T("unknown forget loss", f"{RUN} --forget_loss mse", "forget_loss (--forget_loss) must be one of esd, anchor"),
+    T("unknown forget loss", f"{RUN} --forget_loss mse", "forget_loss (--forget_loss) must be one of esd"),
     T("unknown LoRA target", f"{RUN} --lora_target everything", "lora_target (--lora_target) must be one of"),
     T("unknown latent source", f"{RUN} --latent_source noise", "latent_source (--latent_source) must be one of"),
     T("unknown mixed precision", f"{RUN} --mixed_precision fp8", "mixed_precision (--mixed_precision) must be one of"),

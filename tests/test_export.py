@@ -148,6 +148,7 @@ def test_lora_file_carries_adapter_metadata(exported):
         keys = list(weights.keys())
     assert metadata["unet.r"] == 4 and metadata["unet.lora_alpha"] == 8.0  # alpha != r survives
     assert keys and all(key.startswith("unet.") and "attn2" in key for key in keys)
+    assert all(key.endswith((".lora_A.weight", ".lora_B.weight")) for key in keys)  # one naming for every module
 
 
 def test_run_record_is_the_configuration_plus_run_statistics(exported):
@@ -179,7 +180,7 @@ def test_model_card(exported):
     for way in ('from_pretrained("someone/erased-circle")', 'custom_pipeline="munba"', "load_erasure("):
         assert way in card.text
     assert "`esd`" in card.text and "`nash`" in card.text and "rank 4, alpha 8.0" in card.text
-    for tool in ("ComfyUI", "AUTOMATIC1111", "Forge", "`munba_erasure_comfyui_a1111.safetensors`", "needs `peft`"):
+    for tool in ("ComfyUI", "AUTOMATIC1111", "Forge", "`munba_erasure_comfyui_a1111.safetensors`", "need `peft`"):
         assert tool in card.text
 
 
@@ -231,7 +232,7 @@ def test_finish_puts_the_evaluation_reports_into_the_model_index(tmp_path):
     pipe.unet.requires_grad_(False)
     targets = target_module_names(pipe.unet, "xattn")
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8.0, target_modules=targets), adapter_name=ADAPTER_NAME)
-    preset = ConceptPreset(name="circle", forget_prompts=("a circle",), preserve_prompts=("a square",))
+    preset = ConceptPreset("circle", forget_prompts=("a circle",), preserve_prompts=("a square",), anchor_prompts=("",))
     config = ErasureTrainingConfig(
         concepts=[preset],
         output_dir=tmp_path / "erased-circle",

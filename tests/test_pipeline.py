@@ -3,8 +3,11 @@
 import ast
 import importlib.util
 import json
+import logging
 import shutil
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,13 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from munba_diffusion.diffusion.export import export_erased_model
 from munba_diffusion.diffusion.loading import load_erased_pipeline
 from munba_diffusion.pipelines import munba as munba_module
-from munba_diffusion.pipelines.munba import ERASURE_ADAPTER_NAME, LORA_WEIGHT_NAME, MunbaPipeline
+from munba_diffusion.pipelines.munba import (
+    ERASURE_ADAPTER_NAME,
+    ERASURE_FILE_NAME,
+    KOHYA_LORA_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
+    MunbaPipeline,
+)
 from tests.tiny_sd import add_random_lora, build_tiny_sd_pipeline, tiny_erasure_config
 
 torch.set_num_threads(1)  # the tiny models run ~50x slower when 2 threads fight other jobs for 2 cores
@@ -78,6 +87,79 @@ def test_erased_concepts_are_known_on_every_munba_path(exported):
     assert lora.erased_concepts == ["circle"]
     assert lora.config.erasure["base_model"] == "CompVis/stable-diffusion-v1-4"
     assert base_munba().erased_concepts == []
+
+
+@contextmanager
+def captured_messages():
+    """Every log record of diffusers / transformers / peft and every Python warning raised inside the block."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(level=logging.DEBUG)
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+        messages += [str(warning.message) for warning in caught]
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+def legacy_folder(folder: Path, destination: Path) -> Path:
+    """The folder as earlier versions wrote it: the erasure record as an "erasure" entry of model_index.json."""
+    legacy = Path(shutil.copytree(folder, destination))
+    index = json.loads((legacy / "model_index.json").read_text())
+    index["erasure"] = json.loads((legacy / ERASURE_FILE_NAME).read_text())
+    (legacy / "model_index.json").write_text(json.dumps(index))
+    (legacy / ERASURE_FILE_NAME).unlink()
+    return legacy
+
+
+def test_plain_loading_prints_no_warning(exported, tmp_path):
+    folder, _, _ = exported
+    assert "erasure" not in json.loads((folder / "model_index.json").read_text())
+    with captured_messages() as messages:
+        DiffusionPipeline.from_pretrained(folder)
+    assert not [m for m in messages if "erasure" in m or "model_index" in m or "not expected" in m], messages
+    # the capture does see the warning that the old layout gave (so its absence above means something)
+    legacy = legacy_folder(folder, tmp_path / "legacy")
+    with captured_messages() as messages:
+        DiffusionPipeline.from_pretrained(legacy)
+    assert [m for m in messages if "erasure" in m and "Please verify your model_index.json" in m]
+
+
+def test_earlier_folders_with_the_record_in_model_index_still_load(exported, tmp_path):
+    folder, _, _ = exported
+    legacy = legacy_folder(folder, tmp_path / "legacy")
+    assert MunbaPipeline.from_pretrained(legacy).erased_concepts == ["circle"]
+    assert load_erased_pipeline(legacy, trust_remote_code=True).erased_concepts == ["circle"]
+
+
+def test_custom_pipeline_reads_the_record_and_dials_the_erasure(exported):
+    folder, _, base_images = exported
+    remote = DiffusionPipeline.from_pretrained(folder, custom_pipeline="munba", trust_remote_code=True)
+    assert remote.config.erasure == json.loads((folder / ERASURE_FILE_NAME).read_text())
+    assert remote.erasure_scale == 1.0
+    remote.erasure_scale = 0.0
+    assert max_diff(generate(remote), base_images) < FUSED_VS_LORA_ATOL
+
+
+def test_a_hub_snapshot_finds_the_record(exported, tmp_path):
+    """A Hub id resolved from the local cache (offline): the record is read from the snapshot folder."""
+    folder, _, _ = exported
+    snapshot = tmp_path / "hub" / "models--someone--erased-circle" / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    pipe = MunbaPipeline.from_pretrained("someone/erased-circle", cache_dir=tmp_path / "hub", local_files_only=True)
+    assert pipe.erased_concepts == ["circle"] and pipe.config.erasure["fused"] is True
 
 
 def test_erasure_scale_on_base_plus_lora(exported):
@@ -169,9 +251,10 @@ def test_save_pretrained_keeps_the_folder_loadable_three_ways(exported, tmp_path
     pipe.save_pretrained(tmp_path / "resaved")
     resaved = tmp_path / "resaved"
     model_index = json.loads((resaved / "model_index.json").read_text())
-    assert model_index["_class_name"] == "StableDiffusionPipeline"
-    assert model_index["erasure"]["concepts"] == ["circle"]
+    assert model_index["_class_name"] == "StableDiffusionPipeline" and "erasure" not in model_index
+    assert (resaved / ERASURE_FILE_NAME).read_text() == (folder / ERASURE_FILE_NAME).read_text()
     assert (resaved / "munba.py").read_bytes() == Path(munba_module.__file__).read_bytes()
+    assert (resaved / KOHYA_LORA_WEIGHT_NAME).read_bytes() == (folder / KOHYA_LORA_WEIGHT_NAME).read_bytes()
     expected = generate(MunbaPipeline.from_pretrained(folder))
     np.testing.assert_array_equal(generate(DiffusionPipeline.from_pretrained(resaved)), expected)
     reloaded = DiffusionPipeline.from_pretrained(resaved, custom_pipeline="munba", trust_remote_code=True)

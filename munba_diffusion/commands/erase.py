@@ -18,6 +18,7 @@ from ..config import parse_config
 from ..diffusion.config import ErasureTrainingConfig
 from ..diffusion.train import train_erasure
 from ..evaluation.erasure import evaluate_erasure
+from . import error_line
 
 PROG = "train_erase.py"
 
@@ -27,8 +28,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         train_erasure(config, evaluate=evaluate_erasure)
-    except (ValueError, OSError) as error:  # bad input found after parsing: one line that names the fix
-        sys.exit(f"{PROG}: error: {error}")
+    except (ValueError, OSError) as error:  # bad input found after parsing, a full disk: one line that names the fix
+        sys.exit(f"{PROG}: error: {error_line(error, str(config.output_dir))}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..bargaining import get_combiner
 from ..step import BargainedUpdate
-from .base_model import load_base_pipeline
+from .base_model import check_base_model, load_base_pipeline
 from .checkpoints import checkpoint_to_resume, load_checkpoint, save_checkpoint, truncate_log
 from .config import ErasureTrainingConfig
 from .data import build_erasure_data
@@ -110,6 +110,7 @@ def train_erasure(
 
 def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     resume_path = checkpoint_to_resume(config)
+    check_base_model(config.pretrained_model_name_or_path, revision=config.revision)  # before anything slow
     output_dir = config.output_dir
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,

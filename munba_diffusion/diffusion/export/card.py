@@ -231,8 +231,8 @@ apart. Strength 1 is the erased model, 0 the original; the LoRA touches only the
 def _how_to_load(base: str, concept: str, model_id: str) -> str:
     return f"""## How to load
 
-1. As a plain Stable Diffusion pipeline (the erasure is fused into the UNet; needs `diffusers`, `transformers`,
-`torch`):
+1. As a plain Stable Diffusion pipeline (the erasure is fused into the UNet; needs `diffusers`, `transformers` and
+`torch` only):
 
 ```python
 from diffusers import DiffusionPipeline
@@ -258,14 +258,17 @@ With munba-diffusion installed (`pip install munba-diffusion`),
 `from munba_diffusion import MunbaPipeline; MunbaPipeline.from_pretrained("{model_id}")` does the same without
 remote code.
 
-3. As the base model plus the erasure LoRA (`load_lora_weights` needs `peft`: `pip install diffusers transformers
-peft`):
+3. As the base model plus the erasure LoRA (`load_lora_weights` and `load_erasure` need `peft` besides
+`diffusers` and `transformers`):
 
 ```python
 from munba_diffusion import MunbaPipeline
 
 pipe = MunbaPipeline.from_pretrained("{base}").load_erasure("{model_id}")
+
 # or with diffusers and peft only:
-# pipe = StableDiffusionPipeline.from_pretrained("{base}")
-# pipe.load_lora_weights("{model_id}", weight_name="{LORA_WEIGHT_NAME}")
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{base}")
+pipe.load_lora_weights("{model_id}", weight_name="{LORA_WEIGHT_NAME}")
 ```"""

@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
@@ -113,8 +112,10 @@ class OutputDirLock:
 
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir) / LOCK_NAME
+        self.created_folder = False
 
     def __enter__(self) -> OutputDirLock:
+        self.created_folder = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
@@ -136,6 +137,8 @@ class OutputDirLock:
     def __exit__(self, *exc: object) -> None:
         if self._owner() == os.getpid():
             self.path.unlink(missing_ok=True)
+        if self.created_folder and self.path.parent.is_dir() and not any(self.path.parent.iterdir()):
+            self.path.parent.rmdir()  # a run that failed before writing anything leaves no empty folder behind
 
     def _owner(self) -> int | None:
         try:
@@ -295,11 +298,15 @@ def _in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def _save_lora(pipeline: StableDiffusionPipeline, adapter_name: str, directory: Path) -> None:
+    """The diffusers LoRA file, keys in peft's naming (``unet.<module>.lora_A.weight``). Not
+    ``convert_state_dict_to_diffusers``: it renames only attention projections (``to_q.lora.down``), and diffusers'
+    loader, which decides from the first key whether to convert back, then drops the attention half of a LoRA that
+    also adapts convolutions (the ``noxattn`` and ``full`` target sets)."""
     unet = pipeline.unet
     lora_state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     StableDiffusionPipeline.save_lora_weights(
         directory,
-        unet_lora_layers=convert_state_dict_to_diffusers(lora_state),
+        unet_lora_layers=lora_state,
         unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict(),
         weight_name=LORA_WEIGHT_NAME,
         safe_serialization=True,
