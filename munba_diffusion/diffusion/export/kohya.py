@@ -13,8 +13,9 @@ and a 1x1 ``lora_up``, as in both formats). kohya applies ``up @ down * alpha / 
 update is the same ``delta W`` peft applies (rank- and alpha-patterns and rsLoRA included). Every Linear and
 Conv2d of the UNet converts (attention projections, feed-forward, ``proj_in``/``proj_out``, resnets' ``conv1``,
 ``conv2``, ``conv_shortcut`` and ``time_emb_proj``, down/up samplers, ``conv_in``, ``conv_out``, the timestep
-embedding): ComfyUI's key map and A1111's ``convert_diffusers_name_to_compvis`` know all of them. DoRA and LoRA
-biases have no kohya-LoRA equivalent and are refused.
+embedding), with the names ComfyUI's LoRA key map and A1111's ``convert_diffusers_name_to_compvis`` look for
+(checked here through diffusers' own kohya loader, which converts every one back to the same module). DoRA and
+LoRA biases have no kohya-LoRA equivalent and are refused.
 """
 
 from __future__ import annotations
@@ -54,21 +55,29 @@ def kohya_lora_state_dict(unet: torch.nn.Module, adapter_name: str) -> dict[str,
     return kohya
 
 
-def kohya_metadata(unet: torch.nn.Module, adapter_name: str, record: Mapping[str, Any]) -> dict[str, str]:
-    """The safetensors metadata A1111's and ComfyUI's LoRA browsers show (kohya ``ss_*`` keys) plus the erasure."""
-    config = unet.peft_config[adapter_name]
+def kohya_metadata(
+    unet: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], record: Mapping[str, Any]
+) -> dict[str, str]:
+    """The safetensors metadata A1111's and ComfyUI's LoRA browsers show (kohya ``ss_*`` keys) plus the erasure.
+
+    ``ss_network_dim`` / ``ss_network_alpha`` are written when every module shares them (the loaders use the
+    per-module ``alpha`` tensors, never these)."""
     cross_attention_dim = unet.config.cross_attention_dim
     version = {768: "sd_v1", 1024: "sd_v2"}.get(cross_attention_dim if isinstance(cross_attention_dim, int) else 0)
     names = [concept["name"] for concept in record["concepts"]]
+    base = str(record["pretrained_model_name_or_path"])
     metadata = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(config.r),
-        "ss_network_alpha": str(float(config.lora_alpha)),
-        "ss_sd_model_name": str(record["pretrained_model_name_or_path"]),
-        "ss_training_comment": f"MUNBa concept erasure of {', '.join(names)} (munba-diffusion); apply at weight 1",
+        "ss_sd_model_name": base,
+        "ss_training_comment": f"MUNBa concept erasure of {', '.join(names)} (munba-diffusion); apply at strength 1",
         "ss_v2": str(version == "sd_v2"),
-        "munba_erasure": json.dumps({"concepts": names, "base_model": record["pretrained_model_name_or_path"]}),
+        "munba_erasure": json.dumps({"concepts": names, "base_model": base}),
     }
+    ranks = {tensor.shape[0] for key, tensor in state_dict.items() if key.endswith(".lora_down.weight")}
+    alphas = {float(tensor) for key, tensor in state_dict.items() if key.endswith(".alpha")}
+    if len(ranks) == 1 and len(alphas) == 1:
+        metadata["ss_network_dim"] = str(ranks.pop())
+        metadata["ss_network_alpha"] = str(alphas.pop())
     if version is not None:
         metadata["ss_base_model_version"] = version
     return metadata
@@ -77,5 +86,6 @@ def kohya_metadata(unet: torch.nn.Module, adapter_name: str, record: Mapping[str
 def save_kohya_lora(unet: torch.nn.Module, adapter_name: str, record: Mapping[str, Any], path: str | Path) -> Path:
     """Write the UNet adapter as a kohya-layout safetensors file (with metadata) at ``path``."""
     path = Path(path)
-    save_file(kohya_lora_state_dict(unet, adapter_name), str(path), metadata=kohya_metadata(unet, adapter_name, record))
+    state_dict = kohya_lora_state_dict(unet, adapter_name)
+    save_file(state_dict, str(path), metadata=kohya_metadata(unet, state_dict, record))
     return path
