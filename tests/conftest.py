@@ -1,4 +1,4 @@
-"""Shared test settings: offline Hub, and one torch thread per test process.
+"""Shared test settings: offline Hub, one torch thread per test process, and an image cache of each test's own.
 
 Several torch processes sharing 2 cores with 2 threads each run many times slower than with one thread each
 (thread oversubscription), and the end-to-end tests start subprocesses.
@@ -12,3 +12,25 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("MUNBA_TEST_THREADS", "1")))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_image_cache_in_home(tmp_path_factory):
+    """MUNBA_CACHE_DIR in pytest's temporary folder for the whole session (module fixtures included, and the
+    subprocesses tests start): nothing is written into the user's ~/.cache/munba_diffusion."""
+    previous = os.environ.get("MUNBA_CACHE_DIR")
+    os.environ["MUNBA_CACHE_DIR"] = str(tmp_path_factory.mktemp("munba-image-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MUNBA_CACHE_DIR", None)
+    else:
+        os.environ["MUNBA_CACHE_DIR"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _own_image_cache(tmp_path_factory, monkeypatch):
+    """Each test starts with an empty image cache of its own, so no test reuses another's images."""
+    monkeypatch.setenv("MUNBA_CACHE_DIR", str(tmp_path_factory.mktemp("munba-image-cache")))

@@ -39,6 +39,7 @@ BAD = [
     ("limit", {"limit": -3}, ["--limit", "-3"]),
     ("overwrite", {"overwrite": 1}, None),
     ("device", {"device": "gpu"}, ["--device", "gpu"]),
+    ("image_cache", {"image_cache": "no"}, None),
     ("num_inference_steps", {"num_inference_steps": 0}, ["--steps", "0"]),
     ("num_inference_steps", {"num_inference_steps": 5000}, ["--steps", "5000"]),
     ("num_inference_steps", {"num_inference_steps": 2.5}, None),
@@ -80,7 +81,7 @@ def test_every_field_has_bad_values():
     assert {name for name, _, _ in BAD} == set(FIELDS)
     # each field that a flag can spell wrongly is also tried on the command line
     cli_fields = {name for name, _, argv in BAD if argv is not None}
-    assert set(FIELDS) - cli_fields == {"nudity_only", "overwrite", "use_prompt_settings"}
+    assert set(FIELDS) - cli_fields == {"nudity_only", "overwrite", "use_prompt_settings", "image_cache"}
 
 
 @pytest.mark.parametrize(("name", "values", "argv"), BAD, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD)])

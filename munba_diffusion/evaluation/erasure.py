@@ -19,6 +19,9 @@ def evaluate_erasure(config: ErasureTrainingConfig, erased_dir: Path) -> str | N
 
     A preset names its evaluation set (``eval``) and the model it was written for (``default_model``); the set
     runs when the base model is that model, so a set is never scored on a model it cannot judge.
+
+    Images go through the image cache (:class:`.generate.ImageCache`, shared with ``eval/evaluate.py``): the
+    original model's images are made by the first run and copied by every later one with the same settings.
     """
     tables = []
     for concept in config.concepts:

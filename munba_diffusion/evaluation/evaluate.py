@@ -5,6 +5,11 @@ Output folder layout::
     output_dir/images/<model label>/{00000_<seed>.png, ..., manifest.jsonl, generation.json}
     output_dir/report.json  output_dir/report.md  output_dir/grid.png
 
+Images are reused from the image cache (``$MUNBA_CACHE_DIR``, else ``~/.cache/munba_diffusion/images``; see
+:mod:`.generate`) when the same model, prompt, seed and settings were generated before, by this command or by the
+trainer's end-of-run evaluation; ``--no_image_cache`` turns it off. report.json's ``protocol.image_cache`` says
+how many images of each model came from it.
+
 The command line (``eval/evaluate.py``) is :class:`EvaluationConfig`: every option is declared once, on the
 dataclass that uses it (:class:`GenerationSettings` for how images are made, :class:`MetricOptions` for how they are
 scored, :class:`EvaluationConfig` for the rest), with its help, default and range; the parser is generated from it
@@ -30,6 +35,7 @@ from .demo import concept_kind, demo_metrics, demo_protocol
 from .fid import INCEPTION_FILE, default_inception_dir, fid_score
 from .generate import (
     GenerationSettings,
+    ImageCache,
     ModelSpec,
     check_lora_file,
     check_model,
@@ -39,6 +45,7 @@ from .generate import (
     native_resolution,
     process_state,
 )
+from .manifest import read_manifest
 from .nudenet import EXPOSED_CLASSES, detector_protocol, nudenet_metrics
 from .objects import IMAGENETTE_CLASSES, TORCHVISION_RESNET50, imagenette_class, object_metrics
 from .prompt_sets import PromptSet, load_prompt_set
@@ -121,6 +128,12 @@ class EvaluationConfig:
     limit: int | None = option(None, "use only the first N prompts", low=1)
     overwrite: bool = option(False, "replace an existing report (and images of a different run)")
     device: str | None = option(None, "torch device, e.g. cuda:1 (default: accelerate's device for this process)")
+    image_cache: bool = option(
+        True,
+        "do not reuse or store images in the image cache ($MUNBA_CACHE_DIR, else ~/.cache/munba_diffusion/images), "
+        "which otherwise skips images already made with the same model, prompt, seed and settings",
+        flag="no_image_cache",
+    )
     # how images are made (declared on GenerationSettings)
     num_inference_steps: int = _declared(GenerationSettings, "num_inference_steps")
     guidance_scale: float = _declared(GenerationSettings, "guidance_scale")
@@ -270,6 +283,25 @@ def _seed_protocol(prompt_set: PromptSet) -> dict:
     }
 
 
+def cache_protocol(caches: dict[str, ImageCache | None], manifests: dict[str, Path]) -> dict:
+    """What a report states about the image cache: its folder, and per model how many of its images were copied
+    from the cache (counted from the manifest, so a resumed run counts the images of its earlier part too)."""
+    used = [cache for cache in caches.values() if cache is not None]
+    if not used:
+        return {"enabled": False}
+    models = {}
+    for label, cache in caches.items():
+        records = read_manifest(manifests[label])
+        hits = sum(bool(r.get("from_cache")) for r in records)
+        models[label] = {
+            "images_from_cache": hits,
+            "images_generated": len(records) - hits,
+            "model_fingerprint": cache.model_fingerprint if cache else None,
+        }
+    first = used[0]
+    return {"enabled": True, "folder": str(first.folder), **first.environment, "models": models}
+
+
 def evaluate_models(
     models: Sequence[str | ModelSpec],
     prompts: str | Path | PromptSet,
@@ -281,12 +313,14 @@ def evaluate_models(
     device: str | torch.device | None = None,
     overwrite: bool = False,
     grid_prompts: int = 6,
+    image_cache: bool = True,
 ) -> str:
     """Generate ``prompts`` with every model, score them, write report.json / report.md / grid.png.
 
     ``models``: diffusers folders, Hub ids, bundled names, erased output folders, or ``"BASE::LORA_FILE"``
     (or :class:`ModelSpec`). Generation is resumable and split across processes; metrics run on the main
-    process. Returns the headline Markdown table (for a model card); other processes return "".
+    process. With ``image_cache`` images are reused from and stored in the image cache (:class:`ImageCache`).
+    Returns the headline Markdown table (for a model card); other processes return "".
     """
     settings, options = settings or GenerationSettings(), options or MetricOptions()
     output_dir = Path(output_dir)
@@ -305,10 +339,11 @@ def evaluate_models(
     state = process_state()
     device = torch.device(device) if device is not None else state.device
 
-    protocol_models, manifests = {}, {}
+    protocol_models, manifests, caches = {}, {}, {}
     for spec in specs:
         pipe = load_pipeline(spec, settings, device)
         protocol_models[spec.name] = {**model_protocol(spec, pipe), "native_resolution": native_resolution(pipe)}
+        caches[spec.name] = ImageCache.for_pipeline(pipe, lora=spec.lora) if image_cache else None
         manifests[spec.name] = generate_images(
             pipe,
             prompt_set,
@@ -316,6 +351,7 @@ def evaluate_models(
             settings,
             model=protocol_models[spec.name],
             overwrite=overwrite,
+            cache=caches[spec.name],
         )
         del pipe
         gc.collect()
@@ -339,6 +375,7 @@ def evaluate_models(
                 "safety_checker": "off",
             },
             "metrics": {m: metric_protocol(m, options) for m in metrics},
+            "image_cache": cache_protocol(caches, manifests),
             "libraries": library_versions(),
         },
     }
@@ -361,4 +398,5 @@ def run_evaluation(config: EvaluationConfig) -> str:
         options=config.metric_options(),
         device=config.device,
         overwrite=config.overwrite,
+        image_cache=config.image_cache,
     )
