@@ -71,6 +71,7 @@ class SpecificityConfig(DemoBenchmarkOptions):
     )
     seeds: tuple[int, ...] = option((0, 1, 2), "training seeds")
     runs_limit: int | None = option(None, "stop after this many runs (the rest is reported as missing)", low=1)
+    report_only: bool = option(False, "write the results of the runs already finished in runs/ and train nothing")
     output_dir: Path = option(
         RESULTS_ROOT / "specificity",
         "folder for runs/ (one JSON per finished run: a rerun continues), results.json, results.md and results.png",
@@ -217,9 +218,10 @@ def results_markdown(results: dict) -> str:
     return (
         "# Specificity on the demo world\n\n"
         "Rates are means ± std over training seeds; each run's rates carry 95% Wilson intervals in results.json. "
-        "Substitutes: what the judge sees instead of the concept on the concept's prompts (all seeds).\n\n"
+        "Substitutes: what the judge sees instead of the concept on the concept's prompts (all seeds). Verdicts are "
+        "the judge's raw shape and colour (its unrecognisable rule is not applied here).\n\n"
         + markdown_table(header, rows)
-        + (f"\n\nNot run (--runs_limit): {', '.join(missing)}\n" if missing else "\n")
+        + (f"\n\nNot run: {', '.join(missing)}\n" if missing else "\n")
     )
 
 
@@ -279,12 +281,17 @@ def run(config: SpecificityConfig) -> dict:
         for neighbours in config.neighbour_settings
         for seed in config.seeds
     ]
-    if config.runs_limit is not None:
+    if config.report_only:
+        finished = [p for p in plan if (runs_dir / f"{run_name(*p)}.json").is_file()]
+        plan, skipped = finished, [p for p in plan if p not in finished]
+    elif config.runs_limit is not None:
         plan, skipped = plan[: config.runs_limit], plan[config.runs_limit :]
     else:
         skipped = []
     with work_folder(config.work_dir, "munba-specificity-") as work:
         original_path = runs_dir / "original.json"
+        if not original_path.is_file() and config.report_only:
+            raise ValueError(f"--report_only needs finished runs in {runs_dir}; run without it first")
         if not original_path.is_file():
             folder = generate_for_eval(config.model, evaluation, work / "eval", "original")
             write_json_atomic(original_path, specificity_scores(folder, all_concepts, judge))

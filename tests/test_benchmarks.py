@@ -313,3 +313,68 @@ def test_console_scripts_run_outside_the_checkout(script, tmp_path):
     result = subprocess.run([*command, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--output_dir" in result.stdout and "--output-dir" in result.stdout
+
+
+def test_wilson_interval_matches_the_formula_and_stays_in_bounds():
+    from benchmarks.specificity import wilson
+
+    interval = wilson(0, 24)
+    assert interval["rate"] == 0.0 and interval["low"] == 0.0 and 0.13 < interval["high"] < 0.15  # 0/24: [0, 0.138]
+    interval = wilson(22, 24)
+    assert interval["low"] < 22 / 24 < interval["high"] <= 1.0
+    assert wilson(0, 0)["rate"] is None
+
+
+def test_specificity_runs_at_tiny_size(tmp_path):
+    from benchmarks import specificity
+
+    out = tmp_path / "specificity"
+    specificity.main(
+        [
+            "--steps",
+            "2",
+            "--sampler_steps",
+            "2",
+            "--pool_trajectories",
+            "1",
+            "--max_eval_prompts",
+            "1",
+            "--eval_steps",
+            "2",
+            "--grid_steps",
+            "1",
+            "--concept_sets",
+            "red",
+            "--forget_losses",
+            "anchored_esd",
+            "--combiners",
+            "nash",
+            "--seeds",
+            "0",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results["summary"]
+    assert row["forget_loss"] == "anchored_esd" and row["concept"] == "red" and row["seeds"] == [0]
+    assert 0.0 <= row["concept_rate"]["mean"] <= 1.0 and (out / "results.png").is_file()
+    assert "anchored_esd" in (out / "results.md").read_text()
+    report = specificity.main(
+        [
+            "--report_only",
+            "--concept_sets",
+            "red",
+            "--forget_losses",
+            "anchored_esd",
+            "esd",
+            "--combiners",
+            "nash",
+            "--seeds",
+            "0",
+            "--output_dir",
+            str(out),
+            "--overwrite",
+        ]
+    )
+    assert report["missing"] == ["red-esd-nash-folded-seed0"] and len(report["runs"]) == 1
