@@ -59,9 +59,13 @@ class ErasureTrainingConfig:
     anchor_prompt: str | None = option(None, "replace the anchor prompt of every forget prompt")
     # the method
     forget_loss: str = option(
-        "esd", "forget target: esd (negative guidance) or anchor (map to the anchor prompt)", choices=FORGET_LOSSES
+        "anchored_esd",
+        "forget target: anchored_esd (negative guidance relative to the anchor: removes only what the concept adds "
+        "to it; equal to esd for an empty anchor), esd (negative guidance from the empty prompt) or anchor (map to "
+        "the anchor prompt's image)",
+        choices=FORGET_LOSSES,
     )
-    negative_guidance: float = option(1.0, "eta of the esd target", low=0.0)
+    negative_guidance: float = option(1.0, "eta of the esd and anchored_esd targets", low=0.0)
     combiner: str = option("nash", "how the players' gradients are combined each step", choices=COMBINERS)
     combiner_weights: list[float] | None = option(
         None, "fixed weights for --combiner sum: the preservation player's first, then each concept's", low=0.0
