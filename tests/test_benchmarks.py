@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import classifier, clip, gpu_check, memory, overhead, run_all, sampling, tradeoff
+from benchmarks import classifier, clip, gpu_check, memory, overhead, run_all, sampling, specificity, tradeoff
 from benchmarks._common import STEP_VARIANTS, build_unet, erasure_gradients, random_erasure_batch
 from munba_diffusion.config import build_parser, parse_config
 from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
@@ -43,6 +43,7 @@ COMMANDS = {  # what a documented command runs -> the configuration its parser i
     "benchmarks.memory": memory.MemoryConfig,
     "benchmarks.sampling": sampling.SamplingConfig,
     "benchmarks.tradeoff": tradeoff.TradeoffConfig,
+    "benchmarks.specificity": specificity.SpecificityConfig,
     "benchmarks.gpu_check": gpu_check.GpuCheckConfig,
     "benchmarks.run_all": run_all.RunAllConfig,
     "benchmarks.classifier": classifier.ClassifierCommand,
@@ -316,7 +317,7 @@ def test_console_scripts_run_outside_the_checkout(script, tmp_path):
 
 
 def test_wilson_interval_matches_the_formula_and_stays_in_bounds():
-    from benchmarks.specificity import wilson
+    wilson = specificity.wilson
 
     interval = wilson(0, 24)
     assert interval["rate"] == 0.0 and interval["low"] == 0.0 and 0.13 < interval["high"] < 0.15  # 0/24: [0, 0.138]
@@ -326,7 +327,6 @@ def test_wilson_interval_matches_the_formula_and_stays_in_bounds():
 
 
 def test_specificity_runs_at_tiny_size(tmp_path):
-    from benchmarks import specificity
 
     out = tmp_path / "specificity"
     specificity.main(
