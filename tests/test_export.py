@@ -179,7 +179,7 @@ def test_model_card(exported):
     assert "images/before_after.png" in card.text
     for way in ('from_pretrained("someone/erased-circle")', 'custom_pipeline="munba"', "load_erasure("):
         assert way in card.text
-    assert "`anchored_esd`" in card.text and "`nash`" in card.text and "rank 4, alpha 8.0" in card.text
+    assert "`esd`" in card.text and "`nash`" in card.text and "rank 4, alpha 8.0" in card.text
     for tool in ("ComfyUI", "AUTOMATIC1111", "Forge", "`munba_erasure_comfyui_a1111.safetensors`", "need `peft`"):
         assert tool in card.text
 

@@ -59,9 +59,9 @@ class ErasureTrainingConfig:
     anchor_prompt: str | None = option(None, "replace the anchor prompt of every forget prompt")
     # the method
     forget_loss: str = option(
-        "anchored_esd",
-        "forget target: anchored_esd (negative guidance relative to the anchor: removes only what the concept adds "
-        "to it; equal to esd for an empty anchor), esd (negative guidance from the empty prompt) or anchor (map to "
+        "esd",
+        "forget target: esd (negative guidance from the empty prompt), anchored_esd (negative guidance relative to "
+        "the anchor: removes only what the concept adds to it; equal to esd for an empty anchor) or anchor (map to "
         "the anchor prompt's image)",
         choices=FORGET_LOSSES,
     )
