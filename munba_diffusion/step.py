@@ -195,6 +195,25 @@ def nonfinite_players(named_grads: Mapping[str, Sequence[torch.Tensor]], policy:
     return nonfinite
 
 
+def write_objective_gradients(
+    objective: torch.Tensor,
+    params: Sequence[torch.nn.Parameter],
+    *,
+    name: str,
+    max_grad_norm: float | None = None,
+    nonfinite: str = "raise",
+) -> bool:
+    """An ordinary (un-bargained) update through the same owner, for the baselines: ``objective.backward()`` adds
+    its gradient to ``.grad``, then the non-finite policy (``name`` names the objective in its message) and clipping
+    of ``params`` only. Returns False when the step must be skipped (policy ``skip``); never steps the optimizer."""
+    objective.backward()
+    if nonfinite_players({name: [p.grad for p in params if p.grad is not None]}, nonfinite):
+        return False
+    if max_grad_norm is not None:
+        clip_gradients_(params, max_grad_norm)
+    return True
+
+
 class BargainedUpdate:
     """Owns one bargained update: per-player gradients (``autograd.grad`` per player), accumulation over
     micro-batches, reduction across processes, the non-finite policy, combination into ``.grad`` and clipping of

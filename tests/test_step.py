@@ -17,6 +17,7 @@ from munba_diffusion.step import (
     nonfinite_players,
     player_gradients,
     write_bargained_gradients,
+    write_objective_gradients,
 )
 
 
@@ -355,3 +356,23 @@ def test_nonfinite_players_is_the_one_check() -> None:
         nonfinite_players({"a": infinite, "b": finite, "c": infinite}, "raise")
     with pytest.raises(ValueError, match="must be one of raise, skip"):
         nonfinite_players({"a": finite}, "warn")
+
+
+def test_objective_update_is_backward_then_policy_then_clipping_of_the_given_params():
+    model = tiny_model()
+    params = list(model.parameters())
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    loss = model(x).pow(2).sum()
+    expected = torch.autograd.grad(loss, params, retain_graph=True)
+    assert write_objective_gradients(loss, params, name="CE(retain)")
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad, g)
+    model.zero_grad(set_to_none=True)
+    assert write_objective_gradients(model(x).pow(2).sum(), params, name="CE(retain)", max_grad_norm=1e-3)
+    assert abs(sum(float(p.grad.pow(2).sum()) for p in params) ** 0.5 - 1e-3) < 1e-6
+    model.zero_grad(set_to_none=True)
+    nan_loss = model(x).sum() * float("nan")
+    with pytest.raises(NonFiniteGradientError, match="CE\\(retain\\)"):
+        write_objective_gradients(nan_loss, params, name="CE(retain)")
+    model.zero_grad(set_to_none=True)
+    assert not write_objective_gradients(model(x).sum() * float("nan"), params, name="CE(retain)", nonfinite="skip")

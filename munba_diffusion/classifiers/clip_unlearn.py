@@ -46,11 +46,10 @@ from ..bargaining import COMBINERS, get_combiner
 from ..clip_features import clip_image_embeddings, clip_text_embeddings
 from ..config import check_options, option
 from ..step import (
-    clip_gradients_,
     max_grad_norm_option,
     nonfinite_gradients_option,
-    nonfinite_players,
     write_bargained_gradients,
+    write_objective_gradients,
 )
 from .metrics import accuracy
 from .unlearn import _random_wrong_labels
@@ -341,13 +340,15 @@ def unlearn_clip(
             record["cos_phi"].append(diagnostics.cos_phi)
             record["weights"].append(diagnostics.weights)
         else:  # one backward pass of the summed losses, as these baselines are usually run
-            sum(losses.values()).backward()
-            grads = [p.grad for p in params if p.grad is not None]
-            if nonfinite_players({"+".join(losses): grads}, config.nonfinite_gradients):
+            if not write_objective_gradients(
+                sum(losses.values()),
+                params,
+                name="+".join(losses),
+                max_grad_norm=config.max_grad_norm,
+                nonfinite=config.nonfinite_gradients,
+            ):
                 record["skipped_steps"] += 1
                 continue
-            if config.max_grad_norm is not None:
-                clip_gradients_(params, config.max_grad_norm)
         optimizer.step()
         record["last_losses"] = {name: float(loss.detach()) for name, loss in losses.items()}
     return model, _summarise_record(record)

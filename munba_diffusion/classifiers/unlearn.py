@@ -35,11 +35,10 @@ from tqdm.auto import tqdm
 from ..bargaining import COMBINERS, get_combiner
 from ..config import check_options, option
 from ..step import (
-    clip_gradients_,
     max_grad_norm_option,
     nonfinite_gradients_option,
-    nonfinite_players,
     write_bargained_gradients,
+    write_objective_gradients,
 )
 
 METHODS: tuple[str, ...] = ("retrain", "ft", "ga", "rl", "munba")
@@ -178,11 +177,13 @@ def unlearn(
                 objective = -loss if config.method == "ga" else loss
                 if config.method == "rl":
                     objective = objective + forget_loss()
-                objective.backward()
-                grads = [p.grad for p in params if p.grad is not None]
-                skip = bool(nonfinite_players({OBJECTIVES[config.method]: grads}, config.nonfinite_gradients))
-                if not skip and config.max_grad_norm is not None:
-                    clip_gradients_(params, config.max_grad_norm)
+                skip = not write_objective_gradients(
+                    objective,
+                    params,
+                    name=OBJECTIVES[config.method],
+                    max_grad_norm=config.max_grad_norm,
+                    nonfinite=config.nonfinite_gradients,
+                )
             if skip:
                 record["skipped_steps"] += 1
                 continue
