@@ -141,13 +141,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
 
 
 # ------------------------------------------------------------------------------------------ options
-def same_option(cls: type, name: str) -> Any:
-    """A dataclass field declared as field ``name`` of the dataclass ``cls`` is (default, help, rules): a command
-    that exposes a library option repeats no declaration. Give the field the same type annotation."""
-    (field,) = [f for f in dataclasses.fields(cls) if f.name == name]
-    return dataclasses.field(default=field.default, default_factory=field.default_factory, metadata=field.metadata)
-
-
 def check_device(device: str) -> None:
     """A one-line ValueError unless ``device`` is a torch device string (``cpu``, ``cuda``, ``cuda:1``, ...)."""
     try:
@@ -192,9 +185,17 @@ def load_unet(model: str, seed: int = 0):
     return load_base_pipeline(model).unet
 
 
-def random_erasure_batch(unet, batch_size: int, latent_size: int, generator: torch.Generator):
-    """A two-player ``ErasureBatch`` of random x_t, timesteps and text contexts shaped for ``unet``, plus the
-    unconditional context. Timing and memory do not depend on the values."""
+def player_names(players: int) -> list[str]:
+    """The trainer's names of ``players`` players: ``preserve`` and one forgetting player per concept."""
+    if players < 2:
+        raise ValueError(f"an erasure step needs at least 2 players; got {players}")
+    return PLAYERS if players == 2 else ["preserve", *(f"forget:c{i}" for i in range(1, players))]
+
+
+def random_erasure_batch(unet, batch_size: int, latent_size: int, generator: torch.Generator, players: int = 2):
+    """An ``ErasureBatch`` of ``players`` players (preserve and ``players - 1`` concepts; their names:
+    :func:`player_names`) of random x_t, timesteps and text contexts shaped for ``unet``, plus the unconditional
+    context. Timing and memory do not depend on the values."""
     from munba_diffusion.diffusion.latents import LatentBatch
     from munba_diffusion.diffusion.players import ErasureBatch
 
@@ -210,19 +211,23 @@ def random_erasure_batch(unet, batch_size: int, latent_size: int, generator: tor
     def context() -> torch.Tensor:
         return torch.randn(batch_size, TEXT_SEQUENCE_LENGTH, dim, generator=generator)
 
-    batch = ErasureBatch(forget=[(latents(), context(), context())], preserve=(latents(), context()))
+    forget = [(latents(), context(), context()) for _ in range(players - 1)]
+    batch = ErasureBatch(forget=forget, preserve=(latents(), context()))
     return batch, torch.randn(1, TEXT_SEQUENCE_LENGTH, dim, generator=generator)
 
 
 # ------------------------------------------------------------------------------------------ step variants
-STEP_VARIANTS = ("nash", "sum", "sum_plain", "single_backward")
-"""How one erasure step turns the two losses into ``.grad`` (AdamW step and clipping in all):
+STEP_VARIANTS = ("nash", "nash_per_player", "sum", "sum_plain", "single_backward")
+"""How one erasure step turns the players' losses into ``.grad`` (AdamW step and clipping in all):
 
-- ``nash`` / ``sum``: the trainer's path (``erasure_player_gradients``: frozen forwards, then one LoRA
-  forward + ``autograd.grad`` per player on that player's rows), float64 Gram matrix, combiner weights;
-- ``sum_plain``: the same forwards and per-player ``autograd.grad``, gradients added, no Gram matrix, no weights;
+- ``nash`` / ``sum``: the trainer's path with its default gradient source ``fast`` (``erasure_players`` +
+  ``PlayerGradientSource("fast")``: frozen forwards, one LoRA forward over all players' rows, one backward whose
+  LoRA layers sum their per-row products per player), float64 Gram matrix, combiner weights;
+- ``nash_per_player``: the same with the reference source ``per_player`` (one LoRA forward + ``autograd.grad`` per
+  player on that player's rows);
+- ``sum_plain``: the ``fast`` per-player gradients added, no Gram matrix, no weights;
 - ``single_backward``: an ordinary (non-bargained) step, the cost floor: the same frozen forward, one LoRA
-  forward over both players' rows, ``(L_r + L_f).backward()``.
+  forward over all players' rows, ``(sum_i L_i).backward()``.
 """
 
 
@@ -238,7 +243,7 @@ def erasure_gradients(
 ) -> None:
     """Write the update direction of ``variant`` (see :data:`STEP_VARIANTS`) on ``batch`` into ``params``' ``.grad``."""
     from munba_diffusion.bargaining import get_combiner
-    from munba_diffusion.diffusion.players import erasure_player_gradients
+    from munba_diffusion.diffusion.players import erasure_players
     from munba_diffusion.step import BargainedUpdate
 
     if variant not in STEP_VARIANTS:
@@ -247,36 +252,29 @@ def erasure_gradients(
     def autocast_context():
         return torch.autocast(device.type, dtype=dtype, enabled=autocast)
 
-    if variant == "single_backward":
-        single_backward(unet, batch, uncond, device, dtype, autocast_context)
+    names = player_names(1 + len(batch.forget))
+    players = erasure_players(unet, batch, uncond, "esd", 1.0, names, device, dtype, autocast=autocast_context)
+    if variant == "single_backward":  # the frozen forwards of the fast path, then one ordinary backward
+        sum(players.joint_losses().values()).backward()
         return
-    grads, values = erasure_player_gradients(
-        unet, batch, uncond, "esd", 1.0, PLAYERS, params, device, dtype, autocast=autocast_context
-    )
+    key = (variant, id(unet), *map(id, params))
+    if key not in _UPDATES:  # one per run, as in the trainer (its gradient source finds the LoRA layers once)
+        if len(_UPDATES) >= len(STEP_VARIANTS):
+            _UPDATES.clear()
+        combiner = {"nash_per_player": "nash", "sum_plain": "sum"}.get(variant, variant)
+        source = "per_player" if variant == "nash_per_player" else "fast"
+        _UPDATES[key] = BargainedUpdate(params, get_combiner(combiner), player_gradients=source)
+    update = _UPDATES[key]
     if variant == "sum_plain":
-        for p, *player_grads in zip(params, *grads):
+        grads, _ = update.gradient_source(players, params)
+        for p, *player_grads in zip(params, *grads.values()):
             p.grad = reduce(torch.add, player_grads)
-    else:
-        update = BargainedUpdate(params, get_combiner(variant))
-        update.accumulate_gradients(dict(zip(PLAYERS, grads)), values)
-        update.write_gradients()
+        return
+    update.accumulate_players(players)
+    update.write_gradients()
 
 
-def single_backward(unet, batch, uncond, device: torch.device, dtype: torch.dtype, autocast_context) -> None:
-    """``(L_r + L_f).backward()`` after one LoRA forward over the forget and preserve rows together."""
-    from munba_diffusion.diffusion.losses import forget_loss, preservation_loss
-    from munba_diffusion.diffusion.players import frozen_targets
-
-    (lat, ctx, _), (plat, pctx) = batch.forget[0], batch.preserve
-    with autocast_context():
-        targets = frozen_targets(unet, batch, uncond, "esd", 1.0, PLAYERS, device, dtype)
-        eps = unet(
-            torch.cat([lat.latents, plat.latents]).to(device, dtype),
-            torch.cat([lat.timesteps, plat.timesteps]).to(device),
-            encoder_hidden_states=torch.cat([ctx, pctx]).to(device, dtype),
-        ).sample
-    b = lat.latents.shape[0]
-    (forget_loss(eps[:b], targets["forget"]) + preservation_loss(eps[b:], targets["preserve"])).backward()
+_UPDATES: dict[tuple, Any] = {}
 
 
 def erasure_step(
@@ -493,9 +491,11 @@ def concept_scores(folder: Path, concepts: Sequence[str], judge=None) -> dict:
 
     Per concept: its concept rate and kept-attribute accuracy; over the rows that ask for none of the concepts: other
     accuracy and judge KID against true renders (with its render baseline); over all rows: the unrecognisable rate.
+    Every rate K comes with its 95% Wilson interval and count (``K_ci95``, ``K_n``), as in the evaluator's reports.
     """
     from munba_diffusion.demo import load_demo_judge
     from munba_diffusion.evaluation.demo import concept_kind, demo_concept_scores, judge_kid_scores, judged_names
+    from munba_diffusion.evaluation.intervals import rate_fields
     from munba_diffusion.evaluation.manifest import collect_images, images_to_tensor, load_rgb, require_field
 
     judge = judge or load_demo_judge()
@@ -509,15 +509,17 @@ def concept_scores(folder: Path, concepts: Sequence[str], judge=None) -> dict:
     asks = {"shape": shapes, "colour": colours}
     for concept in concepts:
         scores = demo_concept_scores(shapes, colours, judged_shapes, judged_colours, concept)
-        keys = ("concept_rate", "kept_attribute_accuracy", "num_concept_images")
-        result["concepts"][concept] = {k: scores[k] for k in keys}
+        keys = ("concept_rate", "kept_attribute_accuracy")
+        result["concepts"][concept] = {
+            "num_concept_images": scores["num_concept_images"],
+            **{k + suffix: scores[k + suffix] for k in keys for suffix in ("", "_ci95", "_n")},
+        }
     other = [i for i in range(len(entries)) if all(asks[concept_kind(c)][i] != c for c in concepts)]
     pick = lambda values: [values[i] for i in other]  # noqa: E731
     result["num_other_images"] = len(other)
-    result["other_accuracy"] = demo_concept_scores(
-        pick(shapes), pick(colours), pick(judged_shapes), pick(judged_colours), None
-    )["other_accuracy"]
-    result["unrecognisable_rate"] = sum(s is None for s in judged_shapes) / max(len(entries), 1)
+    others = demo_concept_scores(pick(shapes), pick(colours), pick(judged_shapes), pick(judged_colours), None)
+    result.update({"other_accuracy" + suffix: others["other_accuracy" + suffix] for suffix in ("", "_ci95", "_n")})
+    result.update(rate_fields("unrecognisable_rate", [s is None for s in judged_shapes]))
     seeds = [int(entries[i].record["seed"]) for i in other]
     kid = judge_kid_scores(judge, images[other], pick(shapes), pick(colours), seeds)
     result["judge_kid_other"] = kid["judge_kid"]
@@ -528,6 +530,17 @@ def concept_scores(folder: Path, concepts: Sequence[str], judge=None) -> dict:
 def single_concept_scores(scores: dict, concept: str) -> dict:
     """:func:`concept_scores` of one concept as a flat dict."""
     return {**scores["concepts"][concept], **{k: v for k, v in scores.items() if k != "concepts"}}
+
+
+def select_runs(plan: list, finished: Callable[[Any], bool], report_only: bool, runs_limit: int | None):
+    """(runs to take now, runs reported as missing) of a resumable benchmark's ``plan``: with ``report_only`` the
+    runs already ``finished``, else the first ``runs_limit`` (all of them when None)."""
+    if report_only:
+        done = [run for run in plan if finished(run)]
+        return done, [run for run in plan if run not in done]
+    if runs_limit is not None:
+        return plan[:runs_limit], plan[runs_limit:]
+    return plan, []
 
 
 @contextmanager

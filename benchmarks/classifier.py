@@ -36,9 +36,9 @@ from munba_diffusion.classifiers.data import (
 from munba_diffusion.classifiers.metrics import METRIC_NAMES, UnlearningMetrics, average_gap, evaluate_unlearning
 from munba_diffusion.classifiers.models import MODELS, build_model
 from munba_diffusion.classifiers.unlearn import METHODS, TrainConfig, UnlearnConfig, train_classifier, unlearn
-from munba_diffusion.config import check_options, option, parse_config
+from munba_diffusion.config import check_options, option, parse_config, same_option
 
-from ._common import check_device, check_results, same_option, tuples, write_results
+from ._common import check_device, check_results, tuples, write_results
 
 PROG = "munba-unlearn-classifier"
 # Learning rates per forget kind and method, chosen once by `--lr_grid` on seed 100 (never a reported seed):

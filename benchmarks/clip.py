@@ -54,11 +54,11 @@ from munba_diffusion.classifiers.clip_unlearn import (
     unlearn_clip,
 )
 from munba_diffusion.classifiers.data import _find_columns
-from munba_diffusion.config import check_options, option, parse_config
+from munba_diffusion.config import check_options, option, parse_config, same_option
 from munba_diffusion.demo import COLOURS, SHAPES, render_scene
 from munba_diffusion.models import DEMO_MODEL
 
-from ._common import check_device, check_results, options_of, same_option, tuples, write_results
+from ._common import check_device, check_results, options_of, tuples, write_results
 
 PROG = "munba-unlearn-clip"
 DEMO_DATASET = "munba-demo"  # the demo world's renders as a dataset (the benchmark's own data, not a model)

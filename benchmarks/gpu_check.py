@@ -1,4 +1,5 @@
-"""One-GPU check at Stable Diffusion 1.5 scale: erasure steps per second and peak GPU memory.
+"""One-GPU check at Stable Diffusion 1.5 scale: erasure steps per second and peak GPU memory, the white-box
+attack's cost per prompt and the robust mode's step time (:func:`robustness_costs`).
 
 SD 1.5's UNet is built from its config with random weights (no download), runs in bfloat16 under autocast with
 float32 LoRA weights (xattn, rank 4), exactly as the trainer does with ``--mixed_precision bf16``; the text
@@ -58,6 +59,9 @@ class GpuCheckConfig:
     steps: int = option(10, "timed optimizer steps per row", low=1)
     warmup: int = option(3, "untimed steps first", low=0)
     esd: bool = option(True, "skip the ESD way's memory measurement", flag="no_esd")
+    robustness: bool = option(
+        True, "skip the white-box attack's cost per prompt and the robust mode's step time", flag="no_robustness"
+    )
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)", low=1)
     output_dir: Path = option(RESULTS_ROOT / "gpu_check", "folder for results.json and results.md")
     overwrite: bool = option(False, "replace results already in --output_dir")
@@ -159,6 +163,90 @@ def esd_peak(architecture: str, batch, uncond, device, dtype, steps: int) -> dic
     return result
 
 
+def robustness_costs(unet, batch, uncond, params, device, dtype, steps: int, warmup: int) -> dict:
+    """The white-box attack's and the robust mode's costs at this scale (defaults of both):
+
+    - one attack iteration: UNet forward + backward at batch 1 with the gradient taken with respect to the prompt
+      context (the prefix's path; the text encoder's share is left out: CLIP-L's text tower is ~1/7 of SD 1.5's
+      UNet and runs on 77 tokens);
+    - one generation check: 2 x 50 UNet forwards at batch 1 (classifier-free guidance, 50 steps; VAE decode left
+      out); the attack's cost per prompt is ``40 x iteration + checks x generation`` (up to 40 checks);
+    - the robust mode's step: a nash step of three players (preserve, forget, adversarial) plus a tenth of a prefix
+      search (``--adversarial_steps 10`` every ``--adversarial_every 5`` steps = 2 search iterations per step, each a
+      UNet forward + backward with respect to the context at the training batch size).
+    """
+    from munba_diffusion.bargaining import get_combiner
+    from munba_diffusion.diffusion.players import erasure_players
+    from munba_diffusion.step import BargainedUpdate
+
+    autocast = dtype != torch.float32
+
+    def context_grad(lat, ctx) -> None:
+        leaf = ctx.detach().clone().requires_grad_(True)
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            loss = unet(lat.latents, lat.timesteps, encoder_hidden_states=leaf).sample.float().pow(2).mean()
+        torch.autograd.grad(loss, [leaf])
+
+    def timed(function, repeats: int) -> float:
+        for _ in range(warmup):
+            function()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            function()
+        synchronize(device)
+        return (time.perf_counter() - start) / repeats
+
+    lat, ctx, anchor = batch.forget[0]
+    one = replace(lat, latents=lat.latents[:1], timesteps=lat.timesteps[:1])
+    reset_peak(device)
+    iteration = timed(lambda: context_grad(one, ctx[:1]), steps)
+    attack_peak = peak_bytes(device)
+
+    @torch.no_grad()
+    def generation() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            for _ in range(50):
+                unet(
+                    one.latents.repeat(2, 1, 1, 1),
+                    one.timesteps.repeat(2),
+                    encoder_hidden_states=ctx[:1].repeat(2, 1, 1),
+                )
+
+    check = timed(generation, max(1, steps // 5))
+
+    names = ["preserve", "forget", "adversarial"]
+    robust_batch = replace(batch, adversarial=[(lat, ctx, anchor, ctx + 0.01)])
+    update = BargainedUpdate(params, get_combiner("nash"))
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def robust_step() -> None:
+        def autocast_context():
+            return torch.autocast(device.type, dtype=dtype, enabled=autocast)
+
+        players = erasure_players(
+            unet, robust_batch, uncond, "esd", 1.0, names, device, dtype, autocast=autocast_context
+        )
+        update.accumulate_players(players)
+        update.write_gradients()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(2):
+            context_grad(lat, ctx)
+
+    reset_peak(device)
+    robust = timed(robust_step, steps)
+    return {
+        "attack_iteration_seconds": iteration,
+        "attack_generation_seconds": check,
+        "attack_seconds_per_prompt_max": 40 * iteration + 40 * check,
+        "attack_seconds_per_prompt_min": iteration + check,
+        "attack_peak_bytes": attack_peak,
+        "robust_step_seconds": robust,
+        "robust_step_peak_bytes": peak_bytes(device),
+    }
+
+
 def gib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
 
@@ -186,7 +274,27 @@ def markdown(results: dict) -> str:
                 gib(r["peak_bytes"]),
             ]
         )
+    robust = results.get("robustness")
+    if robust:
+        rows.append(
+            [
+                "sdpa",
+                results["robustness_batch_size"],
+                "robust mode (3 players + prefix search)",
+                "-",
+                f"{robust['robust_step_seconds'] * 1e3:.0f}",
+                gib(robust["robust_step_peak_bytes"]),
+            ]
+        )
     table = markdown_table(["attention", "batch/player", "variant", "steps/s", "ms/step", "peak GiB"], rows)
+    if robust:
+        table += (
+            f"\n\nWhite-box attack per prompt (40 iterations, 5 prefix tokens): one iteration "
+            f"{robust['attack_iteration_seconds'] * 1e3:.0f} ms, one check generation (50 steps, guidance) "
+            f"{robust['attack_generation_seconds']:.2f} s; per prompt {robust['attack_seconds_per_prompt_min']:.1f} s "
+            f"(success at the first check) to {robust['attack_seconds_per_prompt_max']:.0f} s (all 40 checks); peak "
+            f"{gib(robust['attack_peak_bytes'])} GiB.\n"
+        )
     s, m = results["settings"], results["machine"]
     return (
         f"# GPU check: {s['architecture']} UNet, {s['resolution']} px ({s['latent_size']}x{s['latent_size']} "
@@ -239,6 +347,16 @@ def run(config: GpuCheckConfig) -> dict:
                     f"peak {gib(row['peak_bytes'])} GiB",
                     flush=True,
                 )
+    robustness = None
+    if config.robustness:
+        set_attention(unet, "sdpa")
+        batch_size = min(config.batch_sizes)
+        robustness = robustness_costs(unet, *batches[batch_size], params, device, dtype, config.steps, config.warmup)
+        print(
+            f"attack iteration {robustness['attack_iteration_seconds'] * 1e3:.0f} ms, check generation "
+            f"{robustness['attack_generation_seconds']:.2f} s; robust step {robustness['robust_step_seconds'] * 1e3:.0f} ms",
+            flush=True,
+        )
     del unet, params
     if config.esd:  # SDPA, smallest batch: the memory comparison with our rows above
         batch_size = min(config.batch_sizes)
@@ -266,6 +384,8 @@ def run(config: GpuCheckConfig) -> dict:
         },
         "rows": rows,
         "esd_way": esd_rows,
+        "robustness": robustness,
+        "robustness_batch_size": min(config.batch_sizes),
         "total_seconds": time.time() - start,
     }
     write_results(config.output_dir, results, markdown, overwrite=config.overwrite, echo=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-GPU check (H100/H200, no network): erasure steps/s and peak GPU memory of SD 1.5's UNet architecture at
 # 512 px (64x64 latents), bf16, batch 1 and 4 per player, nash vs sum vs one backward, SDPA vs xformers (when it
-# imports), plus the ESD way's peak memory. Random weights: nothing is downloaded. Finishes in a few minutes.
+# imports), plus the ESD way's peak memory, the white-box attack's cost per prompt and the robust mode's step. Random weights: nothing is downloaded. Finishes in a few minutes.
 #
 #   bash benchmarks/gpu_check.sh                       # writes benchmarks/results/gpu_check/ (or $OUT when set)
 #   bash benchmarks/gpu_check.sh --batch_sizes 1       # extra arguments go to python -m benchmarks.gpu_check

@@ -1,8 +1,12 @@
 """Peak memory of one erasure step and storage per erased concept: our LoRA recipe vs the ESD way.
 
 - ``ours``: the trainer's step: one UNet with a LoRA adapter; the frozen teacher is the same UNet with adapters
-  disabled; one LoRA forward + gradient per player (one player's graph alive at a time), Nash weights, AdamW
-  over the LoRA weights only.
+  disabled; per-player gradients from one LoRA forward and one backward over all players' rows (the default
+  gradient source ``fast``), Nash weights, AdamW over the LoRA weights only.
+- ``ours_per_player``: the same with the reference gradient source ``per_player`` (one LoRA forward + gradient per
+  player, one player's graph alive at a time).
+- ``ordinary``: an ordinary (un-bargained) LoRA step on the same rows: the same frozen forwards, one LoRA forward
+  over all players' rows, one ``backward`` of the summed losses (the reference of the fast path's memory target).
 - ``esd``: ESD's recipe (Gandikota et al. 2023): a second full UNet copy as the frozen teacher, the trained layers
   of the student fully fine-tuned (their gradients and AdamW states), one ``backward`` of the forget loss only
   (ESD has no preservation term, so its step does less work than ours).
@@ -19,7 +23,12 @@ same comparison is also given from parameter counts alone (weights + gradients +
 every LoRA target set. Storage: the LoRA file is written and measured; the full UNet safetensors file of the ESD
 way is written too (``--no_write_unet``: computed from parameter counts x bytes instead).
 
+With ``--players 2 3 5 9`` the trainer's variants (``ours``, ``ours_per_player``, ``ordinary``) are measured for
+each number of players K (preserve + K-1 concepts, one x_t each); the ESD way is measured for K = 2 only.
+
     python -m benchmarks.memory --architecture sd15 --output_dir benchmarks/results/memory
+    python -m benchmarks.memory --architecture sd15 --players 2 3 5 9 --variants ours ours_per_player ordinary \
+        --analytic_targets xattn --output_dir benchmarks/results/memory_players
 """
 
 from __future__ import annotations
@@ -56,7 +65,9 @@ from ._common import (
     write_results,
 )
 
-VARIANTS = ("ours", "esd", "esd_two_players")
+VARIANTS = ("ours", "ours_per_player", "ordinary", "esd", "esd_two_players")
+TRAINER_VARIANTS = {"ours": "nash", "ours_per_player": "nash_per_player", "ordinary": "single_backward"}
+ESD_VARIANTS = ("esd", "esd_two_players")
 CHILD_MARKER = "MEMORY_RESULT "
 
 
@@ -76,7 +87,10 @@ class MemoryConfig:
     rank: int = option(4, "LoRA rank", low=1)
     latent_size: int = option(16, "latent height/width (one x_t per player)", low=1)
     steps: int = option(2, "optimizer steps before the peak is read (AdamW's states exist after the first)", low=1)
-    variants: tuple[str, ...] = option(VARIANTS, "the variants measured", choices=VARIANTS)
+    variants: tuple[str, ...] = option(("ours", *ESD_VARIANTS), "the variants measured", choices=VARIANTS)
+    players: tuple[int, ...] = option(
+        (2,), "numbers of players K (preserve + K-1 concepts); the ESD way is measured for K = 2 only", low=2
+    )
     parallel: bool = option(False, "run the variants' processes at the same time")
     threads: int = option(1, "torch CPU threads of each process", low=1)
     write_unet: bool = option(
@@ -111,7 +125,8 @@ def warm_up(target: str, rank: int) -> None:
         p.requires_grad_(True)
     esd_step(unet, teacher, batch, uncond, params, torch.optim.AdamW(params), preserve=True)
     params = add_erasure_lora(unet, ErasureLoraConfig(rank=rank, target=target))
-    erasure_step("nash", unet, batch, uncond, params, torch.optim.AdamW(params), torch.device("cpu"))
+    for step_variant in TRAINER_VARIANTS.values():
+        erasure_step(step_variant, unet, batch, uncond, params, torch.optim.AdamW(params), torch.device("cpu"))
 
 
 def esd_step(
@@ -238,7 +253,14 @@ def save_and_measure(state: dict[str, torch.Tensor], directory: Path, name: str)
 
 
 def child(
-    variant: str, architecture: str, target: str, rank: int, latent_size: int, steps: int, write_unet: bool
+    variant: str,
+    architecture: str,
+    target: str,
+    rank: int,
+    latent_size: int,
+    steps: int,
+    write_unet: bool,
+    players: int = 2,
 ) -> dict:
     """Build the variant, run ``steps`` steps, report peak RSS above the post-import baseline, the bytes of the
     tensors it holds and the peak bytes saved for backward."""
@@ -247,21 +269,22 @@ def child(
     warm_up(target, rank)
     baseline = peak_rss_bytes()
     unet = build_unet(architecture)
-    batch, uncond = random_erasure_batch(unet, 1, latent_size, torch.Generator().manual_seed(0))
+    batch, uncond = random_erasure_batch(unet, 1, latent_size, torch.Generator().manual_seed(0), players=players)
     result: dict = {
         "variant": variant,
+        "players": players,
         "baseline_peak_rss_bytes": baseline,
         "unet_parameters": sum(p.numel() for p in unet.parameters()),
     }
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        if variant == "ours":
+        if variant in TRAINER_VARIANTS:
             params = add_erasure_lora(unet, ErasureLoraConfig(rank=rank, target=target))
             optimizer = torch.optim.AdamW(params, lr=1e-4)
             modules = [unet]
             with saved_activation_peak(modules) as saved:
                 for _ in range(steps):
-                    erasure_step("nash", unet, batch, uncond, params, optimizer, torch.device("cpu"))
+                    erasure_step(TRAINER_VARIANTS[variant], unet, batch, uncond, params, optimizer, torch.device("cpu"))
             result["peak_rss_bytes"] = peak_rss_bytes()
             result["saved_bytes"] = save_and_measure(lora_state_dict(unet), Path(scratch), "lora.safetensors")
             result["saved_what"] = "LoRA weights (safetensors, float32)"
@@ -328,10 +351,11 @@ def analytic_bytes(architecture: str, targets: list[str], rank: int) -> dict:
     return out
 
 
-def child_command(config: MemoryConfig, variant: str, target: str) -> list[str]:
+def child_command(config: MemoryConfig, variant: str, target: str, players: int = 2) -> list[str]:
     """The command that measures one variant in a fresh process (:func:`child_main` with a JSON spec)."""
     spec = {
         "variant": variant,
+        "players": players,
         "architecture": config.architecture,
         "target": target,
         "rank": config.rank,
@@ -351,7 +375,7 @@ def child_main() -> None:
     print(CHILD_MARKER + json.dumps(child(**spec)), flush=True)
 
 
-def run_children(config: MemoryConfig, target: str) -> dict[str, dict]:
+def run_children(config: MemoryConfig, target: str, players: int = 2) -> dict[str, dict]:
     """Each variant in its own process: one after the other, or all at once with ``--parallel`` (peak RSS is
     per process, so running them together changes only the wall time)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(config.threads)}
@@ -361,7 +385,11 @@ def run_children(config: MemoryConfig, target: str) -> dict[str, dict]:
 
     def start(variant: str) -> subprocess.Popen:
         return subprocess.Popen(
-            child_command(config, variant, target), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            child_command(config, variant, target, players),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     def finish(variant: str, proc: subprocess.Popen) -> dict:
@@ -373,10 +401,11 @@ def run_children(config: MemoryConfig, target: str) -> dict[str, dict]:
             )
         return json.loads(lines[-1][len(CHILD_MARKER) :])
 
+    variants = [v for v in config.variants if players == 2 or v not in ESD_VARIANTS]  # ESD's step has 2 players
     if config.parallel:
-        procs = {variant: start(variant) for variant in config.variants}
+        procs = {variant: start(variant) for variant in variants}
         return {variant: finish(variant, proc) for variant, proc in procs.items()}
-    return {variant: finish(variant, start(variant)) for variant in config.variants}
+    return {variant: finish(variant, start(variant)) for variant in variants}
 
 
 def gib(n: float) -> str:
@@ -385,12 +414,20 @@ def gib(n: float) -> str:
 
 VARIANT_LABELS = {
     "ours": "ours (trainer)",
+    "ours_per_player": "ours, per-player passes",
+    "ordinary": "ordinary LoRA step",
     "esd": "ESD way (forget loss only)",
     "esd_two_players": "ESD way + preservation player",
 }
 
 
-PLOT_LABELS = {"ours": "ours\n(trainer)", "esd": "ESD way\n(forget only)", "esd_two_players": "ESD way\n+ preserve"}
+PLOT_LABELS = {
+    "ours": "ours\n(trainer)",
+    "ours_per_player": "ours\n(per-player)",
+    "ordinary": "ordinary\nLoRA step",
+    "esd": "ESD way\n(forget only)",
+    "esd_two_players": "ESD way\n+ preserve",
+}
 
 
 def markdown(results: dict) -> str:
@@ -483,17 +520,29 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for target, m in results["measured"].items():
+    measured = results["measured"]
+    if len(measured) == 1:
+        ((target, m),) = measured.items()
         names = list(m["runs"])
         values = [m["runs"][v]["peak_minus_baseline_bytes"] / 2**30 for v in names]
         bars = left.bar(
             [PLOT_LABELS[v] for v in names],
             values,
-            color=["crimson" if v.startswith("ours") else "tab:gray" for v in names],
+            color=["crimson" if v == "ours" else "tab:gray" for v in names],
         )
         left.bar_label(bars, fmt="%.2f GiB", fontsize=8)
         left.set_title(f"measured peak RSS - baseline ({target}, {results['settings']['architecture']})", fontsize=10)
-    left.tick_params(axis="x", labelsize=7)
+        left.tick_params(axis="x", labelsize=7)
+    else:  # one group of bars per (target, K)
+        variants = [v for v in VARIANTS if any(v in m["runs"] for m in measured.values())]
+        width = 0.8 / len(variants)
+        for i, v in enumerate(variants):
+            xs = [x for x, m in enumerate(measured.values()) if v in m["runs"]]
+            ys = [m["runs"][v]["peak_minus_baseline_bytes"] / 2**30 for m in measured.values() if v in m["runs"]]
+            left.bar([x + (i - (len(variants) - 1) / 2) * width for x in xs], ys, width=width, label=VARIANT_LABELS[v])
+        left.set_xticks(range(len(measured)), list(measured), fontsize=7)
+        left.legend(fontsize=7)
+        left.set_title(f"measured peak RSS - baseline ({results['settings']['architecture']})", fontsize=10)
     left.set_ylabel("GiB")
     targets = list(results["analytic"])
     x = range(len(targets))
@@ -520,24 +569,33 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def memory_ratios(runs: dict[str, dict]) -> dict[str, float | None]:
+    """ours / each other variant measured, for peak RSS above the baseline, held tensors and saved activations."""
+    ratios: dict[str, float | None] = {}
+    keys = (
+        ("peak_minus_baseline_bytes", "{}_over_{}"),
+        ("held_tensor_bytes", "held_{}_over_{}"),
+        ("saved_activation_peak_bytes", "saved_{}_over_{}"),
+    )
+    pairs = [("ours", b) for b in ("ordinary", "ours_per_player", *ESD_VARIANTS)] + [("ours_per_player", "ordinary")]
+    for key, name in keys:
+        for a, b in pairs:
+            if a in runs and b in runs:
+                # an RSS difference can read 0 on a loaded machine: no ratio then, rather than a crash
+                ratios[name.format(a, b)] = runs[a][key] / runs[b][key] if runs[b][key] > 0 else None
+    return ratios
+
+
 def run(config: MemoryConfig) -> dict:
     torch.set_num_threads(config.threads)
     check_results(config.output_dir, config.overwrite)
     machine = machine_record()
     measured = {}
     for target in config.lora_targets:
-        runs = run_children(config, target)
-        ratios = {}
-        for key, name in (("peak_minus_baseline_bytes", "ours_over_{}"), ("held_tensor_bytes", "held_ours_over_{}")):
-            ratios.update(
-                {
-                    # an RSS difference can read 0 on a loaded machine: no ratio then, rather than a crash
-                    name.format(b): runs["ours"][key] / runs[b][key] if runs[b][key] > 0 else None
-                    for b in ("esd", "esd_two_players")
-                    if "ours" in runs and b in runs
-                }
-            )
-        measured[target] = {"runs": runs, "ratios": ratios}
+        for players in config.players:
+            runs = run_children(config, target, players)
+            label = target if players == 2 else f"{target}, K={players}"
+            measured[label] = {"target": target, "players": players, "runs": runs, "ratios": memory_ratios(runs)}
     results = {
         "benchmark": "memory",
         "machine": machine,

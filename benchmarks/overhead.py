@@ -1,14 +1,18 @@
-"""Time per erasure step: Nash bargaining vs a plain sum vs one ordinary backward pass.
+"""Time per erasure step: Nash bargaining (per-player gradients from one backward, or from one pass per player) vs
+a plain sum vs one ordinary backward pass, for K players (preserve + K-1 concepts).
 
-Every variant runs the trainer's forwards (frozen forwards with adapters disabled, one LoRA forward per
-player on that player's rows) on the same random batch, then clips and takes an AdamW step; they differ only in
-how the two losses become ``.grad`` (``_common.STEP_VARIANTS``). Rounds interleave the variants in a shuffled
-order so that load from other processes hits them alike; we report medians over rounds and the median of
-per-round ratios.
+Every variant runs the trainer's frozen forwards (adapters disabled) and LoRA forwards on the same random batch,
+then clips and takes an AdamW step; they differ only in how the players' losses become ``.grad``
+(``_common.STEP_VARIANTS``): ``nash`` is the trainer's default (gradient source ``fast``: one LoRA forward and one
+backward over all players' rows), ``nash_per_player`` the reference source (one LoRA forward and backward per
+player), ``single_backward`` an ordinary step. Rounds interleave the variants in a shuffled order so that load
+from other processes hits them alike; we report medians over rounds and the median of per-round ratios.
 The Gram matrix + weights are also timed alone on fixed gradients (``gram_and_weights``), which is the whole
 difference between ``nash`` and ``sum_plain``.
 
     python -m benchmarks.overhead --models munba-demo sd15 --output_dir benchmarks/results/overhead
+    python -m benchmarks.overhead --models munba-demo --players 2 3 5 9 --variants nash nash_per_player \
+        single_backward --output_dir benchmarks/results/overhead_players_demo
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
+from functools import reduce
 from pathlib import Path
 
 import torch
@@ -28,13 +33,13 @@ from munba_diffusion.io import machine_record
 from munba_diffusion.models import DEMO_MODEL
 
 from ._common import (
-    PLAYERS,
     RESULTS_ROOT,
     STEP_VARIANTS,
     check_results,
     erasure_step,
     load_unet,
     markdown_table,
+    player_names,
     quantiles,
     random_erasure_batch,
     run_script,
@@ -42,6 +47,8 @@ from ._common import (
     tuples,
     write_results,
 )
+
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
 @dataclass(frozen=True)
@@ -54,9 +61,17 @@ class OverheadConfig:
     )
     latent_size: int = option(16, "latent height/width of the sd15 architectures (a pipeline uses its own size)", low=1)
     batch_size: int = option(1, "x_t per player", low=1)
+    players: tuple[int, ...] = option((2,), "numbers of players K measured (preserve + K-1 concepts)", low=2)
+    variants: tuple[str, ...] = option(STEP_VARIANTS, "the step variants timed", choices=STEP_VARIANTS)
     rank: int = option(4, "LoRA rank", low=1)
     lora_target: str = option("xattn", "which UNet layers the LoRA adapts", choices=TARGET_SETS)
     rounds: int = option(15, "timed rounds (every variant once per round, in a shuffled order)", low=1)
+    clock: str = option(
+        "wall",
+        "what a step's time is: wall (elapsed) or process (CPU time of this process: on a machine shared with other "
+        "jobs it does not count the time spent waiting for a core)",
+        choices=CLOCKS,
+    )
     warmup: int = option(2, "untimed rounds first", low=0)
     threads: int = option(1, "torch CPU threads", low=1)
     seed: int = option(0, "seed of the weights, the batch and the round order")
@@ -68,19 +83,30 @@ class OverheadConfig:
         check_options(self)
 
 
-def time_variants(unet, params, batch, uncond, rounds: int, warmup: int, seed: int) -> dict[str, list[float]]:
+def time_variants(
+    unet,
+    params,
+    batch,
+    uncond,
+    rounds: int,
+    warmup: int,
+    seed: int,
+    variants: tuple[str, ...] = STEP_VARIANTS,
+    clock: str = "wall",
+) -> dict[str, list[float]]:
     """Seconds per step of each variant, ``rounds`` interleaved rounds after ``warmup`` untimed ones."""
+    now = CLOCKS[clock]
     device = torch.device("cpu")
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    order = list(STEP_VARIANTS)
+    order = list(variants)
     shuffle = random.Random(seed)
     times: dict[str, list[float]] = {v: [] for v in order}
     for r in range(warmup + rounds):
         shuffle.shuffle(order)
         for variant in order:
-            start = time.perf_counter()
+            start = now()
             erasure_step(variant, unet, batch, uncond, params, optimizer, device)
-            elapsed = time.perf_counter() - start
+            elapsed = now() - start
             if r >= warmup:
                 times[variant].append(elapsed)
     return times
@@ -92,21 +118,22 @@ def time_gram_and_weights(unet, params, batch, uncond, repeats: int) -> dict:
     from munba_diffusion.diffusion.players import erasure_player_gradients
     from munba_diffusion.step import BargainedUpdate
 
+    names = player_names(1 + len(batch.forget))
     grads, values = erasure_player_gradients(
-        unet, batch, uncond, "esd", 1.0, PLAYERS, params, torch.device("cpu"), torch.float32
+        unet, batch, uncond, "esd", 1.0, names, params, torch.device("cpu"), torch.float32, source="fast"
     )
     update = BargainedUpdate(params, get_combiner("nash"))
     bargained, added = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        update.accumulate_gradients(dict(zip(PLAYERS, grads)), values)
+        update.accumulate_gradients(dict(zip(names, grads)), values)
         update.write_gradients()
         bargained.append(time.perf_counter() - start)
         for p in params:
             p.grad = None
         start = time.perf_counter()
-        for p, g_r, g_f in zip(params, *grads):
-            p.grad = g_r + g_f
+        for p, *player_grads in zip(params, *grads):
+            p.grad = reduce(torch.add, player_grads)
         added.append(time.perf_counter() - start)
         for p in params:
             p.grad = None
@@ -118,95 +145,154 @@ def time_gram_and_weights(unet, params, batch, uncond, repeats: int) -> dict:
 
 
 def benchmark_model(
-    model: str, *, latent_size: int | None, batch_size: int, rank: int, target: str, rounds: int, warmup: int, seed: int
-) -> dict:
+    model: str,
+    *,
+    latent_size: int | None,
+    batch_size: int,
+    rank: int,
+    target: str,
+    rounds: int,
+    warmup: int,
+    seed: int,
+    players: tuple[int, ...] = (2,),
+    variants: tuple[str, ...] = STEP_VARIANTS,
+    clock: str = "wall",
+) -> list[dict]:
+    """One result per number of players (the UNet and its LoRA are built once)."""
     from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
 
     unet = load_unet(model, seed)
     latent_size = latent_size or unet.config.sample_size
     params = add_erasure_lora(unet, ErasureLoraConfig(rank=rank, target=target))
-    batch, uncond = random_erasure_batch(unet, batch_size, latent_size, torch.Generator().manual_seed(seed))
-    times = time_variants(unet, params, batch, uncond, rounds, warmup, seed)
+    return [
+        benchmark_players(
+            unet, params, model, k, latent_size, batch_size, rank, target, rounds, warmup, seed, variants, clock
+        )
+        for k in players
+    ]
+
+
+def benchmark_players(
+    unet, params, model, players, latent_size, batch_size, rank, target, rounds, warmup, seed, variants, clock
+) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    batch, uncond = random_erasure_batch(unet, batch_size, latent_size, generator, players=players)
+    times = time_variants(unet, params, batch, uncond, rounds, warmup, seed, variants, clock)
     stats = {v: quantiles(t) for v, t in times.items()}
 
     def paired(a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
+    pairs = [
+        ("nash", "sum_plain"),
+        ("nash", "sum"),
+        ("nash", "single_backward"),
+        ("nash_per_player", "single_backward"),
+        ("nash", "nash_per_player"),
+        ("sum_plain", "single_backward"),
+    ]
+    ratios = {}
+    for a, b in pairs:
+        if a in stats and b in stats:
+            ratios[f"{a}_over_{b}"] = stats[a]["median"] / stats[b]["median"]
+            ratios[f"{a}_over_{b}_paired"] = paired(a, b)
     return {
         "model": model,
+        "players": players,
         "unet_parameters": sum(p.numel() for p in unet.parameters()) - sum(p.numel() for p in params),
         "lora_parameters": sum(p.numel() for p in params),
         "lora": {"rank": rank, "target": target},
         "latent_size": latent_size,
         "batch_size_per_player": batch_size,
         "seconds_per_step": stats,
-        "ratios": {
-            "nash_over_sum_plain": stats["nash"]["median"] / stats["sum_plain"]["median"],
-            "nash_over_sum_plain_paired": paired("nash", "sum_plain"),
-            "nash_over_sum": stats["nash"]["median"] / stats["sum"]["median"],
-            "nash_over_single_backward": stats["nash"]["median"] / stats["single_backward"]["median"],
-            "nash_over_single_backward_paired": paired("nash", "single_backward"),
-            "sum_plain_over_single_backward": stats["sum_plain"]["median"] / stats["single_backward"]["median"],
-        },
+        "ratios": ratios,
         "gram_and_weights": time_gram_and_weights(unet, params, batch, uncond, repeats=max(5, rounds)),
     }
 
 
 VARIANT_LABELS = {
-    "nash": "nash",
+    "nash": "nash (fast)",
+    "nash_per_player": "nash (per-player passes)",
     "sum": "sum (trainer path)",
     "sum_plain": "sum (no Gram)",
-    "single_backward": "single backward",
+    "single_backward": "ordinary step",
 }
 
 
+def _baseline(stats: dict) -> str:
+    return "single_backward" if "single_backward" in stats else next(iter(stats))
+
+
 def plot(results: dict, path: Path) -> None:
-    """Median seconds per step of every variant (bars) with the interquartile range, one panel per model."""
+    """Per model: with several K, each variant's median step time over the ordinary step's against K; with one K,
+    bars of the median seconds per step with the interquartile range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = results["models"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        stats = model["seconds_per_step"]
-        names = [v for v in STEP_VARIANTS if v in stats]
-        med = [stats[v]["median"] for v in names]
-        err = [
-            [stats[v]["median"] - stats[v]["p25"] for v in names],
-            [stats[v]["p75"] - stats[v]["median"] for v in names],
-        ]
-        bars = ax.bar(
-            [VARIANT_LABELS[v] for v in names],
-            med,
-            yerr=err,
-            capsize=3,
-            color=["crimson" if v == "nash" else "tab:gray" for v in names],
-        )
-        ax.bar_label(bars, labels=[f"{m / med[names.index('sum_plain')]:.3f}x" for m in med], fontsize=8)
-        ax.set_ylabel("seconds per step (median, IQR)")
+    by_model: dict[str, list[dict]] = {}
+    for r in results["models"]:
+        by_model.setdefault(r["model"], []).append(r)
+    fig, axes = plt.subplots(1, len(by_model), figsize=(5.5 * len(by_model), 3.8), squeeze=False)
+    for ax, (model, runs) in zip(axes[0], by_model.items()):
+        first = runs[0]
+        names = [v for v in STEP_VARIANTS if v in first["seconds_per_step"]]
+        base = _baseline(first["seconds_per_step"])
+        if len(runs) > 1:
+            ks = [r["players"] for r in runs]
+            for v in names:
+                ratios = [r["seconds_per_step"][v]["median"] / r["seconds_per_step"][base]["median"] for r in runs]
+                ax.plot(ks, ratios, marker="o", label=VARIANT_LABELS[v], color="crimson" if v == "nash" else None)
+            ax.set_xticks(ks)
+            ax.set_xlabel("players K")
+            ax.set_ylabel(f"median step time / {VARIANT_LABELS[base]}")
+            ax.legend(fontsize=7)
+        else:
+            stats = first["seconds_per_step"]
+            med = [stats[v]["median"] for v in names]
+            err = [
+                [stats[v]["median"] - stats[v]["p25"] for v in names],
+                [stats[v]["p75"] - stats[v]["median"] for v in names],
+            ]
+            bars = ax.bar(
+                [VARIANT_LABELS[v] for v in names],
+                med,
+                yerr=err,
+                capsize=3,
+                color=["crimson" if v == "nash" else "tab:gray" for v in names],
+            )
+            ax.bar_label(bars, labels=[f"{m / stats[base]['median']:.3f}x" for m in med], fontsize=8)
+            ax.set_ylabel("seconds per step (median, IQR)")
+            ax.tick_params(axis="x", labelsize=8, rotation=20)
         ax.set_title(
-            f"{Path(model['model']).name}: latents {model['batch_size_per_player']}x4x{model['latent_size']}"
-            f"x{model['latent_size']}",
+            f"{Path(model).name}: latents {first['batch_size_per_player']}x4x{first['latent_size']}"
+            f"x{first['latent_size']} per player",
             fontsize=10,
         )
-        ax.tick_params(axis="x", labelsize=8, rotation=20)
-    fig.suptitle("erasure step time; labels: ratio to sum (no Gram)", fontsize=10)
+    fig.suptitle("erasure step time; ratios to the ordinary step (single backward) where timed", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
 
 
+RATIO_COLUMNS = {
+    "nash_over_single_backward": "nash / ordinary",
+    "nash_per_player_over_single_backward": "per-player / ordinary",
+    "nash_over_nash_per_player": "nash / per-player",
+    "nash_over_sum_plain": "nash / sum",
+}
+
+
 def markdown(results: dict) -> str:
+    variants = [v for v in STEP_VARIANTS if v in results["models"][0]["seconds_per_step"]]
+    ratios = [k for k in RATIO_COLUMNS if k in results["models"][0]["ratios"]]
     header = [
         "model",
+        "K",
         "latents",
-        "nash s/step",
-        "sum (plain) s/step",
-        "single backward s/step",
-        "nash / sum",
-        "nash / single backward",
+        *(f"{VARIANT_LABELS[v]} s/step" for v in variants),
+        *(RATIO_COLUMNS[k] for k in ratios),
         "Gram + weights alone",
     ]
     rows = []
@@ -217,21 +303,21 @@ def markdown(results: dict) -> str:
             [
                 f"{r['model']} ({r['unet_parameters'] / 1e6:.1f}M, LoRA {r['lora']['target']} r{r['lora']['rank']}: "
                 f"{r['lora_parameters'] / 1e6:.2f}M)",
+                r["players"],
                 f"{r['batch_size_per_player']}x4x{r['latent_size']}x{r['latent_size']}",
-                f"{s['nash']['median']:.3f}",
-                f"{s['sum_plain']['median']:.3f}",
-                f"{s['single_backward']['median']:.3f}",
-                f"{q['nash_over_sum_plain']:.3f}x (paired {q['nash_over_sum_plain_paired']:.3f}x)",
-                f"{q['nash_over_single_backward']:.3f}x",
-                f"{gram * 1e3:.2f} ms = {gram / s['sum_plain']['median'] * 100:.2f}% of a step",
+                *(f"{s[v]['median']:.3f}" for v in variants),
+                *(f"{q[k]:.3f}x (paired {q[k + '_paired']:.3f}x)" for k in ratios),
+                f"{gram * 1e3:.2f} ms = {gram / s[variants[0]]['median'] * 100:.2f}% of a step",
             ]
         )
     m = results["machine"]
     return (
-        f"# Erasure step time: nash vs sum\n\n{markdown_table(header, rows)}\n"
-        f"Medians over {results['settings']['rounds']} interleaved rounds; {m['cpu']}, {m['nproc']} cores, "
-        f"{m['torch_threads']} torch thread(s), load average at start {m['load_average_1_5_15']}, "
-        f"{m['date_utc']}.\n\n![step time](overhead.png)\n"
+        f"# Erasure step time: nash (fast / per-player passes) vs sum vs an ordinary step\n\n"
+        f"{markdown_table(header, rows)}\n"
+        f"Medians over {results['settings']['rounds']} interleaved rounds of {results['settings'].get('clock', 'wall')}"
+        f"-clock seconds; {m['cpu']}, {m['nproc']} cores, "
+        f"{m['torch_threads']} torch thread(s), load average at start {m['load_average_1_5_15']}, at end "
+        f"{m.get('load_average_at_end')}, {m['date_utc']}.\n\n![step time](overhead.png)\n"
     )
 
 
@@ -240,7 +326,9 @@ def run(config: OverheadConfig) -> dict:
     check_results(config.output_dir, config.overwrite)
     machine = machine_record()
     models = [
-        benchmark_model(
+        result
+        for m in config.models
+        for result in benchmark_model(
             m,
             latent_size=config.latent_size if m.startswith("sd15") else None,
             batch_size=config.batch_size,
@@ -249,15 +337,17 @@ def run(config: OverheadConfig) -> dict:
             rounds=config.rounds,
             warmup=config.warmup,
             seed=config.seed,
+            players=config.players,
+            variants=config.variants,
+            clock=config.clock,
         )
-        for m in config.models
     ]
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results = {
         "benchmark": "overhead",
         "machine": machine,
         "settings": config_record(config),
-        "variants": list(STEP_VARIANTS),
+        "variants": list(config.variants),
         "models": models,
     }
     write_results(

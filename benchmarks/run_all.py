@@ -54,6 +54,43 @@ BENCHMARKS: dict[str, list[str]] = {
         f"{RESULTS}/overhead_sd15",
     ],
     "memory": ["-m", "benchmarks.memory", "--architecture", "sd15", "--output_dir", f"{RESULTS}/memory"],
+    # issue 17: the fast per-player gradients (one backward) vs per-player passes vs an ordinary step, K players
+    "overhead_players_demo": [
+        *("-m", "benchmarks.overhead", "--models", "munba-demo", "--batch_size", "1", "--lora_target", "attn"),
+        *("--players", "2", "3", "5", "9", "--variants", "nash", "nash_per_player", "single_backward"),
+        *("--rounds", "10", "--warmup", "1", "--clock", "process", "--output_dir", f"{RESULTS}/overhead_players_demo"),
+    ],
+    "overhead_players_demo_k23": [
+        *("-m", "benchmarks.overhead", "--models", "munba-demo", "--batch_size", "1", "--lora_target", "attn"),
+        *("--players", "2", "3", "--variants", "nash", "single_backward", "--rounds", "24", "--warmup", "2"),
+        *("--clock", "process", "--output_dir", f"{RESULTS}/overhead_players_demo_k23"),
+    ],
+    "overhead_players_demo_b4": [
+        *("-m", "benchmarks.overhead", "--models", "munba-demo", "--batch_size", "4", "--lora_target", "attn"),
+        *("--players", "2", "3", "--variants", "nash", "single_backward", "--rounds", "12", "--warmup", "1"),
+        *("--clock", "process", "--output_dir", f"{RESULTS}/overhead_players_demo_b4"),
+    ],
+    "overhead_players_sd15small": [
+        *("-m", "benchmarks.overhead", "--models", "sd15-small", "--latent_size", "16"),
+        *("--players", "2", "3", "5", "9", "--variants", "nash", "nash_per_player", "single_backward"),
+        *("--rounds", "4", "--warmup", "1", "--clock", "process"),
+        *("--output_dir", f"{RESULTS}/overhead_players_sd15small"),
+    ],
+    "overhead_players_sd15": [
+        *("-m", "benchmarks.overhead", "--models", "sd15", "--latent_size", "16", "--players", "2", "9"),
+        *("--variants", "nash", "single_backward", "--rounds", "2", "--warmup", "1", "--clock", "process"),
+        *("--output_dir", f"{RESULTS}/overhead_players_sd15"),
+    ],
+    "memory_players_sd15small": [
+        *("-m", "benchmarks.memory", "--architecture", "sd15-small", "--players", "2", "3", "5", "9"),
+        *("--variants", "ours", "ours_per_player", "ordinary", "--analytic_targets", "xattn", "--parallel"),
+        *("--output_dir", f"{RESULTS}/memory_players_sd15small"),
+    ],
+    "memory_players_sd15": [
+        *("-m", "benchmarks.memory", "--architecture", "sd15", "--players", "2", "9", "--variants", "ours"),
+        *("ordinary", "--analytic_targets", "xattn", "--parallel", "--no_write_unet"),
+        *("--output_dir", f"{RESULTS}/memory_players_sd15"),
+    ],
     "demo_settings": [
         "-m",
         "benchmarks.tradeoff",
@@ -93,6 +130,22 @@ BENCHMARKS: dict[str, list[str]] = {
         "1",
         "--output_dir",
         f"{RESULTS}/specificity",
+    ],
+    "robustness": [
+        "-m",
+        "benchmarks.robustness",
+        "--seeds",
+        "0",
+        "1",
+        "2",
+        "--attack_rows",
+        "12",
+        "--check_every",
+        "5",
+        "--max_eval_prompts",
+        "6",
+        "--output_dir",
+        f"{RESULTS}/robustness",
     ],
     "classifier_digits": [
         "-m",

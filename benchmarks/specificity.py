@@ -36,6 +36,7 @@ from munba_diffusion.config import option, parse_config  # noqa: E402
 from munba_diffusion.demo import COLOURS, SHAPES, load_demo_judge  # noqa: E402
 from munba_diffusion.diffusion.losses import FORGET_LOSSES  # noqa: E402
 from munba_diffusion.evaluation.demo import concept_kind  # noqa: E402
+from munba_diffusion.evaluation.intervals import wilson_interval  # noqa: E402
 from munba_diffusion.evaluation.manifest import collect_images, images_to_tensor, load_rgb, require_field  # noqa: E402
 from munba_diffusion.io import write_json_atomic  # noqa: E402
 
@@ -48,11 +49,10 @@ from ._common import (  # noqa: E402
     run_erasure,
     run_script,
     save_figure,
+    select_runs,
     work_folder,
     write_results,
 )
-
-WILSON_Z = 1.959964  # two-sided 95% normal quantile
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,16 +78,6 @@ class SpecificityConfig(DemoBenchmarkOptions):
     )
 
 
-def wilson(successes: int, total: int) -> dict:
-    """The share with its 95% Wilson score interval."""
-    if total == 0:
-        return {"rate": None, "low": None, "high": None, "n": 0}
-    p = successes / total
-    centre = (p + WILSON_Z**2 / (2 * total)) / (1 + WILSON_Z**2 / total)
-    half = WILSON_Z * math.sqrt(p * (1 - p) / total + WILSON_Z**2 / (4 * total**2)) / (1 + WILSON_Z**2 / total)
-    return {"rate": p, "low": max(0.0, centre - half), "high": min(1.0, centre + half), "n": total}
-
-
 def specificity_scores(folder: Path, concepts: list[str], judge) -> dict:
     """Per concept: concept rate, kept attribute, neighbours' accuracy and substitutes; and the other prompts."""
     entries = collect_images(folder)
@@ -110,16 +100,18 @@ def specificity_scores(folder: Path, concepts: list[str], judge) -> dict:
         kept_rows = [i for i in own if asked[other_kind][i]]
         neighbours = [i for i in rows if asked[kind][i] and asked[kind][i] != concept]
         result["concepts"][concept] = {
-            "concept_rate": wilson(sum(judged[kind][i] == concept for i in own), len(own)),
-            "kept_attribute": wilson(
+            "concept_rate": wilson_interval(sum(judged[kind][i] == concept for i in own), len(own)),
+            "kept_attribute": wilson_interval(
                 sum(judged[other_kind][i] == asked[other_kind][i] for i in kept_rows), len(kept_rows)
             ),
-            "neighbour_accuracy": wilson(sum(judged[kind][i] == asked[kind][i] for i in neighbours), len(neighbours)),
+            "neighbour_accuracy": wilson_interval(
+                sum(judged[kind][i] == asked[kind][i] for i in neighbours), len(neighbours)
+            ),
             "substitutes": dict(Counter(judged[kind][i] for i in own if judged[kind][i] != concept).most_common()),
         }
     others = [i for i in rows if all(asked[concept_kind(c)][i] != c for c in concepts)]
     correct = sum(all(judged[k][i] == asked[k][i] for k in ("shape", "colour") if asked[k][i]) for i in others)
-    result["other_accuracy"] = wilson(correct, len(others))
+    result["other_accuracy"] = wilson_interval(correct, len(others))
     return result
 
 
@@ -281,13 +273,9 @@ def run(config: SpecificityConfig) -> dict:
         for neighbours in config.neighbour_settings
         for seed in config.seeds
     ]
-    if config.report_only:
-        finished = [p for p in plan if (runs_dir / f"{run_name(*p)}.json").is_file()]
-        plan, skipped = finished, [p for p in plan if p not in finished]
-    elif config.runs_limit is not None:
-        plan, skipped = plan[: config.runs_limit], plan[config.runs_limit :]
-    else:
-        skipped = []
+    plan, skipped = select_runs(
+        plan, lambda run: (runs_dir / f"{run_name(*run)}.json").is_file(), config.report_only, config.runs_limit
+    )
     with work_folder(config.work_dir, "munba-specificity-") as work:
         original_path = runs_dir / "original.json"
         if not original_path.is_file() and config.report_only:

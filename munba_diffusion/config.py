@@ -103,6 +103,13 @@ def option(
     return dataclasses.field(default=default, default_factory=default_factory, metadata={_META: spec})
 
 
+def same_option(cls: type, name: str) -> Any:
+    """A dataclass field declared as field ``name`` of the dataclass ``cls`` is (default, help, rules): a command
+    that exposes a library option repeats no declaration. Give the field the same type annotation."""
+    (field,) = [f for f in dataclasses.fields(cls) if f.name == name]
+    return dataclasses.field(default=field.default, default_factory=field.default_factory, metadata=field.metadata)
+
+
 def _spec(field: dataclasses.Field) -> OptionSpec | None:
     return field.metadata.get(_META)
 

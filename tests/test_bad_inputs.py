@@ -45,6 +45,7 @@ from munba_diffusion.benchmarks.classifier import main as classifier_main  # noq
 from munba_diffusion.benchmarks.clip import main as clip_main  # noqa: E402
 from munba_diffusion.classifiers.clip_unlearn import ClipUnlearnConfig  # noqa: E402
 from munba_diffusion.classifiers.unlearn import UnlearnConfig  # noqa: E402
+from munba_diffusion.commands.attack import main as attack_main  # noqa: E402
 from munba_diffusion.commands.erase import main as erase_main  # noqa: E402
 from munba_diffusion.commands.evaluate import main as evaluate_main  # noqa: E402
 from munba_diffusion.diffusion.config import ErasureTrainingConfig  # noqa: E402
@@ -63,6 +64,7 @@ PROGRESS_BAR = re.compile(r"^[^|]*:\s+\d+%\|")  # a tqdm line ("Loading weights:
 MAINS: dict[str, Callable] = {
     "train_erase.py": erase_main,
     "eval/evaluate.py": evaluate_main,
+    "eval/attack.py": attack_main,
     "munba-unlearn-classifier": classifier_main,
     "munba-unlearn-clip": clip_main,
 }
@@ -107,6 +109,10 @@ def E(bad: str, given: str, expect: str) -> Case:
     return Case("eval/evaluate.py", bad, given, expect)
 
 
+def K(bad: str, given: str, expect: str) -> Case:
+    return Case("eval/attack.py", bad, given, expect)
+
+
 def C(bad: str, given: str, expect: str) -> Case:
     return Case("munba-unlearn-classifier", bad, given, expect)
 
@@ -122,6 +128,7 @@ def A(bad: str, given: str, expect: str) -> Case:
 RUN = "--concept circle --output_dir run"  # train_erase.py's required options, where they are not the bad input
 EVAL = "--model munba-demo --prompts eval/demo.csv --output_dir eval-run"  # the same for eval/evaluate.py
 BENCH = "--output_dir bench-new"  # the benchmarks'
+ATTACK = "--original munba-demo --concept red --prompts eval/demo.csv --output_dir attack-run"  # with --model
 
 CASES: tuple[Case, ...] = (
     # ---------------------------------------------------------------------------------------- train_erase.py
@@ -265,6 +272,31 @@ CASES: tuple[Case, ...] = (
         "a CLIP where a pipeline is expected",
         f"{RUN} --pretrained_model_name_or_path munba-demo-clip",
         "bundled pipeline models: munba-demo",
+    ),
+    T(
+        "robust mode with no adversarial forgetting",
+        f"{RUN} --robust --combiner sum --combiner_weights 1 1 0",
+        "zero weight on every adversarial player",
+    ),
+    T("robust-mode option without --robust", f"{RUN} --adversarial_steps 3", "add --robust or drop it"),
+    # ---------------------------------------------------------------------------------------- eval/attack.py
+    K(
+        "prefix length 0",
+        f"--model munba-demo {ATTACK} --prefix_tokens 0",
+        "prefix_tokens (--prefix_tokens) must be >= 1",
+    ),
+    K("attacked folder that is not a pipeline", f"--model mine {ATTACK}", "--model: "),
+    K("NudeNet asked about a colour", f"--model munba-demo {ATTACK} --detector nudenet", "use --detector demo"),
+    K(
+        "a concept no detector judges",
+        "--model munba-demo --original munba-demo --concept van-gogh --prompts eval/demo.csv --output_dir a",
+        "no detector judges 'van-gogh'",
+    ),
+    K(
+        "replay CSV without a prompt column",
+        "--attack replay --model munba-demo --original munba-demo --concept red --prompts csv/noprompt.csv "
+        "--output_dir a",
+        "no 'prompt' column",
     ),
     # ---------------------------------------------------------------------------------------- eval/evaluate.py
     E("guidance NaN", f"{EVAL} --guidance nan", "guidance_scale (--guidance) must be a finite number"),
@@ -640,7 +672,7 @@ def render_doc(messages: list[str]) -> str:
         title = surface if surface == PYTHON else f"`{surface}`"
         given = "Call" if surface == PYTHON else "Arguments"
         lines += [f"## {title} ({counts[surface]})", "", f"| # | Bad input | {given} | Message |", "|---|---|---|---|"]
-        for case, message in zip(CASES, messages):
+        for case, message in zip(_ordered(), messages):  # messages come in the doc's order
             if case.surface != surface:
                 continue
             number += 1

@@ -15,7 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import classifier, clip, gpu_check, memory, overhead, run_all, sampling, specificity, tradeoff
+from benchmarks import (
+    classifier,
+    clip,
+    gpu_check,
+    memory,
+    overhead,
+    robustness,
+    run_all,
+    sampling,
+    specificity,
+    tradeoff,
+)
 from benchmarks._common import STEP_VARIANTS, build_unet, erasure_gradients, random_erasure_batch
 from munba_diffusion.config import build_parser, parse_config
 from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
@@ -44,6 +55,7 @@ COMMANDS = {  # what a documented command runs -> the configuration its parser i
     "benchmarks.sampling": sampling.SamplingConfig,
     "benchmarks.tradeoff": tradeoff.TradeoffConfig,
     "benchmarks.specificity": specificity.SpecificityConfig,
+    "benchmarks.robustness": robustness.RobustnessConfig,
     "benchmarks.gpu_check": gpu_check.GpuCheckConfig,
     "benchmarks.run_all": run_all.RunAllConfig,
     "benchmarks.classifier": classifier.ClassifierCommand,
@@ -243,6 +255,12 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     results = _results(out)
     assert [(r["batch_size"], r["variant"]) for r in results["rows"]] == [(1, "nash"), (1, "sum_plain")]
     assert all(r["steps_per_second"] > 0 and r["peak_bytes"] is None for r in results["rows"])
+    robust = results["robustness"]
+    assert robust["attack_iteration_seconds"] > 0 and robust["robust_step_seconds"] > 0
+    assert robust["attack_seconds_per_prompt_max"] == pytest.approx(
+        40 * (robust["attack_iteration_seconds"] + robust["attack_generation_seconds"])
+    )
+    assert "White-box attack per prompt" in (out / "results.md").read_text()
     assert results["esd_way"][0]["trainable_parameters"] > 0
     assert results["settings"]["resolution"] == 64
     script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
@@ -317,7 +335,7 @@ def test_console_scripts_run_outside_the_checkout(script, tmp_path):
 
 
 def test_wilson_interval_matches_the_formula_and_stays_in_bounds():
-    wilson = specificity.wilson
+    wilson = specificity.wilson_interval  # the evaluation package's one implementation (tests/test_eval_intervals.py)
 
     interval = wilson(0, 24)
     assert interval["rate"] == 0.0 and interval["low"] == 0.0 and 0.13 < interval["high"] < 0.15  # 0/24: [0, 0.138]
@@ -378,3 +396,84 @@ def test_specificity_runs_at_tiny_size(tmp_path):
         ]
     )
     assert report["missing"] == ["red-esd-nash-folded-seed0"] and len(report["runs"]) == 1
+
+
+def test_overhead_and_memory_sweep_the_number_of_players(tmp_path):
+    """Step time and memory for K players: the fast path, the per-player passes and an ordinary step."""
+    variants = ["nash", "nash_per_player", "single_backward"]
+    out = tmp_path / "overhead"
+    common = ["--latent_size", "8", "--rounds", "1", "--warmup", "0"]
+    overhead.main(
+        ["--models", "sd15-tiny", *common, "--players", "2", "3", "--variants", *variants, "--output_dir", str(out)]
+    )
+    results = _results(out)
+    assert [(m["model"], m["players"]) for m in results["models"]] == [("sd15-tiny", 2), ("sd15-tiny", 3)]
+    for model in results["models"]:
+        assert set(model["seconds_per_step"]) == set(variants)
+        assert {"nash_over_single_backward", "nash_per_player_over_single_backward"} <= set(model["ratios"])
+    assert "per-player / ordinary" in (out / "results.md").read_text()
+    out = tmp_path / "memory"
+    memory.main(
+        [
+            "--architecture",
+            "sd15-tiny",
+            "--latent_size",
+            "8",
+            "--players",
+            "3",
+            "--variants",
+            "ours",
+            "ordinary",
+            "esd",
+            "--analytic_targets",
+            "xattn",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    measured = _results(out)["measured"]
+    assert list(measured) == ["xattn, K=3"] and set(measured["xattn, K=3"]["runs"]) == {"ours", "ordinary"}
+    ratios = measured["xattn, K=3"]["ratios"]
+    assert ratios["held_ours_over_ordinary"] == 1.0  # one UNet, one LoRA, its AdamW states and its .grad in both
+    assert 1.0 <= ratios["saved_ours_over_ordinary"] < 1.10  # the same activations plus K copies of the LoRA
+
+
+def test_robustness_report_averages_the_runs_over_seeds(tmp_path):
+    """--report_only: per method, means and stds over seeds of the attack rates, kept attribute and other prompts."""
+    runs = tmp_path / "runs"
+    runs.mkdir(parents=True)
+
+    def rate(value):
+        return {"rate": value, "low": 0.0, "high": 1.0, "n": 12}
+
+    def scores(concept, kept, other):
+        return {
+            "concepts": {"red": {"concept_rate": concept, "kept_attribute_accuracy": kept}},
+            "other_accuracy": other,
+        }
+
+    (runs / "original.json").write_text(
+        json.dumps({"scores": scores(0.9, 0.8, 0.85), "replay": {"rows": 10, "rows_kept": 7}})
+    )
+    for method, seed, post in (("plain", 0, 0.5), ("plain", 1, 0.7), ("robust", 0, 0.1), ("robust", 1, 0.2)):
+        record = {
+            "method": method,
+            "seed": seed,
+            "train_seconds": 100.0 * (1 + seed),
+            "scores": scores(0.0, 0.75, 0.8),
+            "whitebox": {"pre_attack_success_rate": rate(0.0), "post_attack_success_rate": rate(post)},
+            "replay": {"attack_success_rate": rate(post / 2)},
+        }
+        (runs / f"{method}-seed{seed}.json").write_text(json.dumps(record))
+    robustness.main(
+        ["--report_only", "--methods", "plain", "robust", "--seeds", "0", "1", "--output_dir", str(tmp_path)]
+    )
+    results = _results(tmp_path)
+    by_method = {row["method"]: row for row in results["summary"]}
+    assert by_method["plain"]["whitebox_post"]["mean"] == pytest.approx(0.6)
+    assert by_method["plain"]["whitebox_post"]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert by_method["robust"]["replay"]["mean"] == pytest.approx(0.075)
+    assert results["original"]["replay"] == 0.7 and results["missing"] == []
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| robust | 2 | 0.0 ± 0.0 | 0.0 ± 0.0 | 15.0 ± 7.1 |" in markdown
+    assert (tmp_path / "results.png").is_file()

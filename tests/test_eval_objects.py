@@ -14,6 +14,7 @@ from transformers import (
     ResNetForImageClassification,
 )
 
+from munba_diffusion.evaluation.manifest import read_manifest
 from munba_diffusion.evaluation.objects import (
     IMAGENETTE_CLASSES,
     ImageNetClassifier,
@@ -32,7 +33,8 @@ def test_unlearning_accuracy_and_other_class_accuracy_from_predictions():
     assert result["erased_class"] == "tench"
     assert result["unlearning_accuracy"] == 0.75  # 3 of 4 tench images are not classified as tench
     assert result["other_accuracy"] == 0.75  # church 2/2, parachute 1/2
-    assert result["per_class"]["parachute"] == {"accuracy": 0.5, "num_images": 2}
+    assert result["per_class"]["parachute"]["accuracy"] == 0.5 and result["per_class"]["parachute"]["num_images"] == 2
+    assert result["per_class"]["parachute"]["accuracy_n"] == 2 and result["unlearning_accuracy_n"] == 4
     assert "church" in result["per_class"] and "golf ball" not in result["per_class"]
     assert object_erasure_scores(predictions, labels, erased=None)["accuracy"] == 4 / 8
 
@@ -75,6 +77,8 @@ def test_generation_folder_is_scored_with_a_transformers_classifier(always_tench
     erased_parachute = object_metrics(folder, "parachute", classifier=str(always_tench), batch_size=2)
     assert erased_parachute["unlearning_accuracy"] == 1.0 and erased_parachute["other_accuracy"] == 0.5
     assert erased_parachute["classifier"] == str(always_tench)
+    verdicts = [r["judgements"]["objects"] for r in read_manifest(folder / "manifest.jsonl")]
+    assert verdicts == [{"imagenet_index": TENCH, "correct": label == "tench"} for label in labels]
 
 
 def test_missing_classifier_weights_offline_give_one_line_errors(tmp_path, monkeypatch):

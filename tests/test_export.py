@@ -41,7 +41,12 @@ ERASED_DEMO = {
     "concept_kind": "shape",
     "num_concept_images": 24,
     "concept_rate": 0.041666666666666664,
+    "concept_rate_ci95": [0.0074, 0.2024],
+    "concept_rate_n": 24,
+    "concept_rate_by_name": {"circle": {"rate": 0.0, "ci95": [0.0, 0.3244], "n": 8}},
     "kept_attribute_accuracy": 0.75,
+    "kept_attribute_accuracy_ci95": [0.5506, 0.8800],
+    "kept_attribute_accuracy_n": 24,
     "other_accuracy": 0.8888888888888888,
     "judge_kid_other": 0.012345678901234,
     "judge_kid_other_renders_std": None,
@@ -56,8 +61,15 @@ ERASED_NUDENET = {
     "class_counts": {"FEMALE_BREAST_EXPOSED": 3},
     "total_detections": 3,
     "nudity_rate": 0.03125,
+    "nudity_rate_ci95": [0.0107, 0.0879],
+    "nudity_rate_n": 96,
     "attack_threshold": 0.45,
     "attack_success_rate": 0.0625,
+}
+INTERVALS = {  # (metric, key) -> the metric_args a rate's interval becomes (rates without one have none)
+    ("demo", "concept_rate"): {"ci95": [0.0074, 0.2024], "n": 24},
+    ("demo", "kept_attribute_accuracy"): {"ci95": [0.5506, 0.8800], "n": 24},
+    ("nudenet", "nudity_rate"): {"ci95": [0.0107, 0.0879], "n": 96},
 }
 REPORT = {  # report.json as the end-of-run evaluation writes it (the erased model labelled "erased")
     "results": {
@@ -198,6 +210,8 @@ def assert_model_index_holds_the_report(card: ModelCard, name: str) -> None:
         assert result.dataset_config == "circle" and result.dataset_revision == PROMPT_SET["sha256"]
         assert result.metric_value == REPORT["results"]["erased"][result.metric_config][result.metric_type]
     assert next(r for r in results if r.metric_type == "concept_rate").metric_name == "Concept rate"
+    # A rate's interval and image count travel in metric_args; they are no results of their own.
+    assert {(r.metric_config, r.metric_type): r.metric_args for r in results if r.metric_args} == INTERVALS
 
 
 def test_model_card_model_index_equals_the_evaluation_report(exported):

@@ -108,3 +108,43 @@ def test_a_second_run_on_a_locked_folder_refuses_and_a_dead_lock_is_taken_over(t
     (tmp_path / "out" / ".munba.lock").write_text("999999999")  # a pid that does not exist: a killed run
     with OutputDirLock(tmp_path / "out") as lock:
         assert lock.path.read_text() == str(os.getpid())
+
+
+def test_a_failed_evaluation_costs_the_evaluation_not_the_trained_model(demo_with_lora, tmp_path, caplog):
+    output_dir = tmp_path / "erased"
+
+    def evaluate(config, folder):
+        (folder / "evaluation").mkdir()
+        (folder / "evaluation" / "partial.json").write_text("{")
+        raise OSError("could not load AIML-TUDA/i2p (offline); go online once")
+
+    with caplog.at_level("WARNING"):
+        finish_erasure(
+            _config(output_dir),
+            demo_with_lora,
+            ["preserve", "forget"],
+            train_seconds=1.0,
+            pool_seconds=0.5,
+            resolution=32,
+            evaluate=evaluate,
+        )
+    assert (output_dir / "model_index.json").is_file() and (output_dir / "README.md").is_file()
+    assert not (output_dir / "evaluation").exists()  # no half-written reports in the folder
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "could not load AIML-TUDA/i2p" in warning and "eval/evaluate.py" in warning
+
+
+@pytest.mark.parametrize(
+    ("preset", "metrics", "concept"),
+    [("red", ("demo",), "red"), ("church", ("objects", "clip"), "church"), ("van-gogh", ("clip",), None)],
+)
+def test_each_evaluation_set_is_scored_by_metrics_that_can_read_it(preset, metrics, concept):
+    """A preset's evaluation set gets the metrics that fit it (a demo judge never scores Imagenette prompts)."""
+    from munba_diffusion.evaluation.erasure import evaluation_plan
+    from munba_diffusion.evaluation.evaluate import check_metric_inputs
+    from munba_diffusion.presets import resolve_concept
+
+    preset = resolve_concept(preset)
+    prompts, chosen, options = evaluation_plan(preset.eval_prompts, preset.name)
+    assert chosen == metrics and options.concept == concept
+    check_metric_inputs(chosen, prompts, options)  # would raise if a metric could not read the set

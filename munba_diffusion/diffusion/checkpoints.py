@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from ..io import write_json_atomic, write_text_atomic
@@ -133,8 +134,11 @@ def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
         shutil.rmtree(old)
 
 
-def save_checkpoint(accelerator, unet, config: ErasureTrainingConfig, step: int) -> None:
-    """Write ``checkpoint-<step>`` with the run's settings (all processes call it; the main process writes)."""
+def save_checkpoint(
+    accelerator, unet, config: ErasureTrainingConfig, step: int, extra: dict[str, dict[str, torch.Tensor]] | None = None
+) -> None:
+    """Write ``checkpoint-<step>`` with the run's settings (all processes call it; the main process writes).
+    ``extra`` maps file names to more tensors the run needs to resume exactly (e.g. the robust mode's prefixes)."""
     output_dir = config.output_dir
     if accelerator.is_main_process:
         prune_checkpoints(output_dir, config.checkpoints_total_limit)
@@ -146,6 +150,8 @@ def save_checkpoint(accelerator, unet, config: ErasureTrainingConfig, step: int)
     accelerator.save_state(str(tmp))  # optimizer, lr scheduler, RNG states
     if accelerator.is_main_process:
         save_file({k: v.contiguous().cpu() for k, v in lora_state_dict(unet).items()}, str(tmp / LORA_CHECKPOINT_NAME))
+        for name, tensors in (extra or {}).items():
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
         write_json_atomic(tmp / STEP_FILE, {"global_step": step})
         write_json_atomic(tmp / RUN_CONFIG_FILE, config.record())
         os.replace(tmp, final)
@@ -163,6 +169,19 @@ def load_checkpoint(accelerator, unet, path: Path) -> int:
             f"{path} is damaged ({first}); resume from an earlier checkpoint or start over with --overwrite_output_dir"
         ) from None
     return int(_read_json(path / STEP_FILE, "its step")["global_step"])
+
+
+def load_checkpoint_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``path/name`` saved through ``save_checkpoint(extra=...)``; a missing or damaged file is one
+    line."""
+    try:
+        return load_file(str(path / name))
+    except Exception as error:  # missing, truncated or tampered
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ValueError(
+            f"{path / name} cannot be read ({first}); resume from an earlier checkpoint or start over with "
+            "--overwrite_output_dir"
+        ) from None
 
 
 def truncate_log(path: Path, step: int) -> None:

@@ -9,6 +9,7 @@ before anything slow happens. Argument names follow diffusers' training scripts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +19,8 @@ from ..bargaining import COMBINERS
 from ..config import check_options, config_record, option
 from ..models import bundled_model_names
 from ..presets import ConceptPreset, read_prompt_file, resolve_concept
-from ..step import nonfinite_gradients_option
+from ..step import nonfinite_gradients_option, player_gradients_option
+from .adversary import ADVERSARIAL, adversarial_player_names
 from .latents import LATENT_SOURCES
 from .lora import TARGET_SETS, ErasureLoraConfig
 from .losses import FORGET_LOSSES
@@ -68,13 +70,26 @@ class ErasureTrainingConfig:
     negative_guidance: float = option(1.0, "eta of the esd and anchored_esd targets", low=0.0)
     combiner: str = option("nash", "how the players' gradients are combined each step", choices=COMBINERS)
     combiner_weights: list[float] | None = option(
-        None, "fixed weights for --combiner sum: the preservation player's first, then each concept's", low=0.0
+        None,
+        "fixed weights for --combiner sum, one per player in the order of the run record's players: preservation, "
+        "neighbours (with --neighbour_player), each concept's forgetting player, each adversarial player (--robust)",
+        low=0.0,
     )
     neighbour_player: bool = option(
         False,
         "bargain the concepts' neighbours (the preset's 'neighbours') as their own preservation player "
         "instead of folding them into the preservation prompts",
     )
+    robust: bool = option(
+        False,
+        "robust erasure: add an adversarial forgetting player per concept, whose prompts carry prefixes searched "
+        "against the current model every --adversarial_every steps (AdvUnlearn-style; see diffusion/adversary.py)",
+    )
+    adversarial_every: int = option(5, "robust mode: search new adversarial prefixes every N steps", low=1)
+    adversarial_steps: int = option(10, "robust mode: AdamW steps of each prefix search", low=1)
+    adversarial_tokens: int = option(5, "robust mode: soft tokens per adversarial prefix", low=1, high=70)
+    adversarial_lr: float = option(0.01, "robust mode: learning rate of the prefix search", low=0.0, low_open=True)
+    adversarial_prompts_kept: int = option(4, "robust mode: newest adversarial prefixes kept per concept", low=1)
     lora_target: str = option("xattn", "which UNet layers the LoRA adapts", choices=TARGET_SETS)
     rank: int = option(4, "LoRA rank", low=1)
     lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, i.e. scale 1)", low=0.0, low_open=True)
@@ -117,6 +132,7 @@ class ErasureTrainingConfig:
     checkpoints_total_limit: int | None = option(None, "keep at most this many checkpoints", low=1)
     resume_from_checkpoint: str | None = option(None, 'a checkpoint-N folder or "latest"')
     nonfinite_gradients: str = nonfinite_gradients_option()
+    player_gradients: str = player_gradients_option()
     # validation and sharing
     validation_prompts: list[str] | None = option(
         None,
@@ -141,6 +157,7 @@ class ErasureTrainingConfig:
         check_options(self)
         self._check_paths()
         self._check_combiner_weights()
+        self._check_robust()
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/sd14-no-nudity)")
         if self.latent_source == "images" and self.forget_image_dir is None:
@@ -184,6 +201,22 @@ class ErasureTrainingConfig:
                 f"combiner_weights (--combiner_weights) needs {players} numbers, one per player "
                 f"({', '.join(self.player_names())}); got {len(self.combiner_weights)}"
             )
+
+    def _check_robust(self) -> None:
+        adversarial = [f.name for f in dataclasses.fields(self) if f.name.startswith("adversarial_")]
+        if not self.robust:
+            changed = [n for n in adversarial if getattr(self, n) != _DEFAULTS[n]]
+            if changed:
+                raise ValueError(f"--{changed[0]} sets the robust mode; add --robust or drop it")
+            return
+        if self.combiner_weights is not None:
+            names = self.player_names()
+            if not any(w > 0 for n, w in zip(names, self.combiner_weights) if n.startswith(ADVERSARIAL)):
+                raise ValueError(
+                    "--robust with a zero weight on every adversarial player trains no adversarial forgetting; give "
+                    f"the adversarial players ({', '.join(n for n in names if n.startswith(ADVERSARIAL))}) a "
+                    "weight above 0 in --combiner_weights or drop --robust"
+                )
 
     def _resolved_concepts(self) -> list[ConceptPreset]:
         """Every concept as a preset, with the prompt-file and anchor overrides applied."""
@@ -244,11 +277,15 @@ class ErasureTrainingConfig:
         return ErasureLoraConfig(rank=self.rank, alpha=self.lora_alpha, target=self.lora_target)
 
     def player_names(self) -> list[str]:
-        """``preserve``, ``neighbours`` (with ``--neighbour_player``), then one forgetting player per concept
-        (``forget`` alone when there is one)."""
+        """``preserve``, ``neighbours`` (with ``--neighbour_player``), one forgetting player per concept (``forget``
+        alone when there is one), then with ``--robust`` one adversarial player per concept (``adversarial``)."""
         forget = ["forget"] if len(self.concepts) == 1 else [f"forget:{c.name}" for c in self.concepts]
-        return ["preserve", *([NEIGHBOURS] if self.neighbour_player else []), *forget]
+        adversarial = adversarial_player_names(forget) if self.robust else []
+        return ["preserve", *([NEIGHBOURS] if self.neighbour_player else []), *forget, *adversarial]
 
     def record(self) -> dict[str, Any]:
         """Every option as JSON values (the concepts in full, secrets left out): the run record's ``config``."""
         return config_record(self)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ErasureTrainingConfig)}

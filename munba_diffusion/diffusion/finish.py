@@ -4,6 +4,7 @@ then the optional Hub upload."""
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,6 +84,22 @@ def before_after_grid(pipe, prompts: list[str], seeds: int, steps: int, guidance
     return grid, widget
 
 
+def _evaluate(evaluate, config: ErasureTrainingConfig, staging: Path) -> str | None:
+    """The end-of-run evaluation; a failure (offline data, a missing detector, a full disk) costs the evaluation,
+    never the trained model: it is logged in one line and the folder is written without it."""
+    try:
+        return evaluate(config, staging)
+    except (ValueError, OSError, RuntimeError, ImportError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        logger.warning(
+            "the end-of-run evaluation failed (%s); the erased model is saved without it: evaluate it later with "
+            "eval/evaluate.py",
+            first,
+        )
+        shutil.rmtree(staging / "evaluation", ignore_errors=True)
+        return None
+
+
 def finish_erasure(
     config: ErasureTrainingConfig,
     pipe,
@@ -93,8 +110,10 @@ def finish_erasure(
     resolution: int,
     steps_skipped: int = 0,
     evaluate: Callable[[ErasureTrainingConfig, Path], str | None] | None = None,
-) -> None:
+) -> Image.Image:
     """Grid; then model, record, images, evaluation and model card into a staging folder swapped in once; upload.
+
+    Returns the before/after grid (the trainer logs it to the trackers).
 
     ``evaluate(config, erased_folder)`` writes its reports under ``erased_folder/evaluation`` and returns the
     Markdown for the model card; the numbers of its ``evaluation/<concept>/report.json`` become the card's
@@ -119,7 +138,7 @@ def finish_erasure(
     )
     with staged_output_dir(output_dir) as staging:
         widget = write_erased_model(pipe, staging, record, before_after=grid, widget_images=widget_images)
-        table = evaluate(config, staging) if evaluate is not None and config.evaluate else None
+        table = _evaluate(evaluate, config, staging) if evaluate is not None and config.evaluate else None
         card = erased_model_card(
             record,
             widget=widget,
@@ -134,3 +153,4 @@ def finish_erasure(
     logger.info("wrote %s", output_dir)
     if config.push_to_hub:
         push_erased_model_to_hub(output_dir, config.hub_model_id, token=config.hub_token)
+    return grid

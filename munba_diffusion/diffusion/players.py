@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..step import player_gradients
+from ..step import PlayerGradientSource, RowPlayers
+from .adversary import ADVERSARIAL
 from .latents import LatentBatch
 from .lora import adapters_disabled
 from .losses import esd_target, forget_loss, preservation_loss
@@ -24,11 +25,13 @@ NEIGHBOURS = "neighbours"  # the optional preservation player of the concepts' n
 @dataclass
 class ErasureBatch:
     """Inputs of one micro-step: per forget player its x_t, timesteps, prompt contexts; same for preserve (and for
-    the neighbours, when they are their own player)."""
+    the neighbours, when they are their own player; and for the adversarial players of ``--robust``, whose rows
+    also carry the adversarial contexts the LoRA model sees, see :mod:`.adversary`)."""
 
     forget: list[tuple[LatentBatch, torch.Tensor, torch.Tensor]]  # (latents, concept ctx, anchor ctx)
     preserve: tuple[LatentBatch, torch.Tensor]
     neighbours: tuple[LatentBatch, torch.Tensor] | None = None
+    adversarial: list[tuple[LatentBatch, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # + adversarial ctx
 
     def preservation_rows(self, name: str) -> tuple[LatentBatch, torch.Tensor]:
         return self.neighbours if name == NEIGHBOURS else self.preserve
@@ -37,6 +40,16 @@ class ErasureBatch:
 def forget_names(names: list[str]) -> list[str]:
     """The forgetting players among ``names``, in the order of ``ErasureBatch.forget``."""
     return [n for n in names if n.startswith("forget")]
+
+
+def adversarial_names(names: list[str]) -> list[str]:
+    """The adversarial players among ``names``, in the order of ``ErasureBatch.adversarial``."""
+    return [n for n in names if n.startswith(ADVERSARIAL)]
+
+
+def is_forgetting(name: str) -> bool:
+    """Whether player ``name`` forgets (a concept's forgetting player or its adversarial player)."""
+    return name.startswith(("forget", ADVERSARIAL))
 
 
 def _predict(unet, latents: torch.Tensor, timesteps: torch.Tensor, contexts: torch.Tensor, device, dtype):
@@ -60,36 +73,148 @@ def frozen_targets(
     with torch.no_grad(), adapters_disabled(unet):
         targets = {}
         for name in names:
-            if not name.startswith("forget"):
+            if not is_forgetting(name):
                 plat, pctx = batch.preservation_rows(name)
                 targets[name] = _predict(unet, plat.latents, plat.timesteps, pctx, device, dtype)
-        for name, (lat, ctx, anchor_ctx) in zip(forget_names(names), batch.forget):
-            if loss in ("esd", "anchored_esd"):
-                reference = uncond.expand_as(ctx) if loss == "esd" else anchor_ctx  # what the concept is measured from
-                b = lat.latents.shape[0]
-                both = _predict(
-                    unet,
-                    torch.cat([lat.latents, lat.latents]),
-                    torch.cat([lat.timesteps, lat.timesteps]),
-                    torch.cat([reference, ctx]),
-                    device,
-                    dtype,
-                )
-                targets[name] = esd_target(both[:b], both[b:], eta)
-            else:
-                targets[name] = _predict(unet, lat.latents, lat.timesteps, anchor_ctx, device, dtype)
+        forgetting = list(zip(forget_names(names), batch.forget))
+        if batch.adversarial is not None:  # the same targets, from the plain prompts of the adversarial rows
+            forgetting += [(n, rows[:3]) for n, rows in zip(adversarial_names(names), batch.adversarial)]
+        for name, (lat, ctx, anchor_ctx) in forgetting:
+            targets[name] = _forget_target(unet, lat, ctx, anchor_ctx, uncond, loss, eta, device, dtype)
     return targets
+
+
+def _forget_target(unet, lat: LatentBatch, ctx, anchor_ctx, uncond, loss: str, eta: float, device, dtype):
+    """A forgetting player's target on its rows (call with the adapters disabled and no grad)."""
+    if loss in ("esd", "anchored_esd"):
+        reference = uncond.expand_as(ctx) if loss == "esd" else anchor_ctx  # what the concept is measured from
+        b = lat.latents.shape[0]
+        both = _predict(
+            unet,
+            torch.cat([lat.latents, lat.latents]),
+            torch.cat([lat.timesteps, lat.timesteps]),
+            torch.cat([reference, ctx]),
+            device,
+            dtype,
+        )
+        return esd_target(both[:b], both[b:], eta)
+    return _predict(unet, lat.latents, lat.timesteps, anchor_ctx, device, dtype)
+
+
+def player_rows(batch: ErasureBatch, name: str, names: list[str]) -> tuple[LatentBatch, torch.Tensor]:
+    """The rows a player's LoRA forward runs on: its x_t (with their timesteps) and its prompt contexts."""
+    if name.startswith(ADVERSARIAL):
+        lat, _, _, adversarial_ctx = batch.adversarial[adversarial_names(names).index(name)]
+        return lat, adversarial_ctx
+    if not name.startswith("forget"):
+        return batch.preservation_rows(name)
+    lat, ctx, _ = batch.forget[forget_names(names).index(name)]
+    return lat, ctx
+
+
+def loss_of(name: str, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A player's loss from the LoRA model's prediction on its own rows (a mean over them)."""
+    return forget_loss(prediction, target) if is_forgetting(name) else preservation_loss(prediction, target)
 
 
 def player_loss(
     unet, batch: ErasureBatch, name: str, names: list[str], target: torch.Tensor, device, dtype
 ) -> torch.Tensor:
     """One player's loss from a LoRA forward over that player's rows only."""
-    if not name.startswith("forget"):
-        lat, ctx = batch.preservation_rows(name)
-        return preservation_loss(_predict(unet, lat.latents, lat.timesteps, ctx, device, dtype), target)
-    lat, ctx, _ = batch.forget[forget_names(names).index(name)]
-    return forget_loss(_predict(unet, lat.latents, lat.timesteps, ctx, device, dtype), target)
+    lat, ctx = player_rows(batch, name, names)
+    return loss_of(name, _predict(unet, lat.latents, lat.timesteps, ctx, device, dtype), target)
+
+
+def joint_rows(batch: ErasureBatch, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Every player's rows in one batch, in ``names`` order: (x_t, timesteps, contexts); ``None`` when their shapes
+    cannot be stacked (e.g. prompt contexts of different lengths)."""
+    rows = [player_rows(batch, name, names) for name in names]
+    if len({lat.latents.shape[1:] for lat, _ in rows}) > 1 or len({ctx.shape[1:] for _, ctx in rows}) > 1:
+        return None
+    return (
+        torch.cat([lat.latents for lat, _ in rows]),
+        torch.cat([lat.timesteps for lat, _ in rows]),
+        torch.cat([ctx for _, ctx in rows]),
+    )
+
+
+def joint_frozen_targets(
+    unet, batch: ErasureBatch, uncond: torch.Tensor, loss: str, eta: float, names: list[str], device, dtype
+) -> dict[str, torch.Tensor]:
+    """:func:`frozen_targets` for one LoRA forward over all players' rows (:func:`joint_rows`).
+
+    The frozen model runs on the joint batch in its shape, so that each preservation target comes from the same
+    batch shape as the LoRA forward (the identity LoRA then has a preservation loss of exactly 0, see
+    :func:`frozen_targets`); a forget player's rows in it carry its concept's context (``esd``,
+    ``anchored_esd``: the concept's prediction) or its anchor's (``anchor``: the target itself). The reference
+    predictions of ``esd`` / ``anchored_esd`` come from one more frozen forward over the forget rows.
+    """
+    forget = forget_names(names)
+    latents, timesteps, contexts = joint_rows(batch, names)
+    sizes = [player_rows(batch, name, names)[0].latents.shape[0] for name in names]
+    guided = loss in ("esd", "anchored_esd")
+    if not guided:  # anchor
+        contexts = torch.cat(
+            [batch.forget[forget.index(n)][2] if n in forget else player_rows(batch, n, names)[1] for n in names]
+        )
+    with torch.no_grad(), adapters_disabled(unet):
+        own = dict(zip(names, _predict(unet, latents, timesteps, contexts, device, dtype).split(sizes)))
+        targets = {name: own[name] for name in names if name not in forget or not guided}
+        if forget and guided:
+            rows = batch.forget
+            reference = torch.cat([uncond.expand_as(ctx) if loss == "esd" else anchor for _, ctx, anchor in rows])
+            predicted = _predict(
+                unet,
+                torch.cat([lat.latents for lat, _, _ in rows]),
+                torch.cat([lat.timesteps for lat, _, _ in rows]),
+                reference,
+                device,
+                dtype,
+            ).split([lat.latents.shape[0] for lat, _, _ in rows])
+            for name, from_reference in zip(forget, predicted):
+                targets[name] = esd_target(from_reference, own[name], eta)
+        # the adversarial players' targets come from their plain prompts, not the contexts the LoRA model sees
+        for name, rows in zip(adversarial_names(names), batch.adversarial or []):
+            targets[name] = _forget_target(unet, *rows[:3], uncond, loss, eta, device, dtype)
+    return targets
+
+
+def erasure_players(
+    unet,
+    batch: ErasureBatch,
+    uncond: torch.Tensor,
+    loss: str,
+    eta: float,
+    names: list[str],
+    device,
+    dtype,
+    *,
+    autocast=contextlib.nullcontext,
+) -> RowPlayers:
+    """The players of one micro-batch for the update owner's gradient sources (:class:`munba_diffusion.step.
+    RowPlayers`): each player's loss from its own LoRA forward (targets of :func:`frozen_targets`), and all losses
+    from one LoRA forward over all players' rows (targets of :func:`joint_frozen_targets`). ``autocast`` is a
+    context-manager factory such as ``accelerator.autocast``."""
+    per_player_targets: dict[str, torch.Tensor] = {}
+
+    def one(name: str) -> torch.Tensor:
+        with autocast():
+            if not per_player_targets:  # computed once, when a per-player pass first needs them
+                per_player_targets.update(frozen_targets(unet, batch, uncond, loss, eta, names, device, dtype))
+            return player_loss(unet, batch, name, names, per_player_targets[name], device, dtype)
+
+    rows = joint_rows(batch, names)
+    sizes = [player_rows(batch, name, names)[0].latents.shape[0] for name in names]
+
+    def joint() -> dict[str, torch.Tensor]:
+        with autocast():
+            targets = joint_frozen_targets(unet, batch, uncond, loss, eta, names, device, dtype)
+            predictions = _predict(unet, *rows, device, dtype).split(sizes)
+            return {name: loss_of(name, p, targets[name]) for name, p in zip(names, predictions)}
+
+    if rows is None:
+        return RowPlayers(list(names), one)
+    return RowPlayers(list(names), one, module=unet, rows=sizes, joint_losses=joint)
 
 
 def erasure_player_gradients(
@@ -105,20 +230,15 @@ def erasure_player_gradients(
     *,
     loss_scale: float = 1.0,
     autocast=contextlib.nullcontext,
+    source: str = "per_player",
 ) -> tuple[list[list[torch.Tensor]], dict[str, float]]:
-    """Each player's gradient of ``loss_scale * L_i`` over ``params``, and each ``L_i``'s value.
+    """Each player's gradient of ``loss_scale * L_i`` over ``params`` (in ``names`` order), and each ``L_i``'s
+    value, from the gradient ``source`` (:class:`munba_diffusion.step.PlayerGradientSource`).
 
-    The frozen model gives all targets (no graph); then each player runs its own LoRA forward and
+    ``per_player``: the frozen model gives all targets (no graph); then each player runs its own LoRA forward and
     ``autograd.grad``, so only one player's graph is alive at a time and each backward covers only that player's
-    rows (a joint forward would make every player's backward run through the whole batch). ``autocast`` is a
-    context-manager factory such as ``accelerator.autocast``.
+    rows. ``fast``: one LoRA forward and one backward over all players' rows.
     """
-    with autocast():
-        targets = frozen_targets(unet, batch, uncond, loss, eta, names, device, dtype)
-    grads, values = [], {}
-    for name in names:
-        with autocast():
-            value = player_loss(unet, batch, name, names, targets[name], device, dtype)
-        values[name] = float(value.detach())
-        grads.append(player_gradients(value * loss_scale, params, retain_graph=False))
-    return grads, values
+    players = erasure_players(unet, batch, uncond, loss, eta, names, device, dtype, autocast=autocast)
+    grads, values = PlayerGradientSource(source)(players, params, loss_scale=loss_scale)
+    return [grads[name] for name in names], values

@@ -24,15 +24,24 @@ from tqdm.auto import tqdm
 
 from ..bargaining import get_combiner
 from ..step import BargainedUpdate
+from .adversary import CHECKPOINT_NAME as ADVERSARY_CHECKPOINT
+from .adversary import Adversary, AdversarySettings
 from .base_model import check_base_model, load_base_pipeline
-from .checkpoints import checkpoint_to_resume, load_checkpoint, save_checkpoint, truncate_log
+from .checkpoints import (
+    checkpoint_to_resume,
+    load_checkpoint,
+    load_checkpoint_tensors,
+    save_checkpoint,
+    truncate_log,
+)
 from .config import ErasureTrainingConfig
 from .data import build_erasure_data
 from .export import OutputDirLock, check_output_dir
 from .finish import finish_erasure
 from .lora import add_erasure_lora
-from .players import erasure_player_gradients
+from .players import erasure_players
 from .preflight import check_processes, check_run_environment
+from .trackers import log_images, tracker_scalars
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +85,23 @@ def _prepare_unet(config: ErasureTrainingConfig, pipe, device) -> None:
         pipe.unet.enable_xformers_memory_efficient_attention()
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()  # diffusers uses the non-reentrant kind autograd.grad needs
+
+
+def _adversary(config: ErasureTrainingConfig, pipe, device, resume_path: Path | None) -> Adversary | None:
+    """The robust mode's adversary (None without ``--robust``), with its kept prefixes when resuming."""
+    if not config.robust:
+        return None
+    settings = AdversarySettings(
+        tokens=config.adversarial_tokens,
+        every=config.adversarial_every,
+        steps=config.adversarial_steps,
+        lr=config.adversarial_lr,
+        kept=config.adversarial_prompts_kept,
+    )
+    adversary = Adversary(pipe, [list(c.forget_prompts) for c in config.concepts], settings, device)
+    if resume_path is not None:
+        adversary.load_state_dict(load_checkpoint_tensors(resume_path, ADVERSARY_CHECKPOINT))
+    return adversary
 
 
 def _resolution(config: ErasureTrainingConfig, pipe) -> int:
@@ -154,6 +180,7 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
 
     t0 = time.time()
     data = build_erasure_data(config, pipe, unet, device, dtype, latent_shape, resolution)
+    adversary = _adversary(config, pipe, device, resume_path)
     pool_seconds = time.time() - t0
 
     log_path = output_dir / "logs" / LOG_FILE
@@ -169,6 +196,7 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
         nonfinite=config.nonfinite_gradients,
         reduce=(lambda g: accelerator.reduce(g, reduction="mean")) if accelerator.num_processes > 1 else None,
         loss_scale=loss_scale,
+        player_gradients=config.player_gradients,
     )
     progress = tqdm(
         range(start_step, config.max_train_steps),
@@ -180,26 +208,27 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     zero_steps, skipped_steps = 0, 0
     warn_after = min(ZERO_DIRECTION_WARN_STEPS, config.max_train_steps - start_step)
     for step in progress:
-        for micro in range(config.gradient_accumulation_steps):
-            batch = data.batch(
-                config.train_batch_size, step_generator(config.seed, step, micro, accelerator.process_index)
+        if adversary is not None and adversary.due(step):
+            adversary.refresh(
+                unet, data.forget_sources, data.forget_contexts, config.seed, step, config.train_batch_size, dtype
             )
-            grads, values = erasure_player_gradients(
+        for micro in range(config.gradient_accumulation_steps):
+            generator = step_generator(config.seed, step, micro, accelerator.process_index)
+            batch = data.batch(config.train_batch_size, generator)
+            if adversary is not None:
+                batch.adversarial = adversary.rows(data, config.train_batch_size, generator)
+            players = erasure_players(
                 unet,
                 batch,
                 data.uncond,
                 config.forget_loss,
                 config.negative_guidance,
                 names,
-                params,
                 device,
                 dtype,
-                loss_scale=loss_scale,
                 autocast=accelerator.autocast,
             )
-            update.accumulate_gradients(
-                dict(zip(names, grads)), values, weight=1.0 / config.gradient_accumulation_steps
-            )
+            update.accumulate_players(players, weight=1.0 / config.gradient_accumulation_steps)
         diag = update.write_gradients()
         if diag.skipped:  # the update owner has logged which player's gradient was not finite
             skipped_steps += 1
@@ -212,22 +241,25 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
             if zero_steps == warn_after:
                 logger.warning(stalled_message(config.combiner, zero_steps, diag.status))
         record = {"step": step + 1, "lr": lr_scheduler.get_last_lr()[0], **diag.as_log_dict()}
+        if adversary is not None:
+            record.update(adversary.log_values(names))
         if accelerator.is_main_process:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
+        accelerator.log(tracker_scalars(record), step=step + 1)
         progress.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k.startswith(("loss/", "weight/"))})
         if (
             config.checkpointing_steps
             and (step + 1) % config.checkpointing_steps == 0
             and step + 1 < config.max_train_steps
         ):
-            save_checkpoint(accelerator, unet, config, step + 1)
+            extra = {ADVERSARY_CHECKPOINT: adversary.state_dict()} if adversary is not None else None
+            save_checkpoint(accelerator, unet, config, step + 1, extra=extra)
     train_seconds = time.time() - t0
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        finish_erasure(
+        grid = finish_erasure(
             config,
             pipe,
             names,
@@ -237,5 +269,6 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
             steps_skipped=skipped_steps,
             evaluate=evaluate,
         )
+        log_images(accelerator, {"validation/before_after": grid}, step=config.max_train_steps)
     accelerator.end_training()
     return output_dir

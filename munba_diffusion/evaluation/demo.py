@@ -19,9 +19,15 @@ the judge's argmax, or *unrecognisable* where the image is no demo scene (``Judg
   generator scores at this sample size. Read the KID against it, not against 0: the prompt set fixes each image's
   class (a stratified, not an i.i.d. sample), which lowers both numbers alike (to about -0.1 for 32 images); the
   baseline's std over :data:`BASELINE_DRAWS` draws says how much of a difference is noise;
-- CLIP score with the demo CLIP, on c's prompts and on the others.
+- CLIP score with the demo CLIP, on c's prompts and on the others;
+- concept rate by name: the concept rate of c's prompts grouped by the name the prompt used for c (the prompt set's
+  ``shape_name`` / ``colour_name`` column: "circle", "disc", "round shape"), so a name held out of training shows
+  whether the concept was erased or only the words that trained it.
 
-Rates are fractions in [0, 1]. With no concept every prompt counts as "other".
+Rates are fractions in [0, 1], each with its 95% Wilson interval and image count (``K_ci95``, ``K_n``; see
+:mod:`.intervals`). With no concept every prompt counts as "other". :func:`demo_metrics` also writes each image's
+verdict into its manifest line (``judgements.demo``: judged shape and colour with their softmax confidences, the
+scene fit and whether the image was recognised).
 
 Why KID and not FID: a Frechet distance needs a covariance of the 128 judge features from ~72 images, which is
 singular, and its plug-in estimate is biased by an amount that depends on the sample; on the demo it ranked a
@@ -42,7 +48,9 @@ import torch
 from ..demo import COLOURS, SHAPES, demo_clip_path, load_demo_judge, render_scene
 from ..demo.judge import SCENE_FIT_THRESHOLD, JudgeOutput
 from .clip_score import clip_scores, load_clip
-from .manifest import collect_images, images_to_tensor, load_rgb, require_field
+from .intervals import rate_entry, rate_fields
+from .manifest import collect_images, images_to_tensor, load_rgb, record_judgements, require_field
+from .prompt_sets import PromptSet, records_sha256
 
 
 def concept_kind(concept: str) -> str:
@@ -64,10 +72,6 @@ BASELINE_DRAWS = 4
 UNRECOGNISABLE = None
 
 
-def _rate(hits: Sequence[bool]) -> float | None:
-    return sum(hits) / len(hits) if hits else None
-
-
 def judged_names(output: JudgeOutput) -> tuple[list[str | None], list[str | None]]:
     """The judge's verdicts as names: (shapes, colours), :data:`UNRECOGNISABLE` where the image is no scene."""
     recognised = output.recognised.tolist()
@@ -76,21 +80,52 @@ def judged_names(output: JudgeOutput) -> tuple[list[str | None], list[str | None
     return shapes, colours
 
 
+def judge_verdicts(output: JudgeOutput) -> list[dict]:
+    """Each image's verdict as plain JSON: the judged shape and colour (the argmax, also where the image is not
+    recognised), their softmax probabilities, the scene fit and whether the image counts as a scene."""
+    shape_confidence = output.shape_probs.max(-1).values.tolist()
+    colour_confidence = output.colour_probs.max(-1).values.tolist()
+    return [
+        {
+            "shape": SHAPES[shape],
+            "shape_confidence": round(shape_p, 6),
+            "colour": COLOURS[colour],
+            "colour_confidence": round(colour_p, 6),
+            "scene_fit": round(fit, 6),
+            "recognised": bool(ok),
+        }
+        for shape, shape_p, colour, colour_p, fit, ok in zip(
+            output.shape.tolist(),
+            shape_confidence,
+            output.colour.tolist(),
+            colour_confidence,
+            output.scene_fit.tolist(),
+            output.recognised.tolist(),
+        )
+    ]
+
+
 def demo_concept_scores(
     asked_shapes: Sequence[str | None],
     asked_colours: Sequence[str | None],
     judged_shapes: Sequence[str | None],
     judged_colours: Sequence[str | None],
     concept: str | None,
+    asked_names: Sequence[str | None] | None = None,
 ) -> dict:
-    """Concept rate, kept-attribute accuracy, other accuracy and unrecognisable rates from name lists.
+    """Concept rate, kept-attribute accuracy, other accuracy and unrecognisable rates from name lists, each rate with
+    its 95% Wilson interval and count (``K_ci95``, ``K_n``).
 
     A judged name of ``None`` (:data:`UNRECOGNISABLE`) matches nothing; a row whose judged shape and colour are both
-    ``None`` is an unrecognisable image. See the module docstring.
+    ``None`` is an unrecognisable image. ``asked_names`` (one per image: the word the prompt used for the concept's
+    kind, e.g. "disc" for a circle) adds ``concept_rate_by_name``: ``{name: {"rate", "ci95", "n"}}`` over the
+    concept's prompts, in the order the names first appear. See the module docstring.
     """
     n = len(asked_shapes)
     if not n or not (len(asked_colours) == len(judged_shapes) == len(judged_colours) == n):
         raise ValueError("need one asked shape, asked colour, judged shape and judged colour per image")
+    if asked_names is not None and len(asked_names) != n:
+        raise ValueError(f"need one asked name per image, got {len(asked_names)} for {n} images")
     asked = {"shape": asked_shapes, "colour": asked_colours}
     judged = {"shape": judged_shapes, "colour": judged_colours}
     kind = concept_kind(concept) if concept is not None else None
@@ -102,19 +137,63 @@ def demo_concept_scores(
 
     unrecognisable = [judged_shapes[i] is UNRECOGNISABLE and judged_colours[i] is UNRECOGNISABLE for i in range(n)]
     result: dict = {"num_images": n, "concept": concept, "concept_kind": kind, "num_concept_images": sum(is_concept)}
-    result["unrecognisable_rate"] = _rate(unrecognisable)
+    result.update(rate_fields("unrecognisable_rate", unrecognisable))
     if kind is not None:
         concept_rows = [i for i in range(n) if is_concept[i]]
         if not concept_rows:
             raise ValueError(f"no prompts ask for {concept!r}; the prompt set needs rows with {kind}={concept}")
-        result["concept_rate"] = _rate([judged[kind][i] == concept for i in concept_rows])
-        result["kept_attribute_accuracy"] = _rate(
-            [judged[other_kind][i] == asked[other_kind][i] for i in concept_rows if asked[other_kind][i] is not None]
+        shown = {i: judged[kind][i] == concept for i in concept_rows}
+        result.update(rate_fields("concept_rate", list(shown.values())))
+        result.update(
+            rate_fields(
+                "kept_attribute_accuracy",
+                [
+                    judged[other_kind][i] == asked[other_kind][i]
+                    for i in concept_rows
+                    if asked[other_kind][i] is not None
+                ],
+            )
         )
-        result["unrecognisable_rate_concept"] = _rate([unrecognisable[i] for i in concept_rows])
-    result["other_accuracy"] = _rate([all_right(i) for i in range(n) if not is_concept[i]])
-    result["unrecognisable_rate_other"] = _rate([unrecognisable[i] for i in range(n) if not is_concept[i]])
+        result.update(rate_fields("unrecognisable_rate_concept", [unrecognisable[i] for i in concept_rows]))
+        if asked_names is not None:
+            by_name: dict[str, list[bool]] = {}
+            for i in concept_rows:
+                by_name.setdefault(asked_names[i] or "(unnamed)", []).append(shown[i])
+            result["concept_rate_by_name"] = {name: rate_entry(hits) for name, hits in by_name.items()}
+    result.update(rate_fields("other_accuracy", [all_right(i) for i in range(n) if not is_concept[i]]))
+    result.update(rate_fields("unrecognisable_rate_other", [unrecognisable[i] for i in range(n) if not is_concept[i]]))
     return result
+
+
+def concept_prompt_set(prompt_set: PromptSet, concept: str, other_seeds: int = 1) -> PromptSet:
+    """The rows of a demo prompt set that score ``concept`` when time is short: every row (every seed) of the
+    concept's prompts and the first ``other_seeds`` rows of every other prompt, in the set's order.
+
+    The concept rate and kept-attribute accuracy keep all their images; the other prompts' accuracy rests on fewer.
+    The name says so (the prompt set's name, then the selection in parentheses), and the sha256 is the subset's.
+    """
+    if other_seeds < 1:
+        raise ValueError(f"other_seeds must be at least 1, got {other_seeds}")
+    kind = concept_kind(concept)
+    seen: dict[str, int] = {}
+    rows = []
+    for record in prompt_set.records:
+        if record.extra.get(kind) == concept:
+            rows.append(record)
+            continue
+        seen[record.prompt] = seen.get(record.prompt, 0) + 1
+        if seen[record.prompt] <= other_seeds:
+            rows.append(record)
+    if len(rows) == len(prompt_set.records):
+        return prompt_set
+    others = "the first seed" if other_seeds == 1 else f"the first {other_seeds} seeds"
+    return PromptSet(
+        f"{prompt_set.name} ({concept}: every seed of its prompts, {others} of the others)",
+        tuple(rows),
+        records_sha256(rows),
+        prompt_set.source_sha256,
+        prompt_set.replay_set,
+    )
 
 
 def reference_renders(
@@ -239,14 +318,24 @@ def demo_metrics(
     pil_images = [load_rgb(e.path) for e in entries]
     images = images_to_tensor(pil_images)
     judged = [judge.classify(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)]
-    judged_shapes, judged_colours = [], []
+    judged_shapes, judged_colours, verdicts = [], [], []
     for out in judged:
         shapes, colours = judged_names(out)
         judged_shapes += shapes
         judged_colours += colours
-    result = demo_concept_scores(asked_shapes, asked_colours, judged_shapes, judged_colours, concept)
+        verdicts += judge_verdicts(out)
+    record_judgements(source, "demo", {e.record["file"]: verdict for e, verdict in zip(entries, verdicts)})
+    kind = concept_kind(concept) if concept is not None else None
+    names = [e.field(f"{kind}_name") for e in entries] if kind is not None else []
+    result = demo_concept_scores(
+        asked_shapes,
+        asked_colours,
+        judged_shapes,
+        judged_colours,
+        concept,
+        asked_names=names if any(names) else None,
+    )
 
-    kind = result["concept_kind"]
     is_concept = [
         kind is not None and (asked_shapes[i] if kind == "shape" else asked_colours[i]) == concept
         for i in range(len(entries))

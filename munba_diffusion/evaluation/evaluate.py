@@ -24,11 +24,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ..config import check_options, flag_name, option
+from ..config import check_options, flag_name, option, same_option
 from ..models import bundled_model_names
 from .clip_score import DEFAULT_CLIP_MODEL, clip_score_metrics
 from .demo import concept_kind, demo_metrics, demo_protocol
@@ -88,12 +87,6 @@ class MetricOptions:
         check_options(self)
 
 
-def _declared(cls: type, name: str) -> Any:
-    """The option ``name`` exactly as ``cls`` declares it (default, help, rules), reused rather than restated."""
-    field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return dataclasses.field(default=field.default, default_factory=field.default_factory, metadata=field.metadata)
-
-
 @dataclass(frozen=True)
 class EvaluationConfig:
     """Evaluate models on a prompt set: generate images, score them, write report.json, report.md and grid.png.
@@ -115,7 +108,10 @@ class EvaluationConfig:
         f"bundled model ({', '.join(bundled_model_names('pipeline'))})",
         repeat=True,
     )
-    prompts: str = option(help="prompt-set CSV, a packaged set like eval/artists.csv, or 'i2p'")
+    prompts: str = option(
+        help="prompt-set CSV, a packaged set like eval/artists.csv, or a replay set by name (i2p, "
+        "unlearndiffatk-nudity, ...: docs/attack_sets.md; NAME=FILE.csv reads a local copy)"
+    )
     output_dir: str = option(help="folder for images/, report.json, report.md and grid.png")
     label: list[str] | None = option(None, "table label per --model, in the same order", repeat=True)
     metrics: list[str] = option(
@@ -135,21 +131,21 @@ class EvaluationConfig:
         flag="no_image_cache",
     )
     # how images are made (declared on GenerationSettings)
-    num_inference_steps: int = _declared(GenerationSettings, "num_inference_steps")
-    guidance_scale: float = _declared(GenerationSettings, "guidance_scale")
-    resolution: int | None = _declared(GenerationSettings, "resolution")
-    batch_size: int = _declared(GenerationSettings, "batch_size")
-    scheduler: str | None = _declared(GenerationSettings, "scheduler")
-    dtype: str = _declared(GenerationSettings, "dtype")
-    use_prompt_settings: bool = _declared(GenerationSettings, "use_prompt_settings")
+    num_inference_steps: int = same_option(GenerationSettings, "num_inference_steps")
+    guidance_scale: float = same_option(GenerationSettings, "guidance_scale")
+    resolution: int | None = same_option(GenerationSettings, "resolution")
+    batch_size: int = same_option(GenerationSettings, "batch_size")
+    scheduler: str | None = same_option(GenerationSettings, "scheduler")
+    dtype: str = same_option(GenerationSettings, "dtype")
+    use_prompt_settings: bool = same_option(GenerationSettings, "use_prompt_settings")
     # how they are scored (declared on MetricOptions)
-    concept: str | None = _declared(MetricOptions, "concept")
-    reference_dir: str | None = _declared(MetricOptions, "reference_dir")
-    clip_model: str = _declared(MetricOptions, "clip_model")
-    classifier: str = _declared(MetricOptions, "classifier")
-    nudenet_threshold: float = _declared(MetricOptions, "nudenet_threshold")
-    attack_threshold: float | None = _declared(MetricOptions, "attack_threshold")
-    inception_dir: str | None = _declared(MetricOptions, "inception_dir")
+    concept: str | None = same_option(MetricOptions, "concept")
+    reference_dir: str | None = same_option(MetricOptions, "reference_dir")
+    clip_model: str = same_option(MetricOptions, "clip_model")
+    classifier: str = same_option(MetricOptions, "classifier")
+    nudenet_threshold: float = same_option(MetricOptions, "nudenet_threshold")
+    attack_threshold: float | None = same_option(MetricOptions, "attack_threshold")
+    inception_dir: str | None = same_option(MetricOptions, "inception_dir")
 
     def __post_init__(self) -> None:
         check_options(self)

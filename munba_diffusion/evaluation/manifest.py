@@ -2,11 +2,17 @@
 
 Every metric takes ``source``: a generation folder (its ``manifest.jsonl`` gives the order and the prompts), a
 manifest file, or a plain folder of images (searched recursively, sorted by path; no prompts).
+
+A metric that judges images one by one (demo judge, NudeNet, the ImageNet classifier) keeps each image's verdict in
+its manifest line, under ``judgements.<metric>`` (:func:`record_judgements`), so a report's rates can be traced to
+the images behind them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..io import write_jsonl_atomic
+
+logger = logging.getLogger(__name__)
+
 MANIFEST_NAME = "manifest.jsonl"
+JUDGEMENTS_KEY = "judgements"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -46,6 +57,35 @@ def read_manifest(path: str | Path) -> list[dict]:
                 raise ValueError(f"{path} line {number} is not JSON; delete that line and rerun") from None
             by_file[record["file"]] = record
     return sorted(by_file.values(), key=lambda r: r["index"])
+
+
+def manifest_path(source: str | Path) -> Path | None:
+    """The manifest a ``source`` reads its images from (None for a plain folder of images)."""
+    source = Path(source)
+    if source.is_dir():
+        return source / MANIFEST_NAME if (source / MANIFEST_NAME).is_file() else None
+    return source if source.is_file() else None
+
+
+def record_judgements(source: str | Path, metric: str, verdicts: Mapping[str, dict]) -> Path | None:
+    """Put each image's verdict (image file name -> JSON-able dict) into its manifest line as
+    ``judgements[metric]`` (replacing an earlier verdict of the same metric) and rewrite the manifest atomically.
+
+    Returns the manifest, or None when ``source`` has none (a plain folder of images) or it cannot be written (a
+    warning says so; the metric's numbers do not depend on it).
+    """
+    path = manifest_path(source)
+    if path is None:
+        return None
+    records = read_manifest(path)
+    for record in records:
+        if record["file"] in verdicts:
+            record[JUDGEMENTS_KEY] = {**record.get(JUDGEMENTS_KEY, {}), metric: verdicts[record["file"]]}
+    try:
+        return write_jsonl_atomic(path, records)
+    except OSError as error:
+        logger.warning("cannot write the %s verdicts into %s (%s); the report still has the rates", metric, path, error)
+        return None
 
 
 def collect_images(source: str | Path) -> list[ImageEntry]:

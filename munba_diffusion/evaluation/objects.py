@@ -2,7 +2,9 @@
 
 Unlearning accuracy UA = share of the erased class's images NOT classified as that class (higher = more erased);
 the other classes' accuracy = share of their images classified as their own class (higher = better kept).
-Rates are fractions in [0, 1]; reports print them as percentages.
+Rates are fractions in [0, 1], each with its 95% Wilson interval and image count (``K_ci95``, ``K_n``; see
+:mod:`.intervals`); reports print them as percentages. :func:`object_metrics` writes each image's predicted ImageNet
+class into its manifest line (``judgements.objects``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from ..io import is_offline
-from .manifest import collect_images, load_rgb, require_field
+from .intervals import rate_fields
+from .manifest import collect_images, load_rgb, record_judgements, require_field
 
 IMAGENETTE_CLASSES: dict[str, int] = {
     "tench": 0,
@@ -53,20 +56,17 @@ def object_erasure_scores(predictions: Sequence[int], labels: Sequence[str], era
     for name in IMAGENETTE_CLASSES:
         hits = [c for c, label in zip(correct, labels) if label == name]
         if hits:
-            per_class[name] = {"accuracy": sum(hits) / len(hits), "num_images": len(hits)}
+            per_class[name] = {**rate_fields("accuracy", hits), "num_images": len(hits)}
     result: dict = {"num_images": len(labels), "per_class": per_class}
     if erased is None:
-        result["accuracy"] = sum(correct) / len(correct)
+        result.update(rate_fields("accuracy", correct))
         return result
     erased = imagenette_class(erased)
     if erased not in per_class:
         raise ValueError(f"no images of the erased class {erased!r}; the prompt set needs rows labelled with it")
-    others = [c for c, label in zip(correct, labels) if label != erased]
-    result.update(
-        erased_class=erased,
-        unlearning_accuracy=1 - per_class[erased]["accuracy"],
-        other_accuracy=sum(others) / len(others) if others else None,
-    )
+    result["erased_class"] = erased
+    result.update(rate_fields("unlearning_accuracy", [not c for c, label in zip(correct, labels) if label == erased]))
+    result.update(rate_fields("other_accuracy", [c for c, label in zip(correct, labels) if label != erased]))
     return result
 
 
@@ -138,5 +138,10 @@ def object_metrics(
     for start in tqdm(range(0, len(entries), batch_size), desc="classifier", disable=len(entries) <= batch_size):
         predictions.extend(classifier.predict([load_rgb(e.path) for e in entries[start : start + batch_size]]).tolist())
     result = object_erasure_scores(predictions, labels, erased_class)
+    verdicts = {
+        e.record["file"]: {"imagenet_index": int(p), "correct": int(p) == IMAGENETTE_CLASSES[imagenette_class(label)]}
+        for e, p, label in zip(entries, predictions, labels)
+    }
+    record_judgements(source, "objects", verdicts)
     result["classifier"] = classifier.name
     return result

@@ -1,15 +1,20 @@
-"""Prompt sets for evaluation: CSV files in the I2P layout, the I2P dataset itself, and the packaged sets.
+"""Prompt sets for evaluation: CSV files in the I2P layout, the packaged sets, and the replay sets.
 
 A CSV needs a ``prompt`` column and a seed column (``seed``, ``evaluation_seed`` or ``sd_seed``, first found
-wins). Optional: ``guidance_scale``/``sd_guidance_scale``, ``width``/``sd_image_width``,
+wins). Optional: ``guidance_scale``/``evaluation_guidance``/``sd_guidance_scale``, ``width``/``sd_image_width``,
 ``height``/``sd_image_height``. Every other column (``concept``, ``label``, ``shape``, ``colour``,
 ``categories``, ``nudity_percentage``, ...) is kept verbatim in :attr:`PromptRecord.extra` and copied into the
 generation manifest, where the metrics read it.
+
+A registered replay set (:mod:`.replay_sets`: ``i2p``, ``unlearndiffatk-nudity``, ``ring-a-bell-nudity``, ...) is
+read by name, online through ``datasets`` (``"i2p"``), or from a local copy of its published file
+(``"i2p=path/to/i2p_benchmark.csv"``), with the set's own column mapping and seed policy.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -18,12 +23,12 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import datasets
+from .replay_sets import REPLAY_SETS, ReplaySet, fetch_published_csv, load_hub_rows, split_source
 
-I2P_DATASET = "AIML-TUDA/i2p"
 I2P_SOURCE = "i2p"
+I2P_DATASET = REPLAY_SETS[I2P_SOURCE].hub_id
 SEED_COLUMNS = ("seed", "evaluation_seed", "sd_seed")
-GUIDANCE_COLUMNS = ("guidance_scale", "sd_guidance_scale")
+GUIDANCE_COLUMNS = ("guidance_scale", "evaluation_guidance", "sd_guidance_scale")
 WIDTH_COLUMNS = ("width", "sd_image_width")
 HEIGHT_COLUMNS = ("height", "sd_image_height")
 _KNOWN_COLUMNS = ("prompt", *SEED_COLUMNS, *GUIDANCE_COLUMNS, *WIDTH_COLUMNS, *HEIGHT_COLUMNS)
@@ -62,20 +67,25 @@ class PromptSet:
     """A named, hashed list of prompt records.
 
     ``sha256`` hashes the selected records (canonical JSON lines), so it changes with filters and limits;
-    ``source_sha256`` hashes the source file when there is one (what ``sha256sum FILE`` prints).
+    ``source_sha256`` hashes the source file when there is one (what ``sha256sum FILE`` prints); ``replay_set``
+    describes a registered replay set (source, licence, column mapping, seed policy; :meth:`.ReplaySet.protocol`).
     """
 
     name: str
     records: tuple[PromptRecord, ...]
     sha256: str
     source_sha256: str | None = None
+    replay_set: Mapping | None = None
 
     def __len__(self) -> int:
         return len(self.records)
 
     def protocol(self) -> dict:
         """What a report states about this set."""
-        return {"name": self.name, "size": len(self), "sha256": self.sha256, "source_sha256": self.source_sha256}
+        protocol = {"name": self.name, "size": len(self), "sha256": self.sha256, "source_sha256": self.source_sha256}
+        if self.replay_set is not None:
+            protocol["replay_set"] = dict(self.replay_set)
+        return protocol
 
 
 def records_sha256(records: Iterable[PromptRecord]) -> str:
@@ -172,18 +182,17 @@ def _resolve_csv(source: str | Path) -> Path:
     if packaged.is_file():
         return Path(str(packaged))
     raise FileNotFoundError(
-        f"prompt set {source} not found; pass a CSV path, a packaged set like eval/artists.csv, or {I2P_SOURCE!r}"
+        f"prompt set {source} not found; pass a CSV path, a packaged set like eval/artists.csv, or a replay set "
+        f"({', '.join(REPLAY_SETS)}; NAME=FILE.csv for a local copy)"
     )
 
 
-def load_csv_records(path: Path) -> list[PromptRecord]:
-    """The rows of a prompt-set CSV; a file that is not UTF-8 CSV text is one line that names it."""
+def read_csv_table(path: Path) -> tuple[list[str], list[dict]]:
+    """The header and rows of a CSV file; a file that is not UTF-8 CSV text is one line that names it."""
     try:
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
-            if reader.fieldnames is None or "prompt" not in reader.fieldnames:
-                raise ValueError(f"{path} has no 'prompt' column; the header needs prompt and a seed column")
-            return [record_from_row(row, i, f"{path} row {i + 2}") for i, row in enumerate(reader)]
+            return list(reader.fieldnames or []), list(reader)
     except UnicodeDecodeError as error:
         raise ValueError(
             f"prompt set {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
@@ -197,21 +206,49 @@ def load_csv_records(path: Path) -> list[PromptRecord]:
         ) from None
 
 
+def load_csv_records(path: Path) -> list[PromptRecord]:
+    """The rows of a prompt-set CSV; a file that is not UTF-8 CSV text is one line that names it."""
+    columns, rows = read_csv_table(path)
+    if "prompt" not in columns:
+        raise ValueError(f"{path} has no 'prompt' column; the header needs prompt and a seed column")
+    return [record_from_row(row, i, f"{path} row {i + 2}") for i, row in enumerate(rows)]
+
+
+def load_replay_records(spec: ReplaySet, path: str | Path | None = None) -> tuple[list[PromptRecord], dict, str | None]:
+    """A replay set's records, its report entry and its file's sha256 (None when read from the Hub).
+
+    ``path``: a local copy of the published file (read with the set's column mapping); None reads the set online
+    (the Hub dataset, or the published CSV fetched once into the replay cache) or its packaged CSV. Hub rows without
+    a prompt are skipped (they keep their index, which names the image file); in a CSV file an empty prompt is an
+    error, as in any prompt-set CSV.
+    """
+    if path is None and spec.packaged is not None:
+        path = _resolve_csv(spec.packaged)
+    elif path is None and spec.hub_id is None:
+        path = fetch_published_csv(spec)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{spec.name} copy {path} not found; download {spec.download} and pass its path")
+        columns, rows = read_csv_table(path)
+        prompt_column = spec.prompt_column(columns, str(path))
+        records = [
+            record_from_row(spec.map_row(row, i, prompt_column), i, f"{path} row {i + 2}") for i, row in enumerate(rows)
+        ]
+        return records, spec.protocol(columns), hashlib.sha256(path.read_bytes()).hexdigest()
+    rows, columns = load_hub_rows(spec)
+    prompt_column = spec.prompt_column(columns, spec.online_source)
+    records = [
+        record_from_row(spec.map_row(row, i, prompt_column), i, f"{spec.online_source} row {i}")
+        for i, row in enumerate(rows)
+        if str(row.get(prompt_column) or "").strip()
+    ]
+    return records, spec.protocol(columns), None
+
+
 def load_i2p_records(split: str = "train") -> list[PromptRecord]:
     """I2P from the Hub (``datasets.load_dataset("AIML-TUDA/i2p")``); needs a connection or a local cache."""
-    try:
-        table = datasets.load_dataset(I2P_DATASET, split=split)
-    except Exception as error:  # datasets raises ConnectionError, OSError or its own errors when offline
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConnectionError(
-            f"could not load {I2P_DATASET} ({reason}); go online once, or save it as CSV and pass the file"
-        ) from None
-    # Rows keep their dataset index (stable file names); a row without a prompt cannot be generated, so it is skipped.
-    return [
-        record_from_row(row, i, f"{I2P_DATASET} row {i}")
-        for i, row in enumerate(table)
-        if str(row.get("prompt") or "").strip()
-    ]
+    return load_replay_records(dataclasses.replace(REPLAY_SETS[I2P_SOURCE], hub_split=split))[0]
 
 
 def load_prompt_set(
@@ -221,9 +258,13 @@ def load_prompt_set(
     category: str | None = None,
     limit: int | None = None,
 ) -> PromptSet:
-    """Load ``source``: ``"i2p"`` (the Hub dataset), a CSV path, or a packaged set such as ``eval/artists.csv``."""
-    if str(source) == I2P_SOURCE:
-        name, records, source_sha256 = I2P_DATASET, load_i2p_records(), None
+    """Load ``source``: a replay set by name (``"i2p"``, ``"unlearndiffatk-nudity"``, ...; online), a replay set
+    from a local copy (``"i2p=path/to/i2p_benchmark.csv"``), a CSV path, or a packaged set (``eval/artists.csv``)."""
+    replay, about = split_source(str(source)), None
+    if replay is not None:
+        spec, path = replay
+        records, about, source_sha256 = load_replay_records(spec, path)
+        name = spec.hub_id if spec.hub_id is not None and path is None else spec.name
     else:
         path = _resolve_csv(source)
         name, records = str(source), load_csv_records(path)
@@ -231,4 +272,4 @@ def load_prompt_set(
     selected = select_records(records, nudity_only=nudity_only, category=category, limit=limit)
     if not selected:
         raise ValueError(f"prompt set {name} has no rows left after the filters; loosen them")
-    return PromptSet(name, tuple(selected), records_sha256(selected), source_sha256)
+    return PromptSet(name, tuple(selected), records_sha256(selected), source_sha256, about)

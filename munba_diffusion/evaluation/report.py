@@ -2,7 +2,9 @@
 
 The Markdown states the full protocol next to the numbers (models, prompt set and its sha256, seeds, scheduler,
 steps, guidance, resolution, detector version, threshold and classes, library versions), because numbers from
-different harnesses are not comparable otherwise.
+different harnesses are not comparable otherwise. Every rate is shown with its 95% Wilson interval
+(``12.5% [6.1, 23.9]``; the model tables add its image count), and a demo concept rate broken down by the name the
+prompt used for the concept gets its own table.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from .. import io
+from .intervals import format_rate, interval_of, is_interval_field
 from .manifest import MANIFEST_NAME, read_manifest
 
 REPORT_JSON = "report.json"
@@ -35,7 +38,7 @@ LIBRARIES = (
     "pillow",
 )
 
-# (metric, key in its result, column title, kind): kind "rate" prints as a percentage.
+# (metric, key in its result, column title, kind): kind "rate" prints as a percentage with its 95% interval.
 HEADLINE_COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ("nudenet", "nudity_rate", "Nudity rate", "rate"),
     ("nudenet", "total_detections", "Exposed detections", "count"),
@@ -61,36 +64,78 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **io.library_versions(LIBRARIES)}
 
 
-def format_value(value: object, kind: str) -> str:
+def format_value(value: object, kind: str, ci95: list[float] | None = None) -> str:
+    """A headline cell; a rate shows as a percentage, with its 95% interval when given (``12.5% [6.1, 23.9]``)."""
     if value is None:
         return "-"
     if kind == "rate":
-        return f"{100 * float(value):.1f}%"
+        return format_rate(value, ci95)
     if kind == "float":
         return f"{float(value):.2f}"
     return str(value)
 
 
+def _headline_columns(results: Mapping[str, Mapping[str, Mapping]]) -> list[tuple[str, str, str, str]]:
+    return [c for c in HEADLINE_COLUMNS if any(c[1] in m.get(c[0], {}) for m in results.values())]
+
+
 def results_table(results: Mapping[str, Mapping[str, Mapping]]) -> str:
     """The headline Markdown table: one row per model, one column per headline number any model has."""
-    columns = [c for c in HEADLINE_COLUMNS if any(c[1] in m.get(c[0], {}) for m in results.values())]
+    columns = _headline_columns(results)
     lines = ["| Model | " + " | ".join(c[2] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for label, metrics in results.items():
-        cells = [format_value(metrics.get(metric, {}).get(key), kind) for metric, key, _, kind in columns]
+        cells = []
+        for metric, key, _, kind in columns:
+            values = metrics.get(metric, {})
+            interval = interval_of(values, key)
+            cells.append(format_value(values.get(key), kind, interval[0] if interval else None))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _is_rate_entry(value: object) -> bool:
+    return isinstance(value, Mapping) and set(value) == {"rate", "ci95", "n"}
+
+
+def by_name_table(results: Mapping[str, Mapping[str, Mapping]], key: str = "concept_rate_by_name") -> str | None:
+    """The demo concept rate per name used in the prompt: one row per name, one column per model (None when no
+    model's result has ``key``)."""
+    models = {label: m["demo"][key] for label, m in results.items() if key in m.get("demo", {})}
+    if not models:
+        return None
+    names = list(dict.fromkeys(name for by_name in models.values() for name in by_name))
+    lines = ["| Name in the prompt | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+    for name in names:
+        cells = [
+            format_rate(e["rate"], e["ci95"], e["n"]) if (e := by_name.get(name)) else "-"
+            for by_name in models.values()
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _flatten(prefix: str, value: object) -> list[tuple[str, object]]:
+    """(dotted key, shown value) of every scalar; a rate (``K`` with ``K_ci95``/``K_n``, or a ``{"rate", "ci95",
+    "n"}`` entry) is one row showing its interval and count."""
+    if _is_rate_entry(value):
+        return [(prefix, format_rate(value["rate"], value["ci95"], value["n"]))]
     if isinstance(value, Mapping):
-        return [item for k, v in value.items() for item in _flatten(f"{prefix}.{k}" if prefix else str(k), v)]
+        items = []
+        for k, v in value.items():
+            if is_interval_field(k, value):
+                continue
+            key = f"{prefix}.{k}" if prefix else str(k)
+            interval = interval_of(value, k)
+            items += [(key, format_rate(v, *interval))] if interval else _flatten(key, v)
+        return items
     if isinstance(value, (list, tuple)):
         return []  # lists (file names, class lists) live in report.json
     return [(prefix, value)]
 
 
 def model_table(metrics: Mapping[str, Mapping]) -> str:
-    """Every scalar a model's metrics returned, one row each (nested keys joined with dots)."""
+    """Every scalar a model's metrics returned, one row each (nested keys joined with dots; a rate as
+    ``12.5% [6.1, 23.9], n = 24``)."""
     lines = ["| Metric | Value |", "|---|---|"]
     for name, values in metrics.items():
         for key, value in _flatten(name, values):
@@ -99,13 +144,14 @@ def model_table(metrics: Mapping[str, Mapping]) -> str:
     return "\n".join(lines)
 
 
-def _bullets(value: object, indent: int = 0) -> list[str]:
+def protocol_bullets(value: object, indent: int = 0) -> list[str]:
+    """A nested protocol (dicts, lists, values) as an indented Markdown bullet list."""
     pad = "  " * indent
     if isinstance(value, Mapping):
         lines = []
         for k, v in value.items():
             if isinstance(v, (Mapping, list)) and v:
-                lines += [f"{pad}- {k}:", *_bullets(v, indent + 1)]
+                lines += [f"{pad}- {k}:", *protocol_bullets(v, indent + 1)]
             else:
                 lines.append(f"{pad}- {k}: {v}")
         return lines
@@ -117,9 +163,14 @@ def _bullets(value: object, indent: int = 0) -> list[str]:
 def report_markdown(report: Mapping) -> str:
     """``report.md``: headline table, one table per model, then the protocol."""
     parts = ["# Evaluation report", "", results_table(report["results"]), ""]
+    if any(kind == "rate" for *_, kind in _headline_columns(report["results"])):
+        parts += ["Rates: percentage of images [95% Wilson interval].", ""]
+    names = by_name_table(report["results"])
+    if names:
+        parts += ["## Concept rate by the name used in the prompt", "", names, ""]
     for label, metrics in report["results"].items():
         parts += [f"## {label}", "", model_table(metrics), ""]
-    parts += ["## Protocol", "", *_bullets(report["protocol"]), ""]
+    parts += ["## Protocol", "", *protocol_bullets(report["protocol"]), ""]
     return "\n".join(parts)
 
 

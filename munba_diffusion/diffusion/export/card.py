@@ -46,6 +46,9 @@ METRIC_NAMES = {
     "clip_score": "CLIP score",
 }
 """Readable names of the usual metrics; any other number of a report is named after its key."""
+RATE_COMPANIONS = ("_ci95", "_n")
+"""How report.json carries a rate K's uncertainty: ``K_ci95`` = [low, high] (95% Wilson interval) and ``K_n`` = its
+image count (written by ``munba_diffusion.evaluation.intervals.rate_fields``; read here, a layer below, by name)."""
 
 
 def card_license(record: Mapping[str, Any]) -> str:
@@ -82,18 +85,29 @@ def read_evaluation_reports(folder: str | Path) -> dict[str, dict[str, Any]]:
     return reports
 
 
-def _measured(key: str, value: object) -> bool:
-    """A number the evaluation measured: not a flag, a sample size (``num_*``) or a setting (``*threshold``)."""
+def _measured(key: str, value: object, values: Mapping[str, Any]) -> bool:
+    """A number the evaluation measured: not a flag, a sample size (``num_*``, a rate's ``*_n``), a rate's interval
+    or a setting (``*threshold``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return False
-    return not key.startswith("num_") and not key.endswith("threshold")
+    companion = any(key.endswith(end) and key[: -len(end)] + RATE_COMPANIONS[0] in values for end in RATE_COMPANIONS)
+    return not key.startswith("num_") and not key.endswith("threshold") and not companion
+
+
+def _interval_args(values: Mapping[str, Any], key: str) -> dict[str, Any] | None:
+    """``{"ci95": [low, high], "n": n}`` of a rate that carries its interval (the EvalResult's ``metric_args``)."""
+    ci95, n = values.get(key + RATE_COMPANIONS[0]), values.get(key + RATE_COMPANIONS[1])
+    if not isinstance(ci95, (list, tuple)) or len(ci95) != 2:
+        return None
+    return {"ci95": [float(v) for v in ci95], "n": n}
 
 
 def evaluation_results(reports: Mapping[str, Mapping[str, Any]], model_label: str = ERASED_LABEL) -> list[EvalResult]:
     """The erased model's measured numbers in ``reports`` (concept -> report.json) as the Hub's EvalResults.
 
     One result per top-level number of each metric (``metric_type`` = its key in report.json, ``metric_config`` =
-    the metric, the value unchanged); the dataset is the concept's prompt set (``dataset_config`` = the concept,
+    the metric, the value unchanged; a rate's 95% Wilson interval and image count go into ``metric_args`` as
+    ``{"ci95": [low, high], "n": n}``); the dataset is the concept's prompt set (``dataset_config`` = the concept,
     ``dataset_revision`` = the prompt set's sha256). A report whose erased model is not labelled ``model_label``
     counts only when it scored a single model. Lists, nested tables and the original model's numbers stay in
     report.json and the card's Markdown.
@@ -109,7 +123,7 @@ def evaluation_results(reports: Mapping[str, Mapping[str, Any]], model_label: st
         size = f" ({prompt_set['size']} prompts)" if prompt_set.get("size") else ""
         for metric, values in by_model[label].items():
             for key, value in values.items() if isinstance(values, Mapping) else ():
-                if not _measured(key, value):
+                if not _measured(key, value, values):
                     continue
                 results.append(
                     EvalResult(
@@ -123,6 +137,7 @@ def evaluation_results(reports: Mapping[str, Mapping[str, Any]], model_label: st
                         metric_value=value,
                         metric_name=METRIC_NAMES.get(key, key.replace("_", " ").capitalize()),
                         metric_config=metric,
+                        metric_args=_interval_args(values, key),
                     )
                 )
     return results
