@@ -287,7 +287,7 @@ def test_two_processes_fast_equals_per_player(tmp_path):
     mp.start_processes(
         _two_process_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork"
     )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for result in ranks:
         assert_same_gradients({"grad": result["fast"]["grads"]}, {"grad": result["per_player"]["grads"]})
         assert result["fast"]["grad_norms"] == pytest.approx(result["per_player"]["grad_norms"], rel=RTOL)

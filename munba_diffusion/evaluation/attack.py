@@ -59,6 +59,7 @@ from ..demo import COLOURS, SHAPES, load_demo_judge
 from ..io import save_image_atomic, write_json_atomic, write_text_atomic
 from ..models import bundled_model_names
 from .demo import concept_kind, judged_names
+from .evaluate import EvaluationConfig, MetricOptions
 from .generate import (
     GenerationSettings,
     ImageCache,
@@ -279,10 +280,8 @@ class AttackConfig:
     limit: int | None = option(None, "attack only the first N rows about the concept", low=1)
     overwrite: bool = option(False, "replace an existing report (and the images and records of a different run)")
     device: str | None = option(None, "torch device, e.g. cuda:1 (default: accelerate's device)")
-    image_cache: bool = option(
-        True, "do not reuse or store the targets and pre-attack images in the image cache", flag="no_image_cache"
-    )
-    classifier: str = option(TORCHVISION_RESNET50, "ImageNet classifier of the objects detector")
+    image_cache: bool = same_option(EvaluationConfig, "image_cache")
+    classifier: str = same_option(MetricOptions, "classifier")
     attack_threshold: float = option(ATTACK_THRESHOLD, "NudeNet score from which an image is a success", low=0, high=1)
     # the attack (declared on WhiteBoxSettings)
     prefix_tokens: int = same_option(WhiteBoxSettings, "prefix_tokens")
@@ -469,10 +468,6 @@ def whitebox_attack(
 
 
 # ------------------------------------------------------------------------------------------ the command's work
-def _rate(successes: int, total: int) -> dict:
-    return wilson_interval(successes, total)
-
-
 def _read_records(path: Path) -> dict[int, dict]:
     if not path.is_file():
         return {}
@@ -580,7 +575,7 @@ def run_attack(config: AttackConfig) -> str:
 
     entries = [done[r.index] for r in rows]
     results = {"erased": attack_results(entries, config.attack)}
-    results["original"] = {"concept_rate_before_attack": _rate(len(kept), len(rows))}
+    results["original"] = {"concept_rate_before_attack": wilson_interval(len(kept), len(rows))}
     report = {
         "results": results,
         "records": entries,
@@ -614,14 +609,14 @@ def attack_results(entries: Sequence[dict], attack: str) -> dict:
     result = {
         "rows": len(entries),
         "rows_kept": len(kept),
-        "pre_attack_success_rate": _rate(pre, len(kept)),
+        "pre_attack_success_rate": wilson_interval(pre, len(kept)),
     }
     if attack == "replay":
         result["attack_success_rate"] = result["pre_attack_success_rate"]
         return result
     attacked = [e["post_attack"] for e in kept if "post_attack" in e]
     post = pre + sum(a["success"] for a in attacked)
-    result["post_attack_success_rate"] = _rate(post, len(kept))
+    result["post_attack_success_rate"] = wilson_interval(post, len(kept))
     result["attacked_rows"] = len(attacked)
     if attacked:
         result["cost_per_attacked_row"] = {
