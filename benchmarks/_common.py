@@ -71,10 +71,43 @@ SD15_SMALL_UNET_CONFIG = {
     "block_out_channels": (64, 128, 256, 256),
     "layers_per_block": 1,
 }
+SDXL_UNET_CONFIG = dict(
+    # stable-diffusion-xl-base-1.0/unet/config.json, written out (random weights: no download needed)
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + the 1280-wide pooled text embedding
+    norm_num_groups=32,
+)
+SDXL_TINY_UNET_CONFIG = {
+    # SDXL's block structure at a tiny width, for tests and CPU dry runs of the GPU script
+    **SDXL_UNET_CONFIG,
+    "sample_size": 8,
+    "block_out_channels": (32, 64, 64),
+    "layers_per_block": 1,
+    "transformer_layers_per_block": (1, 1, 2),
+    "attention_head_dim": (2, 4, 4),
+    "norm_num_groups": 8,
+    "cross_attention_dim": 64,
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 6 * 8 + 32,
+}
 UNET_ARCHITECTURES = {
     "sd15": SD15_UNET_CONFIG,
     "sd15-small": SD15_SMALL_UNET_CONFIG,
     "sd15-tiny": SD15_TINY_UNET_CONFIG,
+    "sdxl": SDXL_UNET_CONFIG,
+    "sdxl-tiny": SDXL_TINY_UNET_CONFIG,
 }
 TEXT_SEQUENCE_LENGTH = 77
 
@@ -208,12 +241,15 @@ def random_erasure_batch(unet, batch_size: int, latent_size: int, generator: tor
             torch.randint(0, 1000, (batch_size,), generator=generator),
         )
 
+    # SDXL's conditioning carries one more row: the pooled embedding and the time ids (munba_diffusion.diffusion.family)
+    length = TEXT_SEQUENCE_LENGTH + (unet.config.get("addition_embed_type") == "text_time")
+
     def context() -> torch.Tensor:
-        return torch.randn(batch_size, TEXT_SEQUENCE_LENGTH, dim, generator=generator)
+        return torch.randn(batch_size, length, dim, generator=generator)
 
     forget = [(latents(), context(), context()) for _ in range(players - 1)]
     batch = ErasureBatch(forget=forget, preserve=(latents(), context()))
-    return batch, torch.randn(1, TEXT_SEQUENCE_LENGTH, dim, generator=generator)
+    return batch, torch.randn(1, length, dim, generator=generator)
 
 
 # ------------------------------------------------------------------------------------------ step variants

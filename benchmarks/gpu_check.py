@@ -1,4 +1,4 @@
-"""One-GPU check at Stable Diffusion 1.5 scale: erasure steps per second and peak GPU memory, the white-box
+"""One-GPU check at Stable Diffusion 1.5 scale (and SDXL's with ``--architecture sdxl``): erasure steps per second and peak GPU memory, the white-box
 attack's cost per prompt and the robust mode's step time (:func:`robustness_costs`).
 
 SD 1.5's UNet is built from its config with random weights (no download), runs in bfloat16 under autocast with
@@ -46,8 +46,12 @@ class GpuCheckConfig:
     """Options of ``python -m benchmarks.gpu_check``."""
 
     device: str = option("cuda", "torch device (cpu with --tiny for a dry run)")
-    tiny: bool = option(False, "SD 1.5's block structure at a tiny width, 8x8 latents (dry run)")
-    latent_size: int | None = option(None, "latent height/width (default 64, i.e. 512 px; 8 with --tiny)", low=1)
+    architecture: str = option("sd15", "the UNet: SD 1.5's (512 px) or SDXL base's (1024 px)", choices=("sd15", "sdxl"))
+    tiny: bool = option(False, "the architecture's block structure at a tiny width, 8x8 latents (dry run)")
+    latent_size: int | None = option(
+        None, "latent height/width (default: the native size, 64 for sd15 and 128 for sdxl; 8 with --tiny)", low=1
+    )
+    gradient_checkpointing: bool = option(False, "recompute the UNet's activations in the backward (a memory lever)")
     batch_sizes: tuple[int, ...] = option((1, 4), "x_t per player", low=1)
     variants: tuple[str, ...] = option(VARIANTS, "step variants timed", choices=VARIANTS)
     attention: tuple[str, ...] = option(
@@ -298,7 +302,9 @@ def markdown(results: dict) -> str:
     s, m = results["settings"], results["machine"]
     return (
         f"# GPU check: {s['architecture']} UNet, {s['resolution']} px ({s['latent_size']}x{s['latent_size']} "
-        f"latents), {s['dtype']}, LoRA xattn r4\n\n{table}\n"
+        f"latents), {s['dtype']} frozen weights, float32 LoRA xattn r4"
+        + (", gradient checkpointing" if s.get("gradient_checkpointing") else "")
+        + f"\n\n{table}\n"
         f"{m['gpu'] or m['cpu']}; torch {m['libraries']['torch']}; {m['date_utc']}.\n"
     )
 
@@ -313,13 +319,15 @@ def run(config: GpuCheckConfig) -> dict:
         raise RuntimeError("no CUDA device is visible; run on a GPU machine or pass --device cpu --tiny for a dry run")
     check_results(config.output_dir, config.overwrite)
     dtype = DTYPES[config.dtype]
-    architecture = "sd15-tiny" if config.tiny else "sd15"
-    latent_size = config.latent_size or (8 if config.tiny else 64)
+    architecture = config.architecture + ("-tiny" if config.tiny else "")
+    latent_size = config.latent_size or (8 if config.tiny else {"sd15": 64, "sdxl": 128}[config.architecture])
     backends = [b for b in config.attention if b != "xformers" or xformers_available()]
     skipped = [b for b in config.attention if b not in backends]
     start = time.time()
     unet = build_unet(architecture).to(device, dtype)
     params = add_erasure_lora(unet, ErasureLoraConfig(rank=4, target="xattn"))
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     print(
         f"built {architecture} ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M parameters) in "
         f"{time.time() - start:.0f} s; attention backends {backends}"
@@ -373,6 +381,7 @@ def run(config: GpuCheckConfig) -> dict:
         "machine": machine_record(),
         "settings": {
             "architecture": architecture,
+            "gradient_checkpointing": config.gradient_checkpointing,
             "latent_size": latent_size,
             "resolution": latent_size * 8,
             "dtype": config.dtype,

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One-GPU check (H100/H200, no network): erasure steps/s and peak GPU memory of SD 1.5's UNet architecture at
 # 512 px (64x64 latents), bf16, batch 1 and 4 per player, nash vs sum vs one backward, SDPA vs xformers (when it
-# imports), plus the ESD way's peak memory, the white-box attack's cost per prompt and the robust mode's step. Random weights: nothing is downloaded. Finishes in a few minutes.
+# imports), plus the ESD way's peak memory, the white-box attack's cost per prompt and the robust mode's step; then
+# SDXL base's UNet at 1024 px (batch 1, bf16, with and without gradient checkpointing). Random weights: nothing is
+# downloaded. Finishes in under 10 minutes.
 #
 #   bash benchmarks/gpu_check.sh                       # writes benchmarks/results/gpu_check/ (or $OUT when set)
 #   bash benchmarks/gpu_check.sh --batch_sizes 1       # extra arguments go to python -m benchmarks.gpu_check
@@ -35,4 +37,11 @@ if missing:
 EOF
 
 OUTPUT_DIR=${OUT:-benchmarks/results/gpu_check}
-timeout 570 "$PYTHON" -m benchmarks.gpu_check --output_dir "$OUTPUT_DIR" "$@"
+timeout 300 "$PYTHON" -m benchmarks.gpu_check --output_dir "$OUTPUT_DIR" "$@"
+# SDXL base's UNet at 1024 px, batch 1: the trainer's step with and without gradient checkpointing (issue 15);
+# the extra arguments above go to the SD 1.5 run only
+for levers in "" "--gradient_checkpointing"; do
+  timeout 120 "$PYTHON" -m benchmarks.gpu_check --architecture sdxl --batch_sizes 1 --variants nash sum_plain \
+    --attention sdpa --no_esd --no_robustness --steps 5 --warmup 2 $levers \
+    --output_dir "$OUTPUT_DIR/sdxl${levers:+-checkpointing}" || echo "gpu_check.sh: the SDXL run $levers failed"
+done

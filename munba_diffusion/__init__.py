@@ -3,13 +3,14 @@
 The bargaining core lives in :mod:`munba_diffusion.bargaining` and :mod:`munba_diffusion.step`; concept erasure
 for Stable Diffusion in :mod:`munba_diffusion.diffusion`; classifier and CLIP unlearning in
 :mod:`munba_diffusion.classifiers`; evaluators in :mod:`munba_diffusion.evaluation`; the bundled demo world in
-:mod:`munba_diffusion.demo`. ``MunbaPipeline`` is the custom diffusers pipeline (``pipelines/munba.py``).
+:mod:`munba_diffusion.demo`. ``MunbaPipeline`` is the custom diffusers pipeline (``pipelines/munba.py``),
+``MunbaXLPipeline`` its Stable Diffusion XL twin (``pipelines/munba_xl.py``).
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["MunbaPipeline", "__version__"]
+__all__ = ["MunbaPipeline", "MunbaXLPipeline", "__version__"]
 
 
 def __getattr__(name: str):
@@ -18,4 +19,8 @@ def __getattr__(name: str):
         from .pipelines.munba import MunbaPipeline  # noqa: PLC0415 lazy attribute: keeps `import munba_diffusion` light
 
         return MunbaPipeline
+    if name == "MunbaXLPipeline":
+        from .pipelines.munba_xl import MunbaXLPipeline  # noqa: PLC0415 lazy attribute, as above
+
+        return MunbaXLPipeline
     raise AttributeError(f"module 'munba_diffusion' has no attribute {name!r}")

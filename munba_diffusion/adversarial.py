@@ -58,18 +58,22 @@ def prefixed_input_ids(tokenizer, prompts: list[str], prefix_length: int) -> tor
 
 
 @contextlib.contextmanager
-def prefix_embeddings(text_encoder, prefix: torch.Tensor) -> Iterator[None]:
+def prefix_embeddings(text_encoder, prefix: torch.Tensor, rows: torch.Tensor | None = None) -> Iterator[None]:
     """Inside the block, the text encoder's token embeddings at positions 1..k are ``prefix``.
 
-    ``prefix`` is (k, d) (the same prefix for every row) or (B, k, d). Implemented as a forward hook on the
-    token-embedding layer, so it works for any text encoder whose ``get_input_embeddings()`` is that layer.
+    ``prefix`` is (k, d) (the same prefix for every row) or (B, k, d); ``rows`` (B,) bool, when given, limits the
+    replacement to the rows where it is true (the others keep their own tokens' embeddings). Implemented as a
+    forward hook on the token-embedding layer, so it works for any text encoder whose ``get_input_embeddings()``
+    is that layer.
     """
     layer = text_encoder.get_input_embeddings()
 
     def replace(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
         k = prefix.shape[-2]
-        rows = prefix.to(output.dtype).expand(output.shape[0], k, output.shape[-1])
-        return torch.cat([output[:, :1], rows, output[:, 1 + k :]], dim=1)
+        slots = prefix.to(output.dtype).expand(output.shape[0], k, output.shape[-1])
+        if rows is not None:
+            slots = torch.where(rows.to(output.device)[:, None, None], slots, output[:, 1 : 1 + k])
+        return torch.cat([output[:, :1], slots, output[:, 1 + k :]], dim=1)
 
     handle = layer.register_forward_hook(replace)
     try:
@@ -78,9 +82,12 @@ def prefix_embeddings(text_encoder, prefix: torch.Tensor) -> Iterator[None]:
         handle.remove()
 
 
-def encode_with_prefix(text_encoder, input_ids: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-    """The text encoder's hidden states (B, L, D) for ``input_ids`` whose prefix slots hold ``prefix``."""
-    with prefix_embeddings(text_encoder, prefix):
+def encode_with_prefix(
+    text_encoder, input_ids: torch.Tensor, prefix: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The text encoder's hidden states (B, L, D) for ``input_ids`` whose prefix slots hold ``prefix`` (only in
+    ``rows``, when given: see :func:`prefix_embeddings`)."""
+    with prefix_embeddings(text_encoder, prefix, rows):
         return text_encoder(input_ids.to(text_encoder.device))[0]
 
 

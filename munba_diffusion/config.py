@@ -55,6 +55,7 @@ class OptionSpec:
     cli: bool = True
     metavar: str | None = None
     required: bool = False
+    positional: bool = False
 
 
 def option(
@@ -72,6 +73,7 @@ def option(
     secret: bool = False,
     cli: bool = True,
     metavar: str | None = None,
+    positional: bool = False,
 ) -> Any:
     """A dataclass field with its help text and rules.
 
@@ -85,6 +87,7 @@ def option(
         repeat: a list option given once per value (``--concept a --concept b``) instead of ``--x a b``.
         secret: never written to run records, trackers or logs (tokens).
         cli: False for options only Python callers set.
+        positional: a positional command-line argument (``munba-app OUTPUT_DIR``), named by ``metavar``.
     """
     spec = OptionSpec(
         help=help,
@@ -98,6 +101,7 @@ def option(
         secret=secret,
         cli=cli,
         metavar=metavar,
+        positional=positional,
         required=default is dataclasses.MISSING and default_factory is dataclasses.MISSING,
     )
     return dataclasses.field(default=default, default_factory=default_factory, metadata={_META: spec})
@@ -115,8 +119,10 @@ def _spec(field: dataclasses.Field) -> OptionSpec | None:
 
 
 def flag_name(field: dataclasses.Field) -> str:
-    """The command-line flag of ``field`` (``--name`` or its ``flag``)."""
+    """The command-line flag of ``field`` (``--name`` or its ``flag``; a positional argument's ``metavar``)."""
     spec = _spec(field)
+    if spec and spec.positional:
+        return spec.metavar or field.name.upper()
     return "--" + (spec.flag if spec and spec.flag else field.name)
 
 
@@ -220,10 +226,14 @@ def build_parser(cls: type, description: str | None = None, prog: str | None = N
         spec = _spec(field)
         if spec is None or not spec.cli:
             continue
-        flag = flag_name(field)
-        names = [flag] + ([flag.replace("_", "-")] if "_" in flag else [])
         annotation, _ = _unwrap(hints[field.name])
         kind, is_list = _element_type(annotation)
+        if spec.positional:
+            optional = {} if spec.required else {"nargs": "?", "default": argparse.SUPPRESS}
+            parser.add_argument(field.name, type=_converter(kind), help=spec.help, metavar=flag_name(field), **optional)
+            continue
+        flag = flag_name(field)
+        names = [flag] + ([flag.replace("_", "-")] if "_" in flag else [])
         default = field.default if field.default is not dataclasses.MISSING else None
         help_text = spec.help + ("" if spec.required or default in (None, False) else f" (default: {default})")
         kwargs: dict[str, Any] = {"dest": field.name, "help": help_text, "default": argparse.SUPPRESS}

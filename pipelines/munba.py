@@ -1,8 +1,9 @@
 """MunbaPipeline: a Stable Diffusion pipeline that knows which concepts were erased from it (MUNBa).
 
-MUNBa erases a concept from Stable Diffusion by training a LoRA on the UNet. An erased model folder holds the
-UNet with that LoRA fused in, the LoRA itself (``pytorch_lora_weights.safetensors`` for diffusers and
-``munba_erasure_comfyui_a1111.safetensors`` in the kohya layout for ComfyUI / AUTOMATIC1111 / Forge),
+MUNBa erases a concept from Stable Diffusion by training a LoRA on the UNet (or on the text encoder, or both). An
+erased model folder holds the base model with that LoRA fused in, the LoRA itself
+(``pytorch_lora_weights.safetensors`` for diffusers and ``munba_erasure_comfyui_a1111.safetensors`` in the kohya
+layout for ComfyUI / AUTOMATIC1111 / Forge),
 ``erasure_config.json`` (the run record), this file (``munba.py``) and ``munba_erasure.json``, the small record
 this class reads::
 
@@ -46,6 +47,15 @@ from diffusers.utils import make_image_grid
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 from transformers.utils import cached_file
 
+# diffusers' dynamic-module loader executes every local folder's munba.py into one module object
+# (diffusers_modules.local.munba) and keeps what an earlier file defined there; it wants exactly one
+# DiffusionPipeline subclass in it, so drop the classes a previous file (MunbaPipeline of an SD folder,
+# MunbaXLPipeline of an SDXL one) left behind.
+for _stale_name in [
+    name for name, value in globals().items() if isinstance(value, type) and value.__module__ == __name__
+]:
+    del globals()[_stale_name]
+
 ERASURE_ADAPTER_NAME = "munba_erasure"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_LORA_WEIGHT_NAME = "munba_erasure_comfyui_a1111.safetensors"  # the same LoRA in kohya keys (ComfyUI, A1111)
@@ -70,6 +80,11 @@ class MunbaPipeline(StableDiffusionPipeline):
     `__call__` is Stable Diffusion's, unchanged. `erasure` is the content of munba_erasure.json (see the module
     docstring); it round-trips through `save_pretrained` / `from_pretrained`.
     """
+
+    # this file as it was when the class was defined: diffusers runs every folder's munba.py into one shared module
+    # (and one cached file), so the module's globals and file may since hold another folder's pipeline
+    _class_name_on_disk = PIPELINE_CLASS_NAME_ON_DISK
+    _pipeline_file_text = Path(__file__).read_text(encoding="utf-8")
 
     def __init__(
         self,
@@ -118,7 +133,7 @@ class MunbaPipeline(StableDiffusionPipeline):
 
     @property
     def erasure_scale(self) -> float:
-        """Erasure strength s: the UNet runs with W0 + s dW (0 = original model, 1 = erased)."""
+        """Erasure strength s: the erased weights run as W0 + s dW (0 = original model, 1 = erased)."""
         return self._erasure_scale
 
     @erasure_scale.setter
@@ -151,7 +166,7 @@ class MunbaPipeline(StableDiffusionPipeline):
         """
         if self.config.erasure and self.config.erasure["fused"]:
             raise ValueError(
-                "this pipeline's UNet already has an erasure fused in; load the base model with "
+                "this pipeline already has an erasure fused in; load the base model with "
                 "MunbaPipeline.from_pretrained(base) and call load_erasure on that."
             )
         if self._has_erasure_adapter():
@@ -232,7 +247,7 @@ class MunbaPipeline(StableDiffusionPipeline):
         save_directory = Path(save_directory)
         index_path = save_directory / self.config_name
         model_index = json.loads(index_path.read_text(encoding="utf-8"))
-        model_index["_class_name"] = PIPELINE_CLASS_NAME_ON_DISK
+        model_index["_class_name"] = self._class_name_on_disk
         erasure = model_index.pop("erasure", None)
         index_path.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         erasure_path = save_directory / ERASURE_FILE_NAME
@@ -240,7 +255,7 @@ class MunbaPipeline(StableDiffusionPipeline):
             erasure_path.write_text(json.dumps(erasure, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         else:
             erasure_path.unlink(missing_ok=True)
-        shutil.copyfile(__file__, save_directory / PIPELINE_FILE_NAME)
+        (save_directory / PIPELINE_FILE_NAME).write_text(self._pipeline_file_text, encoding="utf-8")
         lora_file = self._local_lora_file_of_fused_folder()
         if lora_file is not None and lora_file.is_file() and lora_file.parent.resolve() != save_directory.resolve():
             for source in (lora_file, lora_file.parent / KOHYA_LORA_WEIGHT_NAME):

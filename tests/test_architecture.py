@@ -22,6 +22,7 @@ LAYERS = {
     "diffusion": 2,
     "classifiers": 2,
     "pipelines": 2,
+    "app": 2,
     "evaluation": 3,
     "commands": 4,
 }
@@ -109,6 +110,6 @@ def test_no_import_cycles_between_modules():
     assert cycles == []
 
 
-def test_the_pipeline_file_is_self_contained():
-    pipeline = REPO / "pipelines" / "munba.py"
-    assert not {n for n in _imports(pipeline) if n.startswith("munba_diffusion")}
+def test_the_pipeline_files_are_self_contained():
+    for pipeline in (REPO / "pipelines" / "munba.py", REPO / "pipelines" / "munba_xl.py"):
+        assert not {n for n in _imports(pipeline) if n.startswith("munba_diffusion")}, pipeline.name

@@ -30,7 +30,7 @@ from munba_diffusion.evaluation.attack import (
 from munba_diffusion.evaluation.generate import GenerationSettings
 from munba_diffusion.evaluation.prompt_sets import PromptRecord
 
-from .tiny_sd import build_tiny_sd_pipeline
+from .tiny_sd import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 
 class NeverFound(Detector):
@@ -135,23 +135,33 @@ def test_v_prediction_target_is_the_velocity():
     assert denoising_target(DDIMScheduler(), latents, noise, t) is noise
 
 
-@pytest.mark.parametrize("project", [False, True])
-def test_whitebox_attack_lowers_the_adversarial_loss(tiny_pipe, target_image, tmp_path, project):
-    """The attack's loss toward the target at fixed timesteps and noise falls (soft and projected prefixes)."""
+@pytest.fixture(scope="module")
+def tiny_xl_pipe():
+    pipe = build_tiny_sdxl_pipeline(seed=0)
+    for part in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        part.requires_grad_(False)
+    return pipe
+
+
+@pytest.mark.parametrize(("family", "project"), [("sd", False), ("sd", True), ("sdxl", True)])
+def test_whitebox_attack_lowers_the_adversarial_loss(family, tiny_pipe, tiny_xl_pipe, target_image, tmp_path, project):
+    """The attack's loss toward the target at fixed timesteps and noise falls (soft and projected prefixes; SDXL:
+    one prefix in both encoders' spaces, projected onto tokens that both read)."""
+    pipe = tiny_pipe if family == "sd" else tiny_xl_pipe
     record = PromptRecord(index=0, prompt="a photo of a dog", seed=5)
     detector = NeverFound()
     settings = WhiteBoxSettings(
         prefix_tokens=4, iterations=30, attack_lr=0.1, attack_weight_decay=0.0, check_every=10, project=project
     )
     generation = GenerationSettings(num_inference_steps=2, guidance_scale=1.0)
-    outcome = whitebox_attack(tiny_pipe, record, target_image, detector, settings, generation, tmp_path / "a.png")
+    outcome = whitebox_attack(pipe, record, target_image, detector, settings, generation, tmp_path / "a.png")
     assert outcome.iterations == 30 and len(outcome.losses) == 30
     assert outcome.probe_loss_after < outcome.probe_loss_before
     assert outcome.generations == detector.calls == 3  # checked every 10 iterations
     assert outcome.unet_forward_backward == 30 and not outcome.success
     assert outcome.adversarial_prompt.endswith("a photo of a dog")
     if project:
-        allowed = set(allowed_token_ids(tiny_pipe.tokenizer, len(tiny_pipe.tokenizer)).tolist())
+        allowed = set(allowed_token_ids(pipe.tokenizer, len(pipe.tokenizer)).tolist())
         assert len(outcome.prefix_token_ids) == 4 and set(outcome.prefix_token_ids) <= allowed
 
 

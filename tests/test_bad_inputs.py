@@ -264,6 +264,21 @@ CASES: tuple[Case, ...] = (
     ),
     T("base model folder that does not exist", f"{RUN} --pretrained_model_name_or_path ./missing", "does not exist;"),
     T(
+        "an SD3 base model",
+        f"{RUN} --pretrained_model_name_or_path sd3",
+        "SD3 is not supported yet; erasure supports",
+    ),
+    T(
+        "an SDXL refiner folder (no text_encoder)",
+        f"{RUN} --pretrained_model_name_or_path refiner",
+        "this is an SDXL refiner folder (image-to-image, no text_encoder)",
+    ),
+    T(
+        "a pipeline class no family covers",
+        f"{RUN} --pretrained_model_name_or_path kandinsky",
+        "KandinskyV22Pipeline is not supported; erasure supports StableDiffusionPipeline (SD 1.x, 2.x)",
+    ),
+    T(
         "Hub id offline, not in the cache",
         f"{RUN} --pretrained_model_name_or_path someone/not-cached",
         "is not in the local Hugging Face cache",
@@ -516,6 +531,13 @@ def make_workspace(root: Path) -> None:
     (root / "out" / "images" / "cat.png").write_bytes(b"\x89PNG\r\n\x1a\nmy cat")
     (root / "mine").mkdir()
     (root / "mine" / "notes.md").write_text("not a pipeline\n")
+    for folder, class_name in (
+        ("sd3", "StableDiffusion3Pipeline"),
+        ("refiner", "StableDiffusionXLImg2ImgPipeline"),
+        ("kandinsky", "KandinskyV22Pipeline"),
+    ):
+        (root / folder).mkdir()
+        (root / folder / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
 
     presets = root / "presets"
     presets.mkdir()

@@ -116,6 +116,7 @@ BAD_TRAINING_VALUES = {
     "adversarial_lr": (0.0, "adversarial_lr (--adversarial_lr) must be > 0"),
     "adversarial_prompts_kept": (0, "adversarial_prompts_kept (--adversarial_prompts_kept) must be >= 1"),
     "lora_target": ("everything", "lora_target (--lora_target) must be one of xattn"),
+    "lora_on": ("vae", "lora_on (--lora_on) must be one of unet, text_encoder, both"),
     "rank": (0, "rank (--rank) must be >= 1"),
     "lora_alpha": (0.0, "lora_alpha (--lora_alpha) must be > 0"),
     "latent_source": ("web", "latent_source (--latent_source) must be one of pool, fresh, images"),

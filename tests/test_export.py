@@ -125,6 +125,7 @@ def test_folder_layout(exported):
     assert sorted(os.listdir(exported)) == sorted(
         [
             "README.md",
+            "app.py",
             "erasure_config.json",
             "images",
             "model_index.json",
@@ -395,7 +396,7 @@ def test_push_uploads_results_only(exported, tmp_path, monkeypatch):
     assert calls["repo"]["private"] is True
     patterns = calls["upload"]["allow_patterns"]
     results = {"model_index.json", "munba.py", "README.md", "pytorch_lora_weights.safetensors", "unet/*", "images/*"}
-    results |= {"munba_erasure.json", "munba_erasure_comfyui_a1111.safetensors"}
+    results |= {"munba_erasure.json", "munba_erasure_comfyui_a1111.safetensors", "app.py"}
     assert results <= set(patterns)
     assert not any(pattern.startswith("checkpoint") for pattern in patterns)
     with pytest.raises(FileNotFoundError, match="not an erased model folder"):

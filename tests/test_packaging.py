@@ -29,6 +29,7 @@ def test_wheel_holds_package_data(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     required = [
         "munba_diffusion/pipelines/munba.py",
+        "munba_diffusion/pipelines/munba_xl.py",
         "munba_diffusion/prompts/presets/nudity.yaml",
         "munba_diffusion/prompts/presets/circle.yaml",
         "munba_diffusion/prompts/eval/demo.csv",
@@ -43,10 +44,11 @@ def test_wheel_holds_package_data(wheel):
     assert [
         n for n in names if n.startswith(("scripts/", "munba_diffusion/demo/train", "munba_diffusion/demo/measure"))
     ] == []
-    assert (
-        zipfile.ZipFile(wheel).read("munba_diffusion/pipelines/munba.py")
-        == (ROOT / "pipelines" / "munba.py").read_bytes()
-    )
+    for pipeline in ("munba.py", "munba_xl.py"):
+        assert (
+            zipfile.ZipFile(wheel).read(f"munba_diffusion/pipelines/{pipeline}")
+            == (ROOT / "pipelines" / pipeline).read_bytes()
+        )
 
 
 def test_installed_wheel_runs_the_demo_outside_the_checkout(wheel, tmp_path):
@@ -58,7 +60,7 @@ def test_installed_wheel_runs_the_demo_outside_the_checkout(wheel, tmp_path):
     )
     script = (
         "import munba_diffusion, torch\n"
-        "from munba_diffusion import MunbaPipeline\n"
+        "from munba_diffusion import MunbaPipeline, MunbaXLPipeline\n"
         "from munba_diffusion.demo import load_demo_judge\n"
         "from munba_diffusion.models import model_license, resolve_model_path\n"
         "from munba_diffusion.presets import load_preset\n"

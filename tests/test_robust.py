@@ -67,7 +67,7 @@ def test_prefix_search_makes_the_erased_model_predict_the_concept_again():
     lora_grads = [p.grad for n, p in pipe.unet.named_parameters() if "lora" in n]
     assert all(g is None for g in lora_grads)  # the search leaves the model's gradients alone
     rows = source.sample(2, torch.Generator())
-    adversarial = adversary.contexts(0, rows, torch.Generator().manual_seed(1))
+    adversarial = adversary.contexts(0, rows, adversary.draw(0, 2, torch.Generator().manual_seed(1)))
     assert adversarial.shape == contexts.shape and not torch.allclose(adversarial, contexts)
 
     restored = Adversary(pipe, [prompts], settings, torch.device("cpu"))

@@ -18,9 +18,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from peft import LoraConfig
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from munba_diffusion.diffusion.config import ErasureTrainingConfig
 from munba_diffusion.diffusion.export import run_record
@@ -82,24 +89,9 @@ def build_tiny_tokenizer(directory: str | Path | None = None) -> CLIPTokenizer:
         return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
 
 
-def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline with tiny random weights; same `seed` -> identical weights."""
-    tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_HIDDEN_SIZE,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
+def _tiny_vae() -> AutoencoderKL:
+    """A two-block VAE: 32x32 images <-> 16x16x4 latents."""
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -109,6 +101,31 @@ def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         norm_num_groups=8,
         sample_size=IMAGE_SIZE,
     )
+
+
+def build_tiny_sd_pipeline(seed: int = 0, version: int = 1) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline with tiny random weights; same `seed` -> identical weights.
+
+    ``version=2``: SD 2.x's layout: v-prediction, linear projections in the transformer blocks, per-block head
+    widths (as diffusers' own SD 2 tests configure it).
+    """
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    sd2 = {"use_linear_projection": True, "attention_head_dim": (2, 4)} if version == 2 else {"attention_head_dim": 8}
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN_SIZE,
+        norm_num_groups=8,
+        **sd2,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae()
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -130,6 +147,7 @@ def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type="v_prediction" if version == 2 else "epsilon",
     )
     pipeline = StableDiffusionPipeline(
         vae=vae,
@@ -145,10 +163,10 @@ def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     return pipeline
 
 
-def save_tiny_sd(path: str | Path, seed: int = 0) -> Path:
-    """Save `build_tiny_sd_pipeline(seed)` as a from_pretrained-able folder at `path`; returns the path."""
+def save_tiny_sd(path: str | Path, seed: int = 0, version: int = 1) -> Path:
+    """Save `build_tiny_sd_pipeline(seed, version)` as a from_pretrained-able folder at `path`; returns the path."""
     path = Path(path)
-    build_tiny_sd_pipeline(seed).save_pretrained(path)
+    build_tiny_sd_pipeline(seed, version).save_pretrained(path)
     return path
 
 
@@ -197,3 +215,65 @@ def tiny_erasure_config(concept: str = "circle", *, base_model: str = "CompVis/s
         pool_seconds=0.0,
         resolution=32,
     )
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A StableDiffusionXLPipeline with tiny random weights (the layout of diffusers' own SDXL tests: a
+    ``text_time`` UNet, two CLIP text encoders, the second with a projection); same `seed` -> identical weights."""
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + TEXT_HIDDEN_SIZE,  # time ids + the pooled text embedding
+        cross_attention_dim=2 * TEXT_HIDDEN_SIZE,  # both encoders' hidden states, concatenated
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae()
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN_SIZE,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=TEXT_HIDDEN_SIZE,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(text_config)
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_tiny_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adversarial import PrefixSearch, allowed_token_ids, encode_with_prefix, prefixed_input_ids
-from .latents import LatentBatch
+from ..adversarial import PrefixSearch, allowed_token_ids
+from .family import denoise, family_of_pipeline
+from .latents import LatentBatch, RowTokens
 from .lora import adapters_disabled
 
 ADVERSARIAL = "adversarial"
@@ -52,10 +53,13 @@ class AdversarySettings:
 class Adversary:
     """The kept adversarial prefixes of every concept, their search and the contexts they give."""
 
-    def __init__(self, pipe, forget_prompts: list[list[str]], settings: AdversarySettings, device):
-        self.encoder, self.settings, self.device = pipe.text_encoder, settings, device
-        self.input_ids = [prefixed_input_ids(pipe.tokenizer, list(p), settings.tokens) for p in forget_prompts]
-        vocabulary = self.encoder.get_input_embeddings().weight.detach()
+    def __init__(
+        self, pipe, forget_prompts: list[list[str]], settings: AdversarySettings, device, resolution: int | None = None
+    ):
+        self.pipe, self.family = pipe, family_of_pipeline(pipe)
+        self.encoder, self.settings, self.device, self.resolution = pipe.text_encoder, settings, device, resolution
+        self.input_ids = [self.family.prefixed_ids(pipe, list(p), settings.tokens) for p in forget_prompts]
+        vocabulary = self.family.prefix_vocabulary(pipe)
         allowed = allowed_token_ids(pipe.tokenizer, vocabulary.shape[0])
         self.search = PrefixSearch(vocabulary, allowed, lr=settings.lr, weight_decay=0.0, project=False)
         self.banks: list[list[torch.Tensor]] = [[] for _ in forget_prompts]
@@ -66,7 +70,7 @@ class Adversary:
 
     def _encode(self, concept: int, prompt_index: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         ids = self.input_ids[concept][prompt_index.cpu()]
-        return encode_with_prefix(self.encoder, ids, prefix.to(self.device, self.encoder.dtype))
+        return self.family.encode_with_prefix(self.pipe, ids, prefix, resolution=self.resolution)
 
     def refresh(self, unet, sources, contexts: list[torch.Tensor], seed: int, step: int, batch_size: int, dtype):
         """Search a new prefix per concept against the current model and keep it (see the module docstring)."""
@@ -75,13 +79,12 @@ class Adversary:
             rows: LatentBatch = source.sample(batch_size, generator)
             latents = rows.latents.to(self.device, dtype)
             timesteps = rows.timesteps.to(self.device)
-            with torch.no_grad(), adapters_disabled(unet):
-                original = unet(latents, timesteps, encoder_hidden_states=ctx[rows.prompt_index].to(self.device, dtype))
-                original = original.sample.float()
+            with torch.no_grad(), adapters_disabled(unet, self.encoder):
+                original = denoise(unet, latents, timesteps, ctx[rows.prompt_index].to(self.device, dtype)).float()
 
             def loss(prefix: torch.Tensor, _iteration: int) -> torch.Tensor:
                 context = self._encode(concept, rows.prompt_index, prefix).to(dtype)
-                prediction = unet(latents, timesteps, encoder_hidden_states=context).sample
+                prediction = denoise(unet, latents, timesteps, context)
                 return torch.nn.functional.mse_loss(prediction.float(), original)
 
             bank = self.banks[concept]
@@ -93,29 +96,35 @@ class Adversary:
             bank.append(start.detach())
             del bank[: -self.settings.kept]
 
-    def rows(self, data, batch_size: int, generator: torch.Generator) -> list[tuple]:
+    def rows(self, data, batch_size: int, generator: torch.Generator) -> tuple[list[tuple], dict[str, RowTokens]]:
         """The adversarial players' rows of one micro-batch, per concept: (x_t, plain contexts, anchor contexts,
-        adversarial contexts); ``data`` is the run's :class:`.data.ErasureData`."""
-        rows = []
+        adversarial contexts); and their tokens with prefixes (``adversarial/<i>``, for a text-encoder LoRA, which
+        encodes them again). ``data`` is the run's :class:`.data.ErasureData`."""
+        rows, tokens = [], {}
         for concept, (source, ctx, anchor) in enumerate(
             zip(data.forget_sources, data.forget_contexts, data.anchor_contexts)
         ):
             lat = source.sample(batch_size, generator)
             index = lat.prompt_index
-            rows.append((lat, ctx[index], anchor[index], self.contexts(concept, lat, generator)))
-        return rows
+            prefixes = self.draw(concept, len(index), generator)
+            tokens[f"{ADVERSARIAL}/{concept}"] = RowTokens(self.input_ids[concept][index.cpu()], prefixes)
+            rows.append((lat, ctx[index], anchor[index], self.contexts(concept, lat, prefixes)))
+        return rows, tokens
 
     def log_values(self, names: list[str]) -> dict[str, float]:
         """The last search's final loss per adversarial player (``attack_loss/<player>``) for the run log."""
         players = [n for n in names if n.startswith(ADVERSARIAL)]
         return {f"attack_loss/{name}": loss for name, loss in zip(players, self.last_losses)}
 
-    @torch.no_grad()
-    def contexts(self, concept: int, rows: LatentBatch, generator: torch.Generator) -> torch.Tensor:
-        """``enc(P ++ c)`` for each row, ``P`` drawn from the concept's kept prefixes (B, L, D)."""
+    def draw(self, concept: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` prefixes (n, k, d) drawn from the concept's kept ones."""
         bank = self.banks[concept]
-        choice = torch.randint(len(bank), (len(rows.prompt_index),), generator=generator)
-        prefixes = torch.stack([bank[i] for i in choice.tolist()])
+        choice = torch.randint(len(bank), (n,), generator=generator)
+        return torch.stack([bank[i] for i in choice.tolist()])
+
+    @torch.no_grad()
+    def contexts(self, concept: int, rows: LatentBatch, prefixes: torch.Tensor) -> torch.Tensor:
+        """``enc(P ++ c)`` for each row (B, L, D), with the row's prefix ``P`` (see :meth:`draw`)."""
         return self._encode(concept, rows.prompt_index, prefixes).float().cpu()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -125,5 +134,5 @@ class Adversary:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         banks: list[list[torch.Tensor]] = [[] for _ in self.banks]
         for key in sorted(state, key=lambda k: tuple(int(x) for x in k.split(".")[1:])):
-            banks[int(key.split(".")[1])].append(state[key].float())
+            banks[int(key.split(".")[1])].append(state[key].float().to(self.device))  # where a fresh run has them
         self.banks = banks

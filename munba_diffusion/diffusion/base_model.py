@@ -1,16 +1,18 @@
-"""Load the base Stable Diffusion pipeline an erasure starts from: a Hub id, a local folder or a bundled name
-(:mod:`munba_diffusion.models`)."""
+"""Load the base pipeline an erasure starts from: a Hub id, a local folder or a bundled name
+(:mod:`munba_diffusion.models`); its family (:mod:`.family`) is checked from ``model_index.json`` first."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from ..io import is_local_path, is_offline
 from ..models import bundled_model_names, resolve_model_path
+from .family import STABLE_DIFFUSION, ModelFamily, family_of_class
 
 _BUNDLED = " / ".join(bundled_model_names("pipeline"))  # for error messages: what works offline, out of the box
 
@@ -18,6 +20,16 @@ _BUNDLED = " / ".join(bundled_model_names("pipeline"))  # for error messages: wh
 def check_base_model(name_or_path: str, *, revision: str | None = None) -> Path | str:
     """Check that the base model can load, reading only ``model_index.json`` (from the local Hugging Face cache
     when offline); returns the folder or Hub id to load. Raises a one-line error that names the fix."""
+    return _checked_base_model(name_or_path, revision)[0]
+
+
+def base_model_family(name_or_path: str, *, revision: str | None = None) -> ModelFamily:
+    """The family of the base model (:func:`check_base_model`'s checks first); the default family when the Hub
+    cannot be reached online (the load then names the problem)."""
+    return _checked_base_model(name_or_path, revision)[1]
+
+
+def _checked_base_model(name_or_path: str, revision: str | None) -> tuple[str, ModelFamily]:
     path = resolve_model_path(name_or_path)
     if is_local_path(path):
         folder = Path(path).expanduser()
@@ -25,23 +37,31 @@ def check_base_model(name_or_path: str, *, revision: str | None = None) -> Path 
             raise FileNotFoundError(
                 f"{folder} does not exist; pass a diffusers pipeline folder, a Hub id, or {_BUNDLED}"
             )
-        if not (folder / "model_index.json").is_file():
+        index = folder / "model_index.json"
+        if not index.is_file():
             raise FileNotFoundError(
                 f"{folder} is not a diffusers pipeline folder (no model_index.json); pass the "
                 f"folder that holds model_index.json, unet/, vae/, ... or {_BUNDLED}"
             )
-        return str(folder)
-    if is_offline():
         try:
-            with warnings.catch_warnings():  # huggingface_hub's deprecation notices about diffusers' own arguments
-                warnings.simplefilter("ignore")
-                StableDiffusionPipeline.load_config(path, revision=revision, local_files_only=True)
-        except (OSError, ValueError):
+            class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+        except (ValueError, AttributeError):
+            raise ValueError(
+                f"{index} is not a readable model_index.json; restore it from the model's source"
+            ) from None
+        return str(folder), family_of_class(class_name)
+    try:
+        with warnings.catch_warnings():  # huggingface_hub's deprecation notices about diffusers' own arguments
+            warnings.simplefilter("ignore")
+            index = DiffusionPipeline.load_config(path, revision=revision, local_files_only=is_offline())
+    except (OSError, ValueError):
+        if is_offline():
             raise OSError(
                 f"offline (HF_HUB_OFFLINE=1) and {name_or_path!r} is not in the local Hugging Face cache; download "
                 f"it once online, pass a local diffusers folder, or --pretrained_model_name_or_path {_BUNDLED}"
             ) from None
-    return path
+        return path, STABLE_DIFFUSION  # unreachable online: the load names the problem
+    return path, family_of_class(index.get("_class_name"))
 
 
 def load_base_pipeline(
@@ -51,19 +71,16 @@ def load_base_pipeline(
     variant: str | None = None,
     torch_dtype: torch.dtype = torch.float32,
 ):
-    """A ``StableDiffusionPipeline`` without safety checker, or a one-line error that names the fix."""
-    path = check_base_model(name_or_path, revision=revision)
+    """The base pipeline (its family's class, without safety checker), or a one-line error that names the fix."""
+    path, family = _checked_base_model(name_or_path, revision)
     offline = is_offline() and not is_local_path(path)  # a Hub id: only the local Hugging Face cache can serve it
+    if family is STABLE_DIFFUSION:
+        cls, extra = StableDiffusionPipeline, {"safety_checker": None, "feature_extractor": None}
+        extra["requires_safety_checker"] = False
+    else:
+        cls, extra = StableDiffusionXLPipeline, {}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path,
-            revision=revision,
-            variant=variant,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            local_files_only=offline,
-        )
+        pipe = cls.from_pretrained(path, revision=revision, variant=variant, local_files_only=offline, **extra)
     except OSError as error:  # unreachable Hub, missing files, wrong revision
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise OSError(

@@ -8,9 +8,11 @@ the seed and the step, see :func:`munba_diffusion.diffusion.train.step_generator
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from ..io import write_json_atomic, write_text_atomic
 from .config import CHECKPOINTS_DIR, ErasureTrainingConfig
 from .lora import load_lora_state_dict, lora_state_dict
 
-LORA_CHECKPOINT_NAME = "erasure_lora.safetensors"
+LORA_CHECKPOINT_NAMES = {"unet": "erasure_lora.safetensors", "text_encoder": "erasure_text_encoder_lora.safetensors"}
 STEP_FILE = "step.json"
 RUN_CONFIG_FILE = "run_config.json"
 # options a resumed run may change: where and how results are written, shown and shared, not what is trained
@@ -86,11 +88,18 @@ def checkpoint_to_resume(config: ErasureTrainingConfig) -> Path | None:
         path = Path(resume)
         if not path.is_absolute() and not path.exists():
             path = output_dir / CHECKPOINTS_DIR / resume
-    if not (path / LORA_CHECKPOINT_NAME).is_file():
-        raise FileNotFoundError(
-            f"{resume} is not a checkpoint of this trainer (no {LORA_CHECKPOINT_NAME}); "
-            "pass --resume_from_checkpoint latest or a checkpoint-N folder"
-        )
+    lora = config.lora
+    needed = [RUN_CONFIG_FILE] + [
+        LORA_CHECKPOINT_NAMES[component]
+        for component, on in (("unet", lora.on_unet), ("text_encoder", lora.on_text_encoder))
+        if on
+    ]
+    for name in needed:
+        if not (path / name).is_file():
+            raise FileNotFoundError(
+                f"{resume} is not a checkpoint of this trainer (no {name}); "
+                "pass --resume_from_checkpoint latest or a checkpoint-N folder"
+            )
     check_same_run(config, path)
     return path
 
@@ -110,7 +119,10 @@ def check_same_run(config: ErasureTrainingConfig, checkpoint: Path) -> None:
     saved = _read_json(checkpoint / RUN_CONFIG_FILE, "the settings of the run that wrote it")
     step = int(_read_json(checkpoint / STEP_FILE, "its step")["global_step"])
     current = config.record()
+    defaults = {field.name: field.default for field in dataclasses.fields(config)}
     for name in sorted(set(saved) | set(current)):
+        if name not in saved and current.get(name) == defaults.get(name):
+            continue  # an option added since that checkpoint, at its default: what that run did
         if name not in RESUMABLE_CHANGES and saved.get(name) != current.get(name):
             raise ValueError(
                 f"{checkpoint.name} was trained with {name}={_short(saved.get(name))}, this run asks for "
@@ -135,10 +147,15 @@ def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
 
 
 def save_checkpoint(
-    accelerator, unet, config: ErasureTrainingConfig, step: int, extra: dict[str, dict[str, torch.Tensor]] | None = None
+    accelerator,
+    models: Mapping[str, torch.nn.Module],
+    config: ErasureTrainingConfig,
+    step: int,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Write ``checkpoint-<step>`` with the run's settings (all processes call it; the main process writes).
-    ``extra`` maps file names to more tensors the run needs to resume exactly (e.g. the robust mode's prefixes)."""
+    ``models``: the models carrying the LoRA by component name (``unet``, ``text_encoder``); ``extra``
+    maps file names to more tensors the run needs to resume exactly (e.g. the robust mode's prefixes)."""
     output_dir = config.output_dir
     if accelerator.is_main_process:
         prune_checkpoints(output_dir, config.checkpoints_total_limit)
@@ -149,7 +166,9 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # optimizer, lr scheduler, RNG states
     if accelerator.is_main_process:
-        save_file({k: v.contiguous().cpu() for k, v in lora_state_dict(unet).items()}, str(tmp / LORA_CHECKPOINT_NAME))
+        for component, model in models.items():
+            state = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+            save_file(state, str(tmp / LORA_CHECKPOINT_NAMES[component]))
         for name, tensors in (extra or {}).items():
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
         write_json_atomic(tmp / STEP_FILE, {"global_step": step})
@@ -158,11 +177,12 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator, unet, path: Path) -> int:
+def load_checkpoint(accelerator, models: Mapping[str, torch.nn.Module], path: Path) -> int:
     """Restore the state saved by :func:`save_checkpoint`; returns its step. A damaged file is one line."""
     try:
         accelerator.load_state(str(path))
-        load_lora_state_dict(unet, load_file(str(path / LORA_CHECKPOINT_NAME)))
+        for component, model in models.items():
+            load_lora_state_dict(model, load_file(str(path / LORA_CHECKPOINT_NAMES[component])))
     except Exception as error:  # truncated, tampered or foreign files: safetensors, torch and peft raise many types
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise ValueError(

@@ -22,7 +22,7 @@ from ..presets import ConceptPreset, read_prompt_file, resolve_concept
 from ..step import nonfinite_gradients_option, player_gradients_option
 from .adversary import ADVERSARIAL, adversarial_player_names
 from .latents import LATENT_SOURCES
-from .lora import TARGET_SETS, ErasureLoraConfig
+from .lora import LORA_MODULES, TARGET_SETS, ErasureLoraConfig
 from .losses import FORGET_LOSSES
 from .players import NEIGHBOURS
 
@@ -91,6 +91,12 @@ class ErasureTrainingConfig:
     adversarial_lr: float = option(0.01, "robust mode: learning rate of the prefix search", low=0.0, low_open=True)
     adversarial_prompts_kept: int = option(4, "robust mode: newest adversarial prefixes kept per concept", low=1)
     lora_target: str = option("xattn", "which UNet layers the LoRA adapts", choices=TARGET_SETS)
+    lora_on: str = option(
+        "unet",
+        "where the erasure LoRA goes: the UNet, the text encoder (its self-attention projections; AdvUnlearn's "
+        "choice for robust erasure) or both",
+        choices=LORA_MODULES,
+    )
     rank: int = option(4, "LoRA rank", low=1)
     lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, i.e. scale 1)", low=0.0, low_open=True)
     # latents
@@ -274,7 +280,7 @@ class ErasureTrainingConfig:
 
     @property
     def lora(self) -> ErasureLoraConfig:
-        return ErasureLoraConfig(rank=self.rank, alpha=self.lora_alpha, target=self.lora_target)
+        return ErasureLoraConfig(rank=self.rank, alpha=self.lora_alpha, target=self.lora_target, modules=self.lora_on)
 
     def player_names(self) -> list[str]:
         """``preserve``, ``neighbours`` (with ``--neighbour_player``), one forgetting player per concept (``forget``

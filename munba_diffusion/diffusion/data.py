@@ -10,11 +10,19 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from .config import ErasureTrainingConfig
-from .latents import FreshTrajectories, LatentSource, NoisedImages, SamplerSettings, TrajectoryPool, encode_image_folder
+from .family import STABLE_DIFFUSION, family_of_pipeline
+from .family import denoise as family_denoise
+from .latents import (
+    FreshTrajectories,
+    LatentSource,
+    NoisedImages,
+    RowTokens,
+    SamplerSettings,
+    TrajectoryPool,
+    encode_image_folder,
+)
 from .lora import adapters_disabled
-from .players import ErasureBatch
-
-PROMPT_CHUNK_SIZE = 32  # prompts per text-encoder call: bounds its memory for long prompt lists
+from .players import NEIGHBOURS, ErasureBatch
 
 
 class ErasureData:
@@ -30,57 +38,65 @@ class ErasureData:
         uncond: torch.Tensor,
         neighbour_source: LatentSource | None = None,
         neighbour_contexts: torch.Tensor | None = None,
+        token_ids: dict[str, torch.Tensor] | None = None,
     ):
         self.uncond = uncond  # the empty prompt's context
         self.forget_sources, self.forget_contexts = forget_sources, forget_contexts
         self.anchor_contexts = anchor_contexts
         self.preserve_source, self.preserve_contexts = preserve_source, preserve_contexts
         self.neighbour_source, self.neighbour_contexts = neighbour_source, neighbour_contexts
+        # with a text-encoder LoRA: each row group's prompt tokens (P, L), keyed as players.row_group names them
+        self.token_ids = token_ids
 
     def batch(self, batch_size: int, generator: torch.Generator) -> ErasureBatch:
-        forget = []
-        for source, ctx, anchor in zip(self.forget_sources, self.forget_contexts, self.anchor_contexts):
+        forget, drawn = [], {}
+        for i, (source, ctx, anchor) in enumerate(zip(self.forget_sources, self.forget_contexts, self.anchor_contexts)):
             lat = source.sample(batch_size, generator)
             forget.append((lat, ctx[lat.prompt_index], anchor[lat.prompt_index]))
+            drawn[f"forget/{i}"] = lat
         plat = self.preserve_source.sample(batch_size, generator)
+        drawn["preserve"] = plat
         neighbours = None
         if self.neighbour_source is not None:
             nlat = self.neighbour_source.sample(batch_size, generator)
             neighbours = (nlat, self.neighbour_contexts[nlat.prompt_index])
-        return ErasureBatch(forget, (plat, self.preserve_contexts[plat.prompt_index]), neighbours)
+            drawn[NEIGHBOURS] = nlat
+        tokens = None
+        if self.token_ids is not None:
+            tokens = {key: RowTokens(self.token_ids[key][lat.prompt_index]) for key, lat in drawn.items()}
+        return ErasureBatch(forget, (plat, self.preserve_contexts[plat.prompt_index]), neighbours, tokens=tokens)
+
+
+def tokenize_prompts(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids (P, L) of ``prompts`` as the family's encoder takes them."""
+    return STABLE_DIFFUSION.tokenize(tokenizer, prompts)
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], device) -> torch.Tensor:
-    """Text-encoder hidden states (P, L, D) for ``prompts``, computed once."""
-    out = []
-    for start in range(0, len(prompts), PROMPT_CHUNK_SIZE):
-        ids = pipe.tokenizer(
-            prompts[start : start + PROMPT_CHUNK_SIZE],
-            padding="max_length",
-            truncation=True,
-            max_length=pipe.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids
-        out.append(pipe.text_encoder(ids.to(device))[0].float().cpu())
-    return torch.cat(out)
+def encode_prompts(pipe, prompts: list[str], device, resolution: int | None = None) -> torch.Tensor:
+    """The frozen text encoder's conditioning for ``prompts`` (:meth:`.family.ModelFamily.encode_prompts`; SDXL's
+    time ids say ``resolution``), computed once (a text-encoder LoRA, if any, is off)."""
+    with adapters_disabled(pipe.text_encoder):
+        return family_of_pipeline(pipe).encode_prompts(pipe, prompts, device, resolution)
 
 
 def build_erasure_data(
     config: ErasureTrainingConfig, pipe, unet, device, dtype, latent_shape, resolution: int
 ) -> ErasureData:
     """Encode every prompt and build each player's latent source (pool / fresh / image folder)."""
-    uncond = encode_prompts(pipe, [""], device)
+    family = family_of_pipeline(pipe)
+    with torch.no_grad(), adapters_disabled(pipe.text_encoder):
+        uncond = family.null_conditioning(pipe, device, resolution)
     preserve = config.preserve_prompts()
-    forget_ctx = [encode_prompts(pipe, list(c.forget_prompts), device) for c in config.concepts]
-    anchor_ctx = [encode_prompts(pipe, list(c.anchor_prompts), device) for c in config.concepts]
-    preserve_ctx = encode_prompts(pipe, preserve, device)
+    forget_ctx = [encode_prompts(pipe, list(c.forget_prompts), device, resolution) for c in config.concepts]
+    anchor_ctx = [encode_prompts(pipe, list(c.anchor_prompts), device, resolution) for c in config.concepts]
+    preserve_ctx = encode_prompts(pipe, preserve, device, resolution)
     settings = SamplerSettings(config.sampler_steps, config.sampler_guidance_scale, latent_shape)
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
 
     def denoise(x, t, ctx):
         with adapters_disabled(unet):
-            return unet(x, t, encoder_hidden_states=ctx).sample
+            return family_denoise(unet, x, t, ctx)
 
     generator = torch.Generator().manual_seed(config.seed)
 
@@ -109,8 +125,25 @@ def build_erasure_data(
     preserve_source = source(preserve_ctx, config.preserve_image_dir, "pool: preserve")
     neighbour_source = neighbour_ctx = None
     if config.neighbour_player:
-        neighbour_ctx = encode_prompts(pipe, config.neighbour_prompts(), device)
+        neighbour_ctx = encode_prompts(pipe, config.neighbour_prompts(), device, resolution)
         neighbour_source = source(neighbour_ctx, None, "pool: neighbours")
+    token_ids = None
+    if config.lora.on_text_encoder:
+        token_ids = {
+            f"forget/{i}": tokenize_prompts(pipe.tokenizer, list(c.forget_prompts))
+            for i, c in enumerate(config.concepts)
+        }
+        token_ids["preserve"] = tokenize_prompts(pipe.tokenizer, preserve)
+        if config.neighbour_player:
+            token_ids[NEIGHBOURS] = tokenize_prompts(pipe.tokenizer, config.neighbour_prompts())
     return ErasureData(
-        forget_sources, forget_ctx, anchor_ctx, preserve_source, preserve_ctx, uncond, neighbour_source, neighbour_ctx
+        forget_sources,
+        forget_ctx,
+        anchor_ctx,
+        preserve_source,
+        preserve_ctx,
+        uncond,
+        neighbour_source,
+        neighbour_ctx,
+        token_ids,
     )

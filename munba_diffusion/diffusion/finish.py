@@ -22,6 +22,7 @@ from .export import (
     write_erased_model,
     write_model_card,
 )
+from .family import family_of_pipeline
 from .lora import ADAPTER_NAME, adapters_disabled
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def before_after_grid(pipe, prompts: list[str], seeds: int, steps: int, guidance
                 num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(seed)
             )
             if disabled:
-                with adapters_disabled(pipe.unet):
+                with adapters_disabled(pipe.unet, pipe.text_encoder):
                     images.append(pipe(prompt, **kwargs).images[0])
             else:
                 images.append(pipe(prompt, **kwargs).images[0])
@@ -82,6 +83,12 @@ def before_after_grid(pipe, prompts: list[str], seeds: int, steps: int, guidance
         )
     widget = [(prompt, rows[1][c]) for c, (prompt, seed) in enumerate(columns) if seed == 0][:4]
     return grid, widget
+
+
+def _target_modules(model) -> list[str]:
+    """The modules the erasure adapter of ``model`` adapts ([] when it has none)."""
+    config = (getattr(model, "peft_config", None) or {}).get(ADAPTER_NAME)
+    return sorted(config.target_modules) if config is not None else []
 
 
 def _evaluate(evaluate, config: ErasureTrainingConfig, staging: Path) -> str | None:
@@ -130,7 +137,9 @@ def finish_erasure(
     record = run_record(
         config,
         players=names,
-        target_modules=list(pipe.unet.peft_config[ADAPTER_NAME].target_modules),
+        target_modules=_target_modules(pipe.unet),
+        text_encoder_target_modules=_target_modules(pipe.text_encoder),
+        family=family_of_pipeline(pipe).describe(pipe),
         train_seconds=train_seconds,
         pool_seconds=pool_seconds,
         resolution=resolution,

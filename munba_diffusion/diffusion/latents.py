@@ -32,6 +32,15 @@ class LatentBatch:
     timesteps: torch.Tensor  # (B,) long
 
 
+@dataclass
+class RowTokens:
+    """What rows' contexts are encoded from when the text encoder carries the LoRA: each row's prompt tokens and,
+    for adversarial rows, the soft prefix in their prefix slots (see :mod:`munba_diffusion.adversarial`)."""
+
+    ids: torch.Tensor  # (B, L) long
+    prefix: torch.Tensor | None = None  # (B, k, d) or None
+
+
 class LatentSource(Protocol):
     def sample(self, batch_size: int, generator: torch.Generator) -> LatentBatch: ...
 
@@ -214,5 +223,11 @@ def encode_image_folder(
             im = Image.open(f).convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
             images.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
         x = torch.stack(images).to(device, dtype)
-        latents.append(vae.encode(x).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
+        if dtype == torch.float16 and vae.config.get("force_upcast", False):  # SDXL's VAE overflows in float16
+            with torch.autocast(device.type, enabled=False):
+                encoded = vae.float().encode(x.float()).latent_dist.mean
+            vae.to(dtype)
+        else:
+            encoded = vae.encode(x).latent_dist.mean
+        latents.append(encoded.float().cpu() * vae.config.scaling_factor)
     return torch.cat(latents)

@@ -1,4 +1,5 @@
-"""Load an erased model folder as a MunbaPipeline, with one-line errors for folders that cannot work."""
+"""Load an erased model folder as its family's Munba pipeline (MunbaPipeline, MunbaXLPipeline for SDXL), with
+one-line errors for folders that cannot work."""
 
 from __future__ import annotations
 
@@ -11,14 +12,25 @@ from diffusers import DiffusionPipeline
 
 from munba_diffusion.io import is_local_path
 from munba_diffusion.pipelines.munba import ERASURE_FILE_NAME, LORA_WEIGHT_NAME, PIPELINE_FILE_NAME, MunbaPipeline
+from munba_diffusion.pipelines.munba_xl import MunbaXLPipeline
+
+
+def munba_pipeline_class(path_or_repo_id: str | os.PathLike, **kwargs: Any) -> type:
+    """MunbaXLPipeline for an SDXL folder or repo, MunbaPipeline otherwise (``model_index.json``'s class)."""
+    hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+    try:
+        index = DiffusionPipeline.load_config(str(path_or_repo_id), **hub)
+    except (OSError, ValueError):  # unreachable: from_pretrained then names the problem
+        return MunbaPipeline
+    return MunbaXLPipeline if index.get("_class_name") == "StableDiffusionXLPipeline" else MunbaPipeline
 
 
 def load_erased_pipeline(
     path_or_repo_id: str | os.PathLike, *, trust_remote_code: bool = False, **kwargs: Any
-) -> MunbaPipeline:
-    """Load an erased model (folder or Hub repo) as a MunbaPipeline.
+) -> MunbaPipeline | MunbaXLPipeline:
+    """Load an erased model (folder or Hub repo) as its family's Munba pipeline.
 
-    By default the installed MunbaPipeline class loads it and no code from the folder runs. With
+    By default the installed class (:func:`munba_pipeline_class`) loads it and no code from the folder runs. With
     `trust_remote_code=True` the folder's own munba.py is used, as `DiffusionPipeline.from_pretrained(...,
     custom_pipeline="munba", trust_remote_code=True)` does. `kwargs` go to `from_pretrained` (torch_dtype, ...).
     Local folders are checked first, so a wrong folder fails at once with what to do.
@@ -30,7 +42,7 @@ def load_erased_pipeline(
         return DiffusionPipeline.from_pretrained(
             str(path_or_repo_id), custom_pipeline=custom_pipeline, trust_remote_code=True, **kwargs
         )
-    return MunbaPipeline.from_pretrained(str(path_or_repo_id), **kwargs)
+    return munba_pipeline_class(path_or_repo_id, **kwargs).from_pretrained(str(path_or_repo_id), **kwargs)
 
 
 def check_erased_model_folder(path: str | os.PathLike, *, need_pipeline_file: bool = False) -> Path:

@@ -1,10 +1,16 @@
-"""Which UNet layers the erasure LoRA trains, and the frozen teacher as the same UNet with adapters disabled.
+"""Which layers the erasure LoRA trains, and the frozen teacher as the same model with adapters disabled.
 
-Target sets (names as in ESD / MUNBa):
+Where the LoRA goes (``--lora_on``): the UNet (the default), the text encoder, or both. AdvUnlearn found the text
+encoder the place where robust erasure transfers (an attack acts on the prompt, so a text encoder that no longer
+maps any prompt near the concept is robust for every UNet it conditions); the bargaining is the same wherever the
+adapter is. On the text encoder the LoRA adapts the self-attention projections (``q_proj``, ``k_proj``,
+``v_proj``, ``out_proj``: the layers diffusers' LoRA training scripts adapt there).
+
+UNet target sets (names as in ESD / MUNBa):
 
 - ``xattn``:   cross-attention projections (``attn2.to_q/k/v/out.0``): what text conditioning flows through;
 - ``noxattn``: every Linear/Conv2d except cross-attention and the timestep embedding (ESD's and MUNBa's nudity
-  setting);
+  setting; for SDXL also except ``add_embedding``, which carries the pooled text embedding);
 - ``attn``:    self- and cross-attention projections;
 - ``full``:    every Linear/Conv2d layer peft can adapt.
 """
@@ -17,12 +23,15 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 TARGET_SETS = ("xattn", "noxattn", "attn", "full")
+LORA_MODULES = ("unet", "text_encoder", "both")
 _ATTN_PROJ = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 ADAPTER_NAME = "erasure"
 
 
@@ -34,12 +43,23 @@ class ErasureLoraConfig:
     alpha: float | None = None  # None = rank (scale 1)
     target: str = "xattn"
     dropout: float = 0.0
+    modules: str = "unet"  # where the adapter goes: unet, text_encoder or both
 
     def __post_init__(self) -> None:
         if self.target not in TARGET_SETS:
             raise ValueError(f"unknown LoRA target set {self.target!r}; choose one of {', '.join(TARGET_SETS)}")
+        if self.modules not in LORA_MODULES:
+            raise ValueError(f"unknown --lora_on {self.modules!r}; choose one of {', '.join(LORA_MODULES)}")
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+
+    @property
+    def on_unet(self) -> bool:
+        return self.modules in ("unet", "both")
+
+    @property
+    def on_text_encoder(self) -> bool:
+        return self.modules in ("text_encoder", "both")
 
 
 def target_module_names(unet: nn.Module, target: str) -> list[str]:
@@ -57,7 +77,7 @@ def target_module_names(unet: nn.Module, target: str) -> list[str]:
         elif target == "attn":
             keep = is_attn
         elif target == "noxattn":
-            keep = ".attn2." not in f".{name}." and not name.startswith("time_embedding")
+            keep = ".attn2." not in f".{name}." and not name.startswith(("time_embedding", "add_embedding"))
         else:
             keep = True
         if keep:
@@ -67,46 +87,103 @@ def target_module_names(unet: nn.Module, target: str) -> list[str]:
     return names
 
 
-def add_erasure_lora(unet, config: ErasureLoraConfig) -> list[nn.Parameter]:
-    """Freeze ``unet``, attach the erasure adapter and return its (float32) trainable parameters."""
-    unet.requires_grad_(False)
-    lora = LoraConfig(
+def text_encoder_module_names(text_encoder: nn.Module) -> list[str]:
+    """The text encoder's LoRA targets: its self-attention projections, by their own names (``q_proj``, ``k_proj``,
+    ``v_proj``, ``out_proj``, as diffusers' training scripts list them), which match however the model nests them
+    (transformers 4's ``text_model.encoder...`` or 5's ``encoder...``)."""
+    found = {n.rsplit(".", 1)[-1] for n, m in text_encoder.named_modules() if isinstance(m, nn.Linear)}
+    names = [n for n in TEXT_ENCODER_TARGETS if n in found]
+    if len(names) != len(TEXT_ENCODER_TARGETS):
+        raise ValueError(
+            f"the text encoder lacks self-attention projections {', '.join(TEXT_ENCODER_TARGETS)}; use --lora_on unet"
+        )
+    return names
+
+
+def _lora_config(config: ErasureLoraConfig, target_modules: list[str]) -> LoraConfig:
+    return LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha or config.rank,
         lora_dropout=config.dropout,
         init_lora_weights="gaussian",
-        target_modules=target_module_names(unet, config.target),
+        target_modules=target_modules,
     )
-    unet.add_adapter(lora, adapter_name=ADAPTER_NAME)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:  # LoRA weights train in float32 even when the UNet runs in half precision
+
+
+def _trainable_float32(model: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # LoRA weights train in float32 even when the model runs in half precision
         p.data = p.data.float()
     return params
 
 
+def add_erasure_lora(unet, config: ErasureLoraConfig) -> list[nn.Parameter]:
+    """Freeze ``unet``, attach the erasure adapter and return its (float32) trainable parameters."""
+    unet.requires_grad_(False)
+    unet.add_adapter(_lora_config(config, target_module_names(unet, config.target)), adapter_name=ADAPTER_NAME)
+    return _trainable_float32(unet)
+
+
+def add_text_encoder_lora(text_encoder, config: ErasureLoraConfig) -> list[nn.Parameter]:
+    """Freeze the text encoder, attach the erasure adapter to its self-attention projections and return its
+    (float32) trainable parameters.
+
+    peft injects the adapter itself (leaving ``text_encoder.peft_config`` as transformers' ``add_adapter`` would):
+    transformers 5's PEFT integration refuses peft older than 0.22.
+    """
+    text_encoder.requires_grad_(False)
+    lora = _lora_config(config, text_encoder_module_names(text_encoder))
+    inject_adapter_in_model(lora, text_encoder, adapter_name=ADAPTER_NAME)
+    return _trainable_float32(text_encoder)
+
+
+def add_erasure_loras(pipe, config: ErasureLoraConfig) -> list[nn.Parameter]:
+    """The erasure adapter on the UNet and/or the text encoder (``config.modules``); the trained parameters, the
+    UNet's first."""
+    params = add_erasure_lora(pipe.unet, config) if config.on_unet else []
+    if config.on_text_encoder:
+        params += add_text_encoder_lora(pipe.text_encoder, config)
+    return params
+
+
+def has_adapters(model) -> bool:
+    return bool(getattr(model, "peft_config", None))
+
+
 @contextmanager
-def adapters_disabled(unet) -> Iterator[None]:
-    """The frozen teacher: the same UNet with its adapters off (outputs equal the original model's exactly).
+def adapters_disabled(*models) -> Iterator[None]:
+    """The frozen teacher: the same UNet (and text encoder) with adapters off (outputs equal the original model's
+    exactly). Models without adapters are left as they are.
 
     ``disable_adapters`` also clears ``requires_grad`` of the adapter weights; ``enable_adapters`` restores it.
     """
-    unet.disable_adapters()
+    adapted = [model for model in models if has_adapters(model)]
+    for model in adapted:
+        _enable_adapters(model, False)
     try:
         yield
     finally:
-        unet.enable_adapters()
+        for model in adapted:
+            _enable_adapters(model, True)
 
 
-def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+def _enable_adapters(model: nn.Module, enabled: bool) -> None:
+    """What diffusers' ``enable_adapters`` / ``disable_adapters`` do, for any model (peft's layers themselves)."""
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.enable_adapters(enabled)
+
+
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
     """The adapter's weights (peft naming), for checkpoints."""
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
 
 
-def load_lora_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
+def load_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`lora_state_dict` (strict: every adapter weight must be present)."""
-    result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER_NAME)
+    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
     missing = [k for k in getattr(result, "missing_keys", []) if "lora" in k]
     if missing:
         raise ValueError(
-            f"checkpoint LoRA is missing {len(missing)} weights (e.g. {missing[0]}); was it made with the same --lora_target and --rank?"
+            f"checkpoint LoRA is missing {len(missing)} weights (e.g. {missing[0]}); was it made with the same --lora_target, --lora_on and --rank?"
         )

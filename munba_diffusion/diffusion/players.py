@@ -4,6 +4,11 @@ Every optimizer step has 1 + K players: ``preserve`` (keep the frozen model's pr
 and one forgetting player per erased concept. The frozen teacher is the same UNet with its adapter disabled
 (:func:`munba_diffusion.diffusion.lora.adapters_disabled`); the loss formulas are in
 :mod:`munba_diffusion.diffusion.losses`.
+
+The LoRA model is conditioned on the rows' precomputed contexts (the frozen text encoder's), or, when the text
+encoder carries the LoRA too (``--lora_on text_encoder|both``), on the rows' tokens encoded again with the LoRA on
+(:func:`lora_contexts`); the teacher then encodes the same rows in the same call shape with the adapter off, so
+that the identity LoRA's preservation loss is exactly 0 (see :func:`frozen_targets`).
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..adversarial import encode_with_prefix
 from ..step import PlayerGradientSource, RowPlayers
 from .adversary import ADVERSARIAL
-from .latents import LatentBatch
+from .family import denoise
+from .latents import LatentBatch, RowTokens
 from .lora import adapters_disabled
 from .losses import esd_target, forget_loss, preservation_loss
 
@@ -32,9 +39,45 @@ class ErasureBatch:
     preserve: tuple[LatentBatch, torch.Tensor]
     neighbours: tuple[LatentBatch, torch.Tensor] | None = None
     adversarial: list[tuple[LatentBatch, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # + adversarial ctx
+    tokens: dict[str, RowTokens] | None = None  # per row group (:func:`row_group`), with a text-encoder LoRA
 
     def preservation_rows(self, name: str) -> tuple[LatentBatch, torch.Tensor]:
         return self.neighbours if name == NEIGHBOURS else self.preserve
+
+
+def row_group(name: str, names: list[str]) -> str:
+    """The key of player ``name``'s rows in :attr:`ErasureBatch.tokens`: ``forget/<i>`` and ``adversarial/<i>``
+    (the i-th concept), ``preserve`` or ``neighbours``."""
+    if name.startswith(ADVERSARIAL):
+        return f"{ADVERSARIAL}/{adversarial_names(names).index(name)}"
+    if name.startswith("forget"):
+        return f"forget/{forget_names(names).index(name)}"
+    return name
+
+
+def lora_contexts(batch: ErasureBatch, players: list[str], names: list[str], text_encoder=None) -> torch.Tensor:
+    """The contexts the LoRA model is conditioned on for ``players``' rows, concatenated in order.
+
+    Without a text encoder, the rows' precomputed contexts; with one (a text-encoder LoRA), the rows' tokens
+    encoded in one call of ``text_encoder`` as it is (LoRA on, with grad; or under ``adapters_disabled``, the
+    teacher's contexts in the same call shape), adversarial rows with their soft prefixes.
+    """
+    if text_encoder is None:
+        return torch.cat([player_rows(batch, name, names)[1] for name in players])
+    tokens = [batch.tokens[row_group(name, names)] for name in players]
+    ids = torch.cat([t.ids for t in tokens])
+    prefixed = [t for t in tokens if t.prefix is not None]
+    if not prefixed:
+        return text_encoder(ids.to(text_encoder.device))[0]
+    device, shape = text_encoder.device, prefixed[0].prefix.shape[1:]
+    prefix = torch.cat(
+        [
+            t.prefix.to(device) if t.prefix is not None else torch.zeros(len(t.ids), *shape, device=device)
+            for t in tokens
+        ]
+    )
+    rows = torch.cat([torch.full((len(t.ids),), t.prefix is not None) for t in tokens])
+    return encode_with_prefix(text_encoder, ids, prefix, rows)
 
 
 def forget_names(names: list[str]) -> list[str]:
@@ -53,13 +96,20 @@ def is_forgetting(name: str) -> bool:
 
 
 def _predict(unet, latents: torch.Tensor, timesteps: torch.Tensor, contexts: torch.Tensor, device, dtype):
-    return unet(
-        latents.to(device, dtype), timesteps.to(device), encoder_hidden_states=contexts.to(device, dtype)
-    ).sample
+    """The denoiser's prediction in the model's own space (epsilon or v: the targets are formed there too)."""
+    return denoise(unet, latents.to(device, dtype), timesteps.to(device), contexts.to(device, dtype))
 
 
 def frozen_targets(
-    unet, batch: ErasureBatch, uncond: torch.Tensor, loss: str, eta: float, names: list[str], device, dtype
+    unet,
+    batch: ErasureBatch,
+    uncond: torch.Tensor,
+    loss: str,
+    eta: float,
+    names: list[str],
+    device,
+    dtype,
+    text_encoder=None,
 ) -> dict[str, torch.Tensor]:
     """Every player's constant target from the frozen model (adapters disabled, no grad): the frozen prediction
     on the preservation rows, and per forget player its ``esd``, ``anchored_esd`` or ``anchor`` target
@@ -70,11 +120,12 @@ def frozen_targets(
     the identity LoRA at step 0 would be rounding noise (~1e-10) instead of exactly 0, and its gradient a noise
     direction that the bargaining would treat as a player's wish.
     """
-    with torch.no_grad(), adapters_disabled(unet):
+    with torch.no_grad(), adapters_disabled(unet, text_encoder):
         targets = {}
         for name in names:
             if not is_forgetting(name):
-                plat, pctx = batch.preservation_rows(name)
+                plat = batch.preservation_rows(name)[0]
+                pctx = lora_contexts(batch, [name], names, text_encoder)
                 targets[name] = _predict(unet, plat.latents, plat.timesteps, pctx, device, dtype)
         forgetting = list(zip(forget_names(names), batch.forget))
         if batch.adversarial is not None:  # the same targets, from the plain prompts of the adversarial rows
@@ -118,10 +169,11 @@ def loss_of(name: str, prediction: torch.Tensor, target: torch.Tensor) -> torch.
 
 
 def player_loss(
-    unet, batch: ErasureBatch, name: str, names: list[str], target: torch.Tensor, device, dtype
+    unet, batch: ErasureBatch, name: str, names: list[str], target: torch.Tensor, device, dtype, text_encoder=None
 ) -> torch.Tensor:
     """One player's loss from a LoRA forward over that player's rows only."""
-    lat, ctx = player_rows(batch, name, names)
+    lat = player_rows(batch, name, names)[0]
+    ctx = lora_contexts(batch, [name], names, text_encoder)
     return loss_of(name, _predict(unet, lat.latents, lat.timesteps, ctx, device, dtype), target)
 
 
@@ -139,7 +191,15 @@ def joint_rows(batch: ErasureBatch, names: list[str]) -> tuple[torch.Tensor, tor
 
 
 def joint_frozen_targets(
-    unet, batch: ErasureBatch, uncond: torch.Tensor, loss: str, eta: float, names: list[str], device, dtype
+    unet,
+    batch: ErasureBatch,
+    uncond: torch.Tensor,
+    loss: str,
+    eta: float,
+    names: list[str],
+    device,
+    dtype,
+    text_encoder=None,
 ) -> dict[str, torch.Tensor]:
     """:func:`frozen_targets` for one LoRA forward over all players' rows (:func:`joint_rows`).
 
@@ -153,11 +213,16 @@ def joint_frozen_targets(
     latents, timesteps, contexts = joint_rows(batch, names)
     sizes = [player_rows(batch, name, names)[0].latents.shape[0] for name in names]
     guided = loss in ("esd", "anchored_esd")
-    if not guided:  # anchor
-        contexts = torch.cat(
-            [batch.forget[forget.index(n)][2] if n in forget else player_rows(batch, n, names)[1] for n in names]
-        )
-    with torch.no_grad(), adapters_disabled(unet):
+    with torch.no_grad(), adapters_disabled(unet, text_encoder):
+        if text_encoder is not None:  # the same call shape as the LoRA model's contexts
+            contexts = lora_contexts(batch, names, names, text_encoder)
+        if not guided:  # anchor
+            contexts = torch.cat(
+                [
+                    batch.forget[forget.index(n)][2].to(c.device, c.dtype) if n in forget else c
+                    for n, c in zip(names, contexts.split(sizes))
+                ]
+            )
         own = dict(zip(names, _predict(unet, latents, timesteps, contexts, device, dtype).split(sizes)))
         targets = {name: own[name] for name in names if name not in forget or not guided}
         if forget and guided:
@@ -190,31 +255,40 @@ def erasure_players(
     dtype,
     *,
     autocast=contextlib.nullcontext,
+    text_encoder=None,
+    lora_module=None,
 ) -> RowPlayers:
     """The players of one micro-batch for the update owner's gradient sources (:class:`munba_diffusion.step.
     RowPlayers`): each player's loss from its own LoRA forward (targets of :func:`frozen_targets`), and all losses
     from one LoRA forward over all players' rows (targets of :func:`joint_frozen_targets`). ``autocast`` is a
-    context-manager factory such as ``accelerator.autocast``."""
+    context-manager factory such as ``accelerator.autocast``. ``text_encoder``: the text encoder when it carries
+    the LoRA (the rows' contexts are then encoded with it, see :func:`lora_contexts`); ``lora_module``: the module
+    holding every trained layer (default ``unet``; e.g. an ``nn.ModuleDict`` of the UNet and the text encoder)."""
     per_player_targets: dict[str, torch.Tensor] = {}
 
     def one(name: str) -> torch.Tensor:
         with autocast():
             if not per_player_targets:  # computed once, when a per-player pass first needs them
-                per_player_targets.update(frozen_targets(unet, batch, uncond, loss, eta, names, device, dtype))
-            return player_loss(unet, batch, name, names, per_player_targets[name], device, dtype)
+                per_player_targets.update(
+                    frozen_targets(unet, batch, uncond, loss, eta, names, device, dtype, text_encoder)
+                )
+            return player_loss(unet, batch, name, names, per_player_targets[name], device, dtype, text_encoder)
 
     rows = joint_rows(batch, names)
     sizes = [player_rows(batch, name, names)[0].latents.shape[0] for name in names]
 
     def joint() -> dict[str, torch.Tensor]:
         with autocast():
-            targets = joint_frozen_targets(unet, batch, uncond, loss, eta, names, device, dtype)
-            predictions = _predict(unet, *rows, device, dtype).split(sizes)
+            targets = joint_frozen_targets(unet, batch, uncond, loss, eta, names, device, dtype, text_encoder)
+            latents, timesteps, _ = rows
+            contexts = lora_contexts(batch, names, names, text_encoder)
+            predictions = _predict(unet, latents, timesteps, contexts, device, dtype).split(sizes)
             return {name: loss_of(name, p, targets[name]) for name, p in zip(names, predictions)}
 
     if rows is None:
         return RowPlayers(list(names), one)
-    return RowPlayers(list(names), one, module=unet, rows=sizes, joint_losses=joint)
+    module = unet if lora_module is None else lora_module
+    return RowPlayers(list(names), one, module=module, rows=sizes, joint_losses=joint)
 
 
 def erasure_player_gradients(
@@ -231,6 +305,8 @@ def erasure_player_gradients(
     loss_scale: float = 1.0,
     autocast=contextlib.nullcontext,
     source: str = "per_player",
+    text_encoder=None,
+    lora_module=None,
 ) -> tuple[list[list[torch.Tensor]], dict[str, float]]:
     """Each player's gradient of ``loss_scale * L_i`` over ``params`` (in ``names`` order), and each ``L_i``'s
     value, from the gradient ``source`` (:class:`munba_diffusion.step.PlayerGradientSource`).
@@ -239,6 +315,18 @@ def erasure_player_gradients(
     ``autograd.grad``, so only one player's graph is alive at a time and each backward covers only that player's
     rows. ``fast``: one LoRA forward and one backward over all players' rows.
     """
-    players = erasure_players(unet, batch, uncond, loss, eta, names, device, dtype, autocast=autocast)
+    players = erasure_players(
+        unet,
+        batch,
+        uncond,
+        loss,
+        eta,
+        names,
+        device,
+        dtype,
+        autocast=autocast,
+        text_encoder=text_encoder,
+        lora_module=lora_module,
+    )
     grads, values = PlayerGradientSource(source)(players, params, loss_scale=loss_scale)
     return [grads[name] for name in names], values

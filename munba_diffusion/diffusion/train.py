@@ -26,7 +26,7 @@ from ..bargaining import get_combiner
 from ..step import BargainedUpdate
 from .adversary import CHECKPOINT_NAME as ADVERSARY_CHECKPOINT
 from .adversary import Adversary, AdversarySettings
-from .base_model import check_base_model, load_base_pipeline
+from .base_model import base_model_family, load_base_pipeline
 from .checkpoints import (
     checkpoint_to_resume,
     load_checkpoint,
@@ -37,8 +37,9 @@ from .checkpoints import (
 from .config import ErasureTrainingConfig
 from .data import build_erasure_data
 from .export import OutputDirLock, check_output_dir
+from .family import STABLE_DIFFUSION_XL, family_of_pipeline
 from .finish import finish_erasure
-from .lora import add_erasure_lora
+from .lora import ErasureLoraConfig, add_erasure_loras
 from .players import erasure_players
 from .preflight import check_processes, check_run_environment
 from .trackers import log_images, tracker_scalars
@@ -77,8 +78,26 @@ def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Gene
     return torch.Generator().manual_seed(((seed * a + step) * b + micro) * c + process)
 
 
+def check_family_options(config: ErasureTrainingConfig, family) -> None:
+    """Options the base model's family cannot take yet: one line naming the fix, before any weight loads."""
+    if config.lora.on_text_encoder and not family.supports_text_encoder_lora:
+        raise ValueError(
+            f"--lora_on {config.lora_on} trains one text encoder (Stable Diffusion 1.x / 2.x); {family.title} has two "
+            "and is not supported there yet: use --lora_on unet"
+        )
+    if config.lora_target == "full" and family is STABLE_DIFFUSION_XL:
+        raise ValueError(
+            f"--lora_target full on {family.title} adapts add_embedding, which the ComfyUI / A1111 (kohya) file cannot "
+            "name; use --lora_target noxattn (every other layer) or attn"
+        )
+
+
+def _text_encoders(pipe) -> list[torch.nn.Module]:
+    return [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) is not None else [])
+
+
 def _prepare_unet(config: ErasureTrainingConfig, pipe, device) -> None:
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+    for module in (pipe.vae, *_text_encoders(pipe), pipe.unet):
         module.requires_grad_(False)
         module.to(device)
     if config.enable_xformers_memory_efficient_attention:
@@ -87,7 +106,22 @@ def _prepare_unet(config: ErasureTrainingConfig, pipe, device) -> None:
         pipe.unet.enable_gradient_checkpointing()  # diffusers uses the non-reentrant kind autograd.grad needs
 
 
-def _adversary(config: ErasureTrainingConfig, pipe, device, resume_path: Path | None) -> Adversary | None:
+def lora_models(pipe, lora: ErasureLoraConfig) -> dict[str, torch.nn.Module]:
+    """The models that carry the erasure LoRA, by component name (``unet``, ``text_encoder``)."""
+    return {
+        name: getattr(pipe, name) for name, on in (("unet", lora.on_unet), ("text_encoder", lora.on_text_encoder)) if on
+    }
+
+
+def trained_module(pipe, lora: ErasureLoraConfig) -> torch.nn.Module:
+    """The one module holding every trained layer (for the per-player gradients of the fast path)."""
+    models = lora_models(pipe, lora)
+    return next(iter(models.values())) if len(models) == 1 else torch.nn.ModuleDict(models)
+
+
+def _adversary(
+    config: ErasureTrainingConfig, pipe, device, resume_path: Path | None, resolution: int
+) -> Adversary | None:
     """The robust mode's adversary (None without ``--robust``), with its kept prefixes when resuming."""
     if not config.robust:
         return None
@@ -98,7 +132,7 @@ def _adversary(config: ErasureTrainingConfig, pipe, device, resume_path: Path | 
         lr=config.adversarial_lr,
         kept=config.adversarial_prompts_kept,
     )
-    adversary = Adversary(pipe, [list(c.forget_prompts) for c in config.concepts], settings, device)
+    adversary = Adversary(pipe, [list(c.forget_prompts) for c in config.concepts], settings, device, resolution)
     if resume_path is not None:
         adversary.load_state_dict(load_checkpoint_tensors(resume_path, ADVERSARY_CHECKPOINT))
     return adversary
@@ -106,10 +140,10 @@ def _adversary(config: ErasureTrainingConfig, pipe, device, resume_path: Path | 
 
 def _resolution(config: ErasureTrainingConfig, pipe) -> int:
     """The training resolution: ``--resolution`` or the model's native size (the configuration is not changed)."""
-    factor = pipe.vae_scale_factor
-    resolution = config.resolution or pipe.unet.config.sample_size * factor
-    if resolution % factor:
-        raise ValueError(f"--resolution {resolution} must be a multiple of {factor} for this VAE")
+    family = family_of_pipeline(pipe)
+    resolution = config.resolution or family.native_resolution(pipe)
+    family.check_resolution(resolution, pipe)
+    family.prediction_type(pipe.scheduler)  # one line for a prediction space the targets cannot be formed in
     return resolution
 
 
@@ -136,7 +170,8 @@ def train_erasure(
 
 def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     resume_path = checkpoint_to_resume(config)
-    check_base_model(config.pretrained_model_name_or_path, revision=config.revision)  # before anything slow
+    family = base_model_family(config.pretrained_model_name_or_path, revision=config.revision)  # before anything slow
+    check_family_options(config, family)
     output_dir = config.output_dir
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
@@ -159,7 +194,9 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     side = resolution // pipe.vae_scale_factor
     latent_shape = (unet.config.in_channels, side, side)
 
-    params = add_erasure_lora(unet, config.lora)
+    params = add_erasure_loras(pipe, config.lora)
+    text_encoder = pipe.text_encoder if config.lora.on_text_encoder else None  # encodes the rows with its LoRA
+    lora_module = trained_module(pipe, config.lora)
     names = config.player_names()
     combiner = get_combiner(
         config.combiner, **({"weights": config.combiner_weights} if config.combiner_weights else {})
@@ -175,13 +212,17 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
 
     start_step = 0
     if resume_path is not None:
-        start_step = load_checkpoint(accelerator, unet, resume_path)
+        start_step = load_checkpoint(accelerator, lora_models(pipe, config.lora), resume_path)
         logger.info("resumed from %s at step %d", resume_path, start_step)
 
     t0 = time.time()
     data = build_erasure_data(config, pipe, unet, device, dtype, latent_shape, resolution)
-    adversary = _adversary(config, pipe, device, resume_path)
+    adversary = _adversary(config, pipe, device, resume_path, resolution)
     pool_seconds = time.time() - t0
+    encoder_needed = adversary is not None or text_encoder is not None
+    if not encoder_needed:  # every prompt is encoded: the text encoders leave the accelerator until the grid
+        for encoder in _text_encoders(pipe):
+            encoder.to("cpu")
 
     log_path = output_dir / "logs" / LOG_FILE
     if accelerator.is_main_process:
@@ -216,7 +257,9 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
             generator = step_generator(config.seed, step, micro, accelerator.process_index)
             batch = data.batch(config.train_batch_size, generator)
             if adversary is not None:
-                batch.adversarial = adversary.rows(data, config.train_batch_size, generator)
+                batch.adversarial, adversarial_tokens = adversary.rows(data, config.train_batch_size, generator)
+                if batch.tokens is not None:
+                    batch.tokens.update(adversarial_tokens)
             players = erasure_players(
                 unet,
                 batch,
@@ -227,6 +270,8 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
                 device,
                 dtype,
                 autocast=accelerator.autocast,
+                text_encoder=text_encoder,
+                lora_module=lora_module,
             )
             update.accumulate_players(players, weight=1.0 / config.gradient_accumulation_steps)
         diag = update.write_gradients()
@@ -254,10 +299,12 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
             and step + 1 < config.max_train_steps
         ):
             extra = {ADVERSARY_CHECKPOINT: adversary.state_dict()} if adversary is not None else None
-            save_checkpoint(accelerator, unet, config, step + 1, extra=extra)
+            save_checkpoint(accelerator, lora_models(pipe, config.lora), config, step + 1, extra=extra)
     train_seconds = time.time() - t0
 
     accelerator.wait_for_everyone()
+    for encoder in _text_encoders(pipe):
+        encoder.to(device)
     if accelerator.is_main_process:
         grid = finish_erasure(
             config,

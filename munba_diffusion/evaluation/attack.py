@@ -51,11 +51,10 @@ from ..adversarial import (
     PrefixSearch,
     allowed_token_ids,
     denoising_target,
-    encode_with_prefix,
-    prefixed_input_ids,
 )
 from ..config import check_options, flag_name, option, same_option
 from ..demo import COLOURS, SHAPES, load_demo_judge
+from ..diffusion.family import denoise, family_of_pipeline
 from ..io import save_image_atomic, write_json_atomic, write_text_atomic
 from ..models import bundled_model_names
 from .demo import concept_kind, judged_names
@@ -351,17 +350,17 @@ def target_latents(pipe, image: Image.Image) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_with_context(pipe, context: torch.Tensor, uncond: torch.Tensor, seed: int, settings, size: int):
-    """One image from prompt embeddings (the row's seed on a CPU generator, as :mod:`.generate` makes images)."""
-    return pipe(
-        prompt_embeds=context,
-        negative_prompt_embeds=uncond,
+    """One image from a conditioning (the row's seed on a CPU generator, as :mod:`.generate` makes images)."""
+    return family_of_pipeline(pipe).generate(
+        pipe,
+        context,
+        uncond,
+        seed=seed,
         num_inference_steps=settings.num_inference_steps,
         guidance_scale=settings.guidance_scale,
         height=size,
         width=size,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        output_type="pil",
-    ).images[0]
+    )
 
 
 def forward_process(pipe) -> DDPMScheduler:
@@ -376,11 +375,12 @@ def denoising_loss(
     """Mean squared error of the denoiser conditioned on ``prefix ++ prompt`` against its own prediction target,
     over the rows ``add_noise(z0, noise[i], timesteps[i])`` (one UNet call for all of them)."""
     device, forward = pipe.device, forward_process(pipe)
-    context = encode_with_prefix(pipe.text_encoder, input_ids, prefix.to(device, pipe.text_encoder.dtype))
+    size = int(z0.shape[-1]) * int(pipe.vae_scale_factor)
+    context = family_of_pipeline(pipe).encode_with_prefix(pipe, input_ids, prefix, resolution=size)
     n = len(timesteps)
     latents, noise, timesteps = z0.expand(n, *z0.shape[1:]), noise.to(device, z0.dtype), timesteps.to(device)
     noisy = forward.add_noise(latents, noise, timesteps)
-    prediction = pipe.unet(noisy, timesteps, encoder_hidden_states=context.expand(n, -1, -1)).sample
+    prediction = denoise(pipe.unet, noisy, timesteps, context.to(device, pipe.unet.dtype).expand(n, -1, -1))
     target = denoising_target(forward, latents, noise, timesteps)
     return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
@@ -401,8 +401,8 @@ def whitebox_attack(
     """Optimise an adversarial prefix for one row (see the module docstring); the last checked image is saved at
     ``image_path``. The loss at :data:`PROBE_TIMESTEPS` fixed timesteps and noises is reported before and after."""
     start = time.perf_counter()
-    device, tokenizer, encoder = pipe.device, pipe.tokenizer, pipe.text_encoder
-    vocabulary = encoder.get_input_embeddings().weight.detach()
+    device, tokenizer, family = pipe.device, pipe.tokenizer, family_of_pipeline(pipe)
+    vocabulary = family.prefix_vocabulary(pipe)
     search = PrefixSearch(
         vocabulary,
         allowed_token_ids(tokenizer, vocabulary.shape[0]),
@@ -412,15 +412,14 @@ def whitebox_attack(
     )
     generator = torch.Generator("cpu").manual_seed(attack.attack_seed * 1_000_003 + record.seed)
     soft = search.initial(attack.prefix_tokens, generator)
-    input_ids = prefixed_input_ids(tokenizer, [record.prompt], attack.prefix_tokens).to(device)
+    input_ids = family.prefixed_ids(pipe, [record.prompt], attack.prefix_tokens).to(device)
     z0 = target_latents(pipe, target)
     train_steps = pipe.scheduler.config.num_train_timesteps
     probe_t = ((torch.arange(PROBE_TIMESTEPS) + 0.5) * train_steps / PROBE_TIMESTEPS).long()
     probe_noise = torch.randn((PROBE_TIMESTEPS, *z0.shape[1:]), generator=generator)
     size = generation.resolution or native_resolution(pipe)
     with torch.no_grad():
-        empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-        uncond = encoder(empty.input_ids.to(device))[0]
+        uncond = family.null_conditioning(pipe, device, size)
         probe_before = float(denoising_loss(pipe, input_ids, search.effective(soft), z0, probe_t, probe_noise))
     passes = {"unet": 0, "generations": 0}
     verdict: dict = {"success": False}
@@ -435,7 +434,7 @@ def whitebox_attack(
     def check(current: torch.Tensor) -> bool:
         prefix = vocabulary[search.token_ids(current)] if attack.project else current.detach()
         with torch.no_grad():
-            context = encode_with_prefix(encoder, input_ids, prefix.to(device, encoder.dtype))
+            context = family.encode_with_prefix(pipe, input_ids, prefix, resolution=size)
         image = generate_with_context(pipe, context, uncond, record.seed, generation, size)
         passes["generations"] += 1
         save_png_atomic(image, image_path)

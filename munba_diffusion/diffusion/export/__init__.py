@@ -46,8 +46,8 @@ def export_erased_model(
     hub_model_id: str | None = None,
     overwrite_output_dir: bool = False,
 ) -> Path:
-    """Check, stage, write and swap in one call: the erased model folder of ``pipeline`` (whose UNet carries the
-    trained peft LoRA) described by the run ``record``; ``evaluation_reports`` (concept -> report.json) fill the
+    """Check, stage, write and swap in one call: the erased model folder of ``pipeline`` (whose UNet and/or text
+    encoder carry the trained peft LoRA) described by the run ``record``; ``evaluation_reports`` (concept -> report.json) fill the
     card's model-index. Returns ``output_dir``."""
     output_dir = check_output_dir(output_dir, overwrite_output_dir)
     with staged_output_dir(output_dir) as staging:

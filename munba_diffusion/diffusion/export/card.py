@@ -12,6 +12,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from munba_diffusion.app import APP_FILE_NAME, MODEL_ENV
 from munba_diffusion.pipelines.munba import (
     ERASURE_CONFIG_NAME,
     ERASURE_FILE_NAME,
@@ -180,13 +181,12 @@ def erased_model_card(
     base_line = f"`{base}`" + (f" (revision `{record['revision']}`)" if record.get("revision") else "")
     base_line += f" (variant `{record['variant']}`)" if record.get("variant") else ""
     alpha = float(record["lora_alpha"] or record["rank"])
-    targets = ", ".join(sorted(record["run"]["target_modules"]))
     versions = ", ".join(f"{name} {version}" for name, version in record.get("versions", {}).items())
     sections = [
         f"# {model_id.rsplit('/', 1)[-1]}: {', '.join(names)} erased from {base}",
         f"{base_line} with {', '.join(f'**{n}**' for n in names)} erased by MUNBa (Machine Unlearning via Nash "
         "Bargaining): a LoRA trained so that prompts of the concept no longer produce it while other prompts keep "
-        "their images. The LoRA is fused into this folder's UNet and also shipped on its own, for diffusers and for "
+        "their images. The LoRA is fused into this folder's weights and also shipped on its own, for diffusers and for "
         "ComfyUI / AUTOMATIC1111 / Forge.",
         "![Same seeds: original model (top) and erased model (bottom)](images/before_after.png)"
         if has_before_after
@@ -195,17 +195,18 @@ def erased_model_card(
         + concept_rows
         + f"\n\nAll prompts are in [`{ERASURE_CONFIG_NAME}`]({ERASURE_CONFIG_NAME}).",
         "## How it was erased\n\n"
-        f"- Base model: {base_line}\n"
+        f"- Base model: {base_line}" + (f", {record['run']['family']}" if record["run"].get("family") else "") + "\n"
         f"- Forget loss: `{record['forget_loss']}`; the forget and preserve gradients were combined each step by "
         f"the `{record['combiner']}` rule\n"
-        f"- LoRA: rank {record['rank']}, alpha {alpha}, target set `{record['lora_target']}` ({targets})\n"
+        f"- LoRA: rank {record['rank']}, alpha {alpha}, {_lora_placement(record)}\n"
         f"- Training: {record['max_train_steps']} steps, learning rate {record['learning_rate']}, batch size "
         f"{record['train_batch_size']} x {record['gradient_accumulation_steps']} accumulation, resolution "
         f"{record['run']['resolution']}, seed {record['seed']}, mixed precision `{record['mixed_precision']}`\n"
         f"- Created {record.get('created', '')} with {versions}",
         f"## Evaluation\n\n{evaluation_markdown.strip()}" if evaluation_markdown else "",
         _files_section(),
-        _how_to_load(base, names[0], model_id),
+        _how_to_load(base, names[0], model_id, str(record["run"].get("family") or "")),
+        _app_section(model_id),
         "## Limitations\n\nErasure lowers how often the concept appears; it is not a guarantee. Adversarial "
         "prompts may still recover it, and nearby concepts can change too. Check the evaluation above before "
         "relying on this model.",
@@ -221,14 +222,25 @@ def write_model_card(directory: Path, card: ModelCard) -> Path:
     return path
 
 
+def _lora_placement(record: Mapping[str, Any]) -> str:
+    """Where the LoRA is: the UNet's target set and modules, the text encoder's modules."""
+    run = record["run"]
+    parts = []
+    if run.get("target_modules"):
+        parts.append(f"UNet target set `{record['lora_target']}` ({', '.join(sorted(run['target_modules']))})")
+    if run.get("text_encoder_target_modules"):
+        parts.append(f"text encoder ({', '.join(sorted(run['text_encoder_target_modules']))})")
+    return "; ".join(parts)
+
+
 def _files_section() -> str:
     lora_stem = Path(KOHYA_LORA_WEIGHT_NAME).stem
     return f"""## Which file is for which tool
 
 | File | For |
 |---|---|
-| `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/` | diffusers: the whole \
-pipeline with the erasure fused into the UNet |
+| `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/` (SDXL: also `text_encoder_2/`, `tokenizer_2/`), \
+`scheduler/` | diffusers: the whole pipeline with the erasure fused in |
 | `{LORA_WEIGHT_NAME}` | diffusers (with peft): the erasure LoRA, to put on the base model with \
 `load_lora_weights` |
 | `{KOHYA_LORA_WEIGHT_NAME}` | **ComfyUI, AUTOMATIC1111, Forge**: the same LoRA in kohya keys, for the base \
@@ -240,13 +252,15 @@ checkpoint |
 **ComfyUI**: copy `{KOHYA_LORA_WEIGHT_NAME}` into `ComfyUI/models/loras/` and put a *LoraLoader* (or *LoraLoaderModelOnly*)
 node with strength 1 after the base checkpoint's loader. **AUTOMATIC1111 / Forge**: copy it into `models/Lora/` and
 add `<lora:{lora_stem}:1>` to the prompt. Rename the file (to this model's name, say) to tell several erasures
-apart. Strength 1 is the erased model, 0 the original; the LoRA touches only the UNet."""
+apart. Strength 1 is the erased model, 0 the original; the LoRA touches the UNet and/or the text encoder, as trained
+(see "How it was erased")."""
 
 
-def _how_to_load(base: str, concept: str, model_id: str) -> str:
+def _how_to_load(base: str, concept: str, model_id: str, family: str = "") -> str:
+    munba = "MunbaXLPipeline" if family.startswith("Stable Diffusion XL") else "MunbaPipeline"
     return f"""## How to load
 
-1. As a plain Stable Diffusion pipeline (the erasure is fused into the UNet; needs `diffusers`, `transformers` and
+1. As a plain Stable Diffusion pipeline (the erasure is fused into its weights; needs `diffusers`, `transformers` and
 `torch` only):
 
 ```python
@@ -255,7 +269,7 @@ from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained("{model_id}")
 ```
 
-2. As `MunbaPipeline`, which knows what was erased and can dial the erasure (`munba.py` ships in this folder; the
+2. As `{munba}`, which knows what was erased and can dial the erasure (`munba.py` ships in this folder; the
 same packages, plus `peft` for an `erasure_scale` other than 1):
 
 ```python
@@ -270,20 +284,33 @@ result.grid.save("compare.png")
 ```
 
 With munba-diffusion installed (`pip install munba-diffusion`),
-`from munba_diffusion import MunbaPipeline; MunbaPipeline.from_pretrained("{model_id}")` does the same without
+`from munba_diffusion import {munba}; {munba}.from_pretrained("{model_id}")` does the same without
 remote code.
 
 3. As the base model plus the erasure LoRA (`load_lora_weights` and `load_erasure` need `peft` besides
 `diffusers` and `transformers`):
 
 ```python
-from munba_diffusion import MunbaPipeline
+from munba_diffusion import {munba}
 
-pipe = MunbaPipeline.from_pretrained("{base}").load_erasure("{model_id}")
+pipe = {munba}.from_pretrained("{base}").load_erasure("{model_id}")
 
 # or with diffusers and peft only:
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
-pipe = StableDiffusionPipeline.from_pretrained("{base}")
+pipe = DiffusionPipeline.from_pretrained("{base}")
 pipe.load_lora_weights("{model_id}", weight_name="{LORA_WEIGHT_NAME}")
 ```"""
+
+
+def _app_section(model_id: str) -> str:
+    return f"""## Compare in a browser
+
+`{APP_FILE_NAME}` is a small Gradio app: a prompt, a seed, the number of steps and an `erasure_scale` slider, with the
+original model's image (scale 0) beside the erased model's, from the same seed. It runs offline, on a CPU too.
+
+- Locally: `pip install "munba-diffusion[app]"` and `munba-app path/to/this/folder`, or `pip install gradio` and
+`python {APP_FILE_NAME}` in this folder.
+- As a Hugging Face Space (SDK Gradio): upload `{APP_FILE_NAME}` and a `requirements.txt` holding
+`gradio diffusers transformers torch peft accelerate`, and set the Space variable `{MODEL_ENV}` to `{model_id}`
+(`{APP_FILE_NAME}` loads it with its `munba.py`, as remote code)."""

@@ -2,9 +2,11 @@
 
 Layout of ``output_dir`` (see ``pipelines/munba.py`` for how it loads)::
 
-    model_index.json                    a plain StableDiffusionPipeline index (stock diffusers loads it silently)
-    unet/ vae/ text_encoder/ tokenizer/ scheduler/      the base pipeline with the LoRA fused into unet
-    munba.py                            the MunbaPipeline file, for custom_pipeline="munba"
+    model_index.json                    a plain StableDiffusion(XL)Pipeline index (stock diffusers loads it silently)
+    unet/ vae/ text_encoder/ tokenizer/ scheduler/      the base pipeline with the LoRA fused into unet (and into
+                                        text_encoder, when it carries one: --lora_on text_encoder|both)
+    munba.py                            the MunbaPipeline (SDXL: MunbaXLPipeline) file, for custom_pipeline="munba"
+    app.py                              the comparison app (munba_diffusion/app.py): `python app.py`, a Space
     munba_erasure.json                  what MunbaPipeline reads: erased concepts, fused, LoRA file, base model
     pytorch_lora_weights.safetensors    diffusers-format LoRA with peft adapter metadata
     munba_erasure_comfyui_a1111.safetensors   the same LoRA in kohya keys (ComfyUI, AUTOMATIC1111, Forge)
@@ -33,10 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils.peft_utils import recurse_remove_peft_layers
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
+from munba_diffusion import app as comparison_app
 from munba_diffusion.pipelines.munba import (
     ERASURE_CONFIG_NAME,
     ERASURE_FILE_NAME,
@@ -45,6 +50,7 @@ from munba_diffusion.pipelines.munba import (
     PIPELINE_FILE_NAME,
     MunbaPipeline,
 )
+from munba_diffusion.pipelines.munba_xl import MunbaXLPipeline
 
 from ...io import save_image_atomic, write_json_atomic
 from .kohya import save_kohya_lora
@@ -54,6 +60,8 @@ PIPELINE_COMPONENTS = (
     "vae",
     "text_encoder",
     "tokenizer",
+    "text_encoder_2",  # SDXL
+    "tokenizer_2",
     "scheduler",
     "safety_checker",
     "feature_extractor",
@@ -67,6 +75,7 @@ RESULT_NAMES = frozenset(
         ERASURE_CONFIG_NAME,
         ERASURE_FILE_NAME,
         PIPELINE_FILE_NAME,
+        comparison_app.APP_FILE_NAME,
         "README.md",
         "images",
         "evaluation",
@@ -226,62 +235,83 @@ def write_erased_model(
     before_after: Image.Image | None = None,
     widget_images: Sequence[tuple[str, Image.Image]] = (),
 ) -> list[dict[str, Any]]:
-    """Write the fused pipeline, the LoRA (diffusers and kohya layouts), munba.py, the erasure record, the run
-    record and the images into ``directory`` (a staging folder); returns the model card's widget entries. The
-    caller's UNet keeps its adapter and weights."""
+    """Write the fused pipeline, the LoRA (diffusers and kohya layouts), munba.py, app.py, the erasure record, the
+    run record and the images into ``directory`` (a staging folder); returns the model card's widget entries. The
+    caller's models keep their adapters and weights."""
     adapter_name = single_adapter_name(pipeline)
-    check_record_matches_adapter(record, pipeline.unet.peft_config[adapter_name])
+    for component, title, targets in (
+        ("unet", "UNet", "target_modules"),
+        ("text_encoder", "text encoder", "text_encoder_target_modules"),
+    ):
+        adapted = _adapters(getattr(pipeline, component))
+        if adapted or record["run"].get(targets):
+            check_record_matches_adapter(record, adapted.get(adapter_name), title, targets)
     _save_fused_pipeline(pipeline, adapter_name, record, directory)
     _save_lora(pipeline, adapter_name, directory)
-    save_kohya_lora(pipeline.unet, adapter_name, record, directory / KOHYA_LORA_WEIGHT_NAME)
+    save_kohya_lora(_adapted_models(pipeline), adapter_name, record, directory / KOHYA_LORA_WEIGHT_NAME)
     write_json_atomic(directory / ERASURE_CONFIG_NAME, dict(record))
+    shutil.copyfile(comparison_app.__file__, directory / comparison_app.APP_FILE_NAME)  # runs beside munba.py
     return _save_images(directory, before_after, widget_images)
 
 
+def _adapters(model) -> dict[str, Any]:
+    return dict(getattr(model, "peft_config", None) or {})
+
+
+def _adapted_models(pipeline: StableDiffusionPipeline) -> dict[str, torch.nn.Module]:
+    """The pipeline's models that carry the LoRA, by component name (``unet``, ``text_encoder``)."""
+    return {name: getattr(pipeline, name) for name in ("unet", "text_encoder") if _adapters(getattr(pipeline, name))}
+
+
 def single_adapter_name(pipeline: StableDiffusionPipeline) -> str:
-    adapters = list(getattr(pipeline.unet, "peft_config", {}) or {})
-    if len(adapters) != 1:
+    """The one LoRA adapter the UNet and/or the text encoder carry (the same name on both)."""
+    names = {name: list(_adapters(model)) for name, model in _adapted_models(pipeline).items()}
+    found = {adapter for adapters in names.values() for adapter in adapters}
+    if len(found) != 1 or any(len(adapters) != 1 for adapters in names.values()):
         raise ValueError(
-            f"export needs exactly one LoRA adapter on pipeline.unet, found {adapters}; attach the trained one "
-            "with unet.add_adapter(LoraConfig(...))."
+            f"export needs exactly one LoRA adapter (on pipeline.unet and/or pipeline.text_encoder, the same name on "
+            f"both), found {names or 'none'}; attach the trained one with add_adapter(LoraConfig(...))."
         )
-    if getattr(pipeline.text_encoder, "peft_config", None):
-        raise ValueError("export supports a UNet LoRA only; the text encoder carries adapters too.")
-    return adapters[0]
+    return found.pop()
 
 
-def check_record_matches_adapter(record: Mapping[str, Any], peft_config: Any) -> None:
+def check_record_matches_adapter(
+    record: Mapping[str, Any], peft_config: Any, component: str = "UNet", targets_key: str = "target_modules"
+) -> None:
     """The card and erasure_config.json must describe the adapter that is actually saved."""
-    expected = (record["rank"], float(record["lora_alpha"] or record["rank"]), set(record["run"]["target_modules"]))
+    expected = (record["rank"], float(record["lora_alpha"] or record["rank"]), set(record["run"].get(targets_key, [])))
+    if peft_config is None:
+        raise ValueError(
+            f"the run record lists {component} target modules but the {component} has no such adapter; build the "
+            "record from the LoRA you trained."
+        )
     targets = peft_config.target_modules
     actual = (peft_config.r, float(peft_config.lora_alpha), {targets} if isinstance(targets, str) else set(targets))
     if actual != expected:
         raise ValueError(
             f"the run record's LoRA (rank={expected[0]}, alpha={expected[1]}) or target modules do not match the "
-            f"UNet adapter (r={actual[0]}, lora_alpha={actual[1]}); build the record from the LoraConfig you trained."
+            f"{component} adapter (r={actual[0]}, lora_alpha={actual[1]}); build the record from the LoraConfig you "
+            "trained."
         )
 
 
 def _save_fused_pipeline(
     pipeline: StableDiffusionPipeline, adapter_name: str, record: Mapping[str, Any], directory: Path
 ) -> None:
-    """Save the pipeline with the LoRA fused into a copy of the UNet, as a MunbaPipeline folder."""
+    """Save the pipeline with the LoRA fused into copies of the UNet and the text encoder (those that carry it), as
+    a folder of its family's Munba pipeline (MunbaPipeline for SD 1.x / 2.x, MunbaXLPipeline for SDXL)."""
     dtype = SAVE_DTYPES[record.get("save_dtype", "float32")]
-    fused_unet = copy.deepcopy(pipeline.unet)
-    if fused_unet.dtype != dtype:
-        fused_unet.to(dtype)  # fused in the saved dtype (float32: no half rounding)
-    fused_unet.fuse_lora(lora_scale=1.0, adapter_names=[adapter_name])
-    fused_unet.unload_lora()
-    erased = MunbaPipeline(
-        vae=_in_dtype(pipeline.vae, dtype),
-        text_encoder=_in_dtype(pipeline.text_encoder, dtype),
-        tokenizer=pipeline.tokenizer,
-        unet=fused_unet,
-        scheduler=pipeline.scheduler,
-        safety_checker=pipeline.safety_checker,
-        feature_extractor=pipeline.feature_extractor,
-        image_encoder=pipeline.image_encoder,
-        requires_safety_checker=pipeline.config.requires_safety_checker,
+    components = {
+        name: _fused(part, adapter_name, dtype) if isinstance(part, torch.nn.Module) else part
+        for name, part in pipeline.components.items()
+    }
+    if isinstance(pipeline, StableDiffusionXLPipeline):
+        cls, settings = MunbaXLPipeline, {"force_zeros_for_empty_prompt": pipeline.config.force_zeros_for_empty_prompt}
+    else:
+        cls, settings = MunbaPipeline, {"requires_safety_checker": pipeline.config.requires_safety_checker}
+    erased = cls(
+        **components,
+        **settings,
         erasure={
             "concepts": [concept["name"] for concept in record["concepts"]],
             "fused": True,
@@ -289,7 +319,23 @@ def _save_fused_pipeline(
             "base_model": record["pretrained_model_name_or_path"],
         },
     )
-    erased.save_pretrained(directory)  # _class_name "StableDiffusionPipeline", munba.py and munba_erasure.json
+    erased.save_pretrained(directory)  # _class_name the stock class, munba.py and munba_erasure.json
+
+
+def _fused(model: torch.nn.Module, adapter_name: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``model`` in ``dtype`` with its LoRA merged into the weights and the adapter removed (``model``
+    itself when it carries no adapter and has that dtype already)."""
+    if not _adapters(model):
+        return _in_dtype(model, dtype)
+    fused = copy.deepcopy(model).to(dtype)  # fused in the saved dtype (float32: no half rounding)
+    for layer in fused.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.merge(adapter_names=[adapter_name])
+    recurse_remove_peft_layers(fused)
+    if "peft_config" in vars(fused):
+        del fused.peft_config
+    fused._hf_peft_config_loaded = False  # what diffusers' and transformers' unload leave
+    return fused
 
 
 def _in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -302,15 +348,14 @@ def _save_lora(pipeline: StableDiffusionPipeline, adapter_name: str, directory: 
     ``convert_state_dict_to_diffusers``: it renames only attention projections (``to_q.lora.down``), and diffusers'
     loader, which decides from the first key whether to convert back, then drops the attention half of a LoRA that
     also adapts convolutions (the ``noxattn`` and ``full`` target sets)."""
-    unet = pipeline.unet
-    lora_state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    StableDiffusionPipeline.save_lora_weights(
-        directory,
-        unet_lora_layers=lora_state,
-        unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict(),
-        weight_name=LORA_WEIGHT_NAME,
-        safe_serialization=True,
-    )
+    layers = {}
+    for component, model in _adapted_models(pipeline).items():
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        if component == "text_encoder":  # CLIP's layout in files (transformers 4); diffusers strips it where absent
+            state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+        layers[f"{component}_lora_layers"] = state
+        layers[f"{component}_lora_adapter_metadata"] = model.peft_config[adapter_name].to_dict()
+    type(pipeline).save_lora_weights(directory, weight_name=LORA_WEIGHT_NAME, safe_serialization=True, **layers)
 
 
 def _save_images(

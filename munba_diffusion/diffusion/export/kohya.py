@@ -14,8 +14,10 @@ update is the same ``delta W`` peft applies (rank- and alpha-patterns and rsLoRA
 Conv2d of the UNet converts (attention projections, feed-forward, ``proj_in``/``proj_out``, resnets' ``conv1``,
 ``conv2``, ``conv_shortcut`` and ``time_emb_proj``, down/up samplers, ``conv_in``, ``conv_out``, the timestep
 embedding), with the names ComfyUI's LoRA key map and A1111's ``convert_diffusers_name_to_compvis`` look for
-(checked here through diffusers' own kohya loader, which converts every one back to the same module). DoRA and
-LoRA biases have no kohya-LoRA equivalent and are refused.
+(checked here through diffusers' own kohya loader, which converts every one back to the same module). A
+text-encoder LoRA (``--lora_on text_encoder|both``) is named the same way with the prefix ``lora_te_`` and the CLIP
+text model's module path (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``), as kohya names SD 1.x/2.x's
+text encoder. DoRA and LoRA biases have no kohya-LoRA equivalent and are refused.
 """
 
 from __future__ import annotations
@@ -31,12 +33,16 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 KOHYA_UNET_PREFIX = "lora_unet_"
+KOHYA_PREFIXES = {"unet": KOHYA_UNET_PREFIX, "text_encoder": "lora_te_"}
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
-def kohya_lora_state_dict(unet: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The UNet adapter ``adapter_name`` as a kohya state dict (``lora_down``/``lora_up`` weights, ``alpha``)."""
-    peft_state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+def kohya_lora_state_dict(
+    model: torch.nn.Module, adapter_name: str, prefix: str = KOHYA_UNET_PREFIX
+) -> dict[str, torch.Tensor]:
+    """The adapter ``adapter_name`` of ``model`` (the UNet; the text encoder with ``prefix="lora_te_"``) as a kohya
+    state dict (``lora_down``/``lora_up`` weights, ``alpha``)."""
+    peft_state = get_peft_model_state_dict(model, adapter_name=adapter_name)
     kohya: dict[str, torch.Tensor] = {}
     for key, tensor in peft_state.items():
         match = _PEFT_KEY.match(key)
@@ -45,25 +51,30 @@ def kohya_lora_state_dict(unet: torch.nn.Module, adapter_name: str) -> dict[str,
                 f"the LoRA holds {key!r}, which the kohya format (ComfyUI / A1111) cannot express; train a plain "
                 "LoRA (no DoRA, no LoRA bias) to export one."
             )
-        name = KOHYA_UNET_PREFIX + match["module"].replace(".", "_")
+        module = match["module"]
+        if prefix == KOHYA_PREFIXES["text_encoder"] and not module.startswith("text_model."):
+            module = "text_model." + module  # transformers 5 nests CLIP's layers one level less than kohya names them
+        name = prefix + module.replace(".", "_")
         part = "lora_down" if match["part"] == "A" else "lora_up"
         kohya[f"{name}.{part}.weight"] = tensor.detach().contiguous()
         if part == "lora_down":
-            scaling = unet.get_submodule(match["module"]).scaling[adapter_name]
+            scaling = model.get_submodule(match["module"]).scaling[adapter_name]
             rank = tensor.shape[0]
             kohya[f"{name}.alpha"] = torch.tensor(float(scaling) * rank, dtype=torch.float32)
     return kohya
 
 
 def kohya_metadata(
-    unet: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], record: Mapping[str, Any]
+    text_width: int | None, state_dict: Mapping[str, torch.Tensor], record: Mapping[str, Any]
 ) -> dict[str, str]:
     """The safetensors metadata A1111's and ComfyUI's LoRA browsers show (kohya ``ss_*`` keys) plus the erasure.
 
-    ``ss_network_dim`` / ``ss_network_alpha`` are written when every module shares them (the loaders use the
-    per-module ``alpha`` tensors, never these)."""
-    cross_attention_dim = unet.config.cross_attention_dim
-    version = {768: "sd_v1", 1024: "sd_v2"}.get(cross_attention_dim if isinstance(cross_attention_dim, int) else 0)
+    ``text_width`` is the text embeddings' width (the UNet's ``cross_attention_dim``: 768 for SD 1.x, 1024 for
+    SD 2.x, 2048 for SDXL). ``ss_network_dim`` / ``ss_network_alpha`` are written when every module shares them (the loaders use
+    the per-module ``alpha`` tensors, never these)."""
+    version = {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}.get(
+        text_width if isinstance(text_width, int) else 0
+    )
     names = [concept["name"] for concept in record["concepts"]]
     base = str(record["pretrained_model_name_or_path"])
     metadata = {
@@ -83,9 +94,18 @@ def kohya_metadata(
     return metadata
 
 
-def save_kohya_lora(unet: torch.nn.Module, adapter_name: str, record: Mapping[str, Any], path: str | Path) -> Path:
-    """Write the UNet adapter as a kohya-layout safetensors file (with metadata) at ``path``."""
+def save_kohya_lora(
+    models: Mapping[str, torch.nn.Module], adapter_name: str, record: Mapping[str, Any], path: str | Path
+) -> Path:
+    """Write the adapter of ``models`` (``unet`` and/or ``text_encoder``) as one kohya-layout safetensors file
+    (with metadata) at ``path``."""
     path = Path(path)
-    state_dict = kohya_lora_state_dict(unet, adapter_name)
-    save_file(state_dict, str(path), metadata=kohya_metadata(unet, state_dict, record))
+    state_dict = {}
+    for component, model in models.items():
+        state_dict.update(kohya_lora_state_dict(model, adapter_name, KOHYA_PREFIXES[component]))
+    if "unet" in models:
+        text_width = models["unet"].config.cross_attention_dim
+    else:
+        text_width = models["text_encoder"].config.hidden_size
+    save_file(state_dict, str(path), metadata=kohya_metadata(text_width, state_dict, record))
     return path

@@ -20,6 +20,8 @@ def run_record(
     *,
     players: list[str],
     target_modules: list[str],
+    text_encoder_target_modules: list[str] = (),
+    family: str | None = None,
     train_seconds: float,
     pool_seconds: float,
     resolution: int,
@@ -30,8 +32,10 @@ def run_record(
         **config.record(),
         "run": {
             "players": players,
+            "family": family,  # e.g. "Stable Diffusion 2.x (v-prediction, 768 px)"
             "resolution": resolution,
-            "target_modules": sorted(target_modules),
+            "target_modules": sorted(target_modules),  # the UNet's adapted modules
+            "text_encoder_target_modules": sorted(text_encoder_target_modules),
             "train_seconds": round(train_seconds, 1),
             "latent_pool_seconds": round(pool_seconds, 1),
             "steps_skipped": steps_skipped,
