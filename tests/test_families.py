@@ -175,7 +175,7 @@ def test_sdxl_conditioning_packs_and_unpacks_to_the_pipelines_own():
     equals its prediction from the pipeline's own encode_prompt and _get_add_time_ids."""
     pipe = build_tiny_sdxl_pipeline(0)
     family = family_of_pipeline(pipe)
-    assert family is STABLE_DIFFUSION_XL and not family.supports_text_encoder_lora
+    assert family is STABLE_DIFFUSION_XL and len(family.text_encoders(pipe)) == 2
     packed = family.encode_prompts(pipe, ["a red circle", "a blue square"], CPU, resolution=32)
     assert packed.shape == (2, 78, 64)
     hidden, _, pooled, _ = pipe.encode_prompt(
@@ -221,13 +221,9 @@ def test_sdxl_prefix_encoding_is_the_pipelines_encoding_with_the_slots_replaced(
     assert not torch.allclose(both[0, -1, :32], untouched[0, -1, :32])  # the pooled embedding
 
 
-def test_sdxl_refuses_a_text_encoder_lora_and_the_full_target_set(tmp_path):
+def test_sdxl_refuses_the_full_target_set(tmp_path):
     base = _folder(tmp_path, "StableDiffusionXLPipeline")  # refused before any weight loads: the index is enough
     args = ["--pretrained_model_name_or_path", base, "--concept", "red", "--output_dir", str(tmp_path / "o")]
-    with pytest.raises(SystemExit) as error:
-        train_erase.main([*args, "--lora_on", "both"])
-    message = str(error.value.code)
-    assert "--lora_on both trains one text encoder" in message and "use --lora_on unet" in message
     with pytest.raises(SystemExit) as error:
         train_erase.main([*args, "--lora_target", "full"])
     assert "use --lora_target noxattn" in str(error.value.code)
@@ -299,20 +295,38 @@ def test_sdxl_noxattn_lora_round_trips_through_the_kohya_layout():
     assert float((want - base).abs().max()) > 1e-3
 
 
-def test_sdxl_robust_erasure_bargains_its_adversarial_player_and_resumes_exactly(tmp_path):
-    """--robust on SDXL: prefixes searched in both encoders' spaces against the current model, an adversarial
-    player in the bargain, and a resumed run that ends where the uninterrupted one does."""
+def test_sdxl_robust_erasure_on_both_text_encoders_resumes_exactly_and_loads(tmp_path):
+    """--robust with --lora_on both on SDXL: prefixes searched in both encoders' spaces against the current model,
+    an adversarial player in the bargain, the LoRA on the UNet and both text encoders; a resumed run ends where the
+    uninterrupted one does; the folder (both encoders fused) equals base + the diffusers LoRA and + the kohya file."""
     base = tmp_path / "sdxl"
     build_tiny_sdxl_pipeline(0).save_pretrained(base)
     robust = ("--robust", "--adversarial_every", "2", "--adversarial_steps", "2", "--adversarial_tokens", "2")
-    log = _erase(base, tmp_path / "full", *robust, "--checkpointing_steps", "6")
+    extra = (*robust, "--lora_on", "both", "--checkpointing_steps", "6")
+    log = _erase(base, tmp_path / "full", *extra)
     assert all("weight/adversarial" in r and "attack_loss/adversarial" in r for r in log)
     assert any(r["weight/adversarial"] > 0 for r in log)
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-6", resumed / "checkpoints" / "checkpoint-6")
-    _erase(base, resumed, *robust, "--checkpointing_steps", "6", "--resume_from_checkpoint", "latest")
+    _erase(base, resumed, *extra, "--resume_from_checkpoint", "latest")
     a = load_file(str(tmp_path / "full" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    assert {key.split(".")[0] for key in a} == {"unet", "text_encoder", "text_encoder_2"}
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+    out = tmp_path / "full"
+    fused = StableDiffusionXLPipeline.from_pretrained(out)
+    reference = StableDiffusionXLPipeline.from_pretrained(base)
+    for part in ("text_encoder", "text_encoder_2"):  # both encoders were trained and fused
+        trained, original = getattr(fused, part).state_dict(), getattr(reference, part).state_dict()
+        assert any(not torch.equal(w, original[n]) for n, w in trained.items())
+    fused_images = _images(fused)
+    reference.load_lora_weights(out)
+    assert np.abs(_images(reference) - fused_images).max() < 1e-4
+    kohya = StableDiffusionXLPipeline.from_pretrained(base)
+    kohya.load_lora_weights(out, weight_name=KOHYA_LORA_WEIGHT_NAME)
+    assert np.abs(_images(kohya) - fused_images).max() < 1e-4
+    prefixes = {key.split("_text_model")[0] for key in load_file(str(out / KOHYA_LORA_WEIGHT_NAME)) if "_te" in key}
+    assert prefixes == {"lora_te1", "lora_te2"}

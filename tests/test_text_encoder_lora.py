@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 import train_erase
 from munba_diffusion.adversarial import encode_with_prefix, prefixed_input_ids
-from munba_diffusion.diffusion.data import tokenize_prompts
+from munba_diffusion.diffusion.family import STABLE_DIFFUSION
 from munba_diffusion.diffusion.latents import LatentBatch, RowTokens
 from munba_diffusion.diffusion.lora import ErasureLoraConfig, adapters_disabled, add_erasure_loras
-from munba_diffusion.diffusion.players import ErasureBatch, erasure_players
+from munba_diffusion.diffusion.players import ErasureBatch, TextLora, erasure_players
 from munba_diffusion.diffusion.train import trained_module
 from munba_diffusion.models import DEMO_MODEL, resolve_model_path
 from munba_diffusion.pipelines.munba import KOHYA_LORA_WEIGHT_NAME, MunbaPipeline
@@ -63,8 +63,8 @@ def three_players(pipe) -> tuple[ErasureBatch, torch.Tensor]:
         with torch.no_grad(), adapters_disabled(pipe.text_encoder):
             return pipe.text_encoder(ids)[0]
 
-    keep = tokenize_prompts(pipe.tokenizer, ["a blue square", "a green circle", "a red square"])
-    forget = tokenize_prompts(pipe.tokenizer, ["a red circle", "a photo of a red circle"])
+    keep = STABLE_DIFFUSION.token_ids(pipe, ["a blue square", "a green circle", "a red square"])
+    forget = STABLE_DIFFUSION.token_ids(pipe, ["a red circle", "a photo of a red circle"])
     adversarial = prefixed_input_ids(pipe.tokenizer, ["a red circle", "a red circle"], PREFIX)
     prefixes = torch.randn(2, PREFIX, pipe.text_encoder.config.hidden_size, generator=generator)
     with torch.no_grad():
@@ -80,7 +80,7 @@ def three_players(pipe) -> tuple[ErasureBatch, torch.Tensor]:
             "adversarial/0": RowTokens(adversarial, prefixes),
         },
     )
-    return batch, teacher(tokenize_prompts(pipe.tokenizer, [""]))
+    return batch, teacher(STABLE_DIFFUSION.token_ids(pipe, [""]))
 
 
 def players_of(pipe, modules: str, batch, uncond, loss: str = "esd"):
@@ -93,7 +93,7 @@ def players_of(pipe, modules: str, batch, uncond, loss: str = "esd"):
         NAMES,
         CPU,
         torch.float32,
-        text_encoder=pipe.text_encoder,
+        text_lora=TextLora(pipe, STABLE_DIFFUSION, 32),
         lora_module=trained_module(pipe, ErasureLoraConfig(modules=modules)),
     )
 

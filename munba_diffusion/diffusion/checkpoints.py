@@ -22,7 +22,11 @@ from ..io import write_json_atomic, write_text_atomic
 from .config import CHECKPOINTS_DIR, ErasureTrainingConfig
 from .lora import load_lora_state_dict, lora_state_dict
 
-LORA_CHECKPOINT_NAMES = {"unet": "erasure_lora.safetensors", "text_encoder": "erasure_text_encoder_lora.safetensors"}
+LORA_CHECKPOINT_NAMES = {
+    "unet": "erasure_lora.safetensors",
+    "text_encoder": "erasure_text_encoder_lora.safetensors",
+    "text_encoder_2": "erasure_text_encoder_2_lora.safetensors",  # SDXL
+}
 STEP_FILE = "step.json"
 RUN_CONFIG_FILE = "run_config.json"
 # options a resumed run may change: where and how results are written, shown and shared, not what is trained

@@ -10,8 +10,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from .config import ErasureTrainingConfig
-from .family import STABLE_DIFFUSION, family_of_pipeline
 from .family import denoise as family_denoise
+from .family import family_of_pipeline
 from .latents import (
     FreshTrajectories,
     LatentSource,
@@ -21,7 +21,7 @@ from .latents import (
     TrajectoryPool,
     encode_image_folder,
 )
-from .lora import adapters_disabled
+from .lora import adapters_disabled, text_encoders
 from .players import NEIGHBOURS, ErasureBatch
 
 
@@ -67,16 +67,11 @@ class ErasureData:
         return ErasureBatch(forget, (plat, self.preserve_contexts[plat.prompt_index]), neighbours, tokens=tokens)
 
 
-def tokenize_prompts(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """Token ids (P, L) of ``prompts`` as the family's encoder takes them."""
-    return STABLE_DIFFUSION.tokenize(tokenizer, prompts)
-
-
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], device, resolution: int | None = None) -> torch.Tensor:
     """The frozen text encoder's conditioning for ``prompts`` (:meth:`.family.ModelFamily.encode_prompts`; SDXL's
     time ids say ``resolution``), computed once (a text-encoder LoRA, if any, is off)."""
-    with adapters_disabled(pipe.text_encoder):
+    with adapters_disabled(*text_encoders(pipe)):
         return family_of_pipeline(pipe).encode_prompts(pipe, prompts, device, resolution)
 
 
@@ -85,7 +80,7 @@ def build_erasure_data(
 ) -> ErasureData:
     """Encode every prompt and build each player's latent source (pool / fresh / image folder)."""
     family = family_of_pipeline(pipe)
-    with torch.no_grad(), adapters_disabled(pipe.text_encoder):
+    with torch.no_grad(), adapters_disabled(*text_encoders(pipe)):
         uncond = family.null_conditioning(pipe, device, resolution)
     preserve = config.preserve_prompts()
     forget_ctx = [encode_prompts(pipe, list(c.forget_prompts), device, resolution) for c in config.concepts]
@@ -130,12 +125,11 @@ def build_erasure_data(
     token_ids = None
     if config.lora.on_text_encoder:
         token_ids = {
-            f"forget/{i}": tokenize_prompts(pipe.tokenizer, list(c.forget_prompts))
-            for i, c in enumerate(config.concepts)
+            f"forget/{i}": family.token_ids(pipe, list(c.forget_prompts)) for i, c in enumerate(config.concepts)
         }
-        token_ids["preserve"] = tokenize_prompts(pipe.tokenizer, preserve)
+        token_ids["preserve"] = family.token_ids(pipe, preserve)
         if config.neighbour_player:
-            token_ids[NEIGHBOURS] = tokenize_prompts(pipe.tokenizer, config.neighbour_prompts())
+            token_ids[NEIGHBOURS] = family.token_ids(pipe, config.neighbour_prompts())
     return ErasureData(
         forget_sources,
         forget_ctx,

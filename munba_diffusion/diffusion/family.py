@@ -35,6 +35,7 @@ one-line answer instead of a confusing load error.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +82,6 @@ class ModelFamily:
     name: str
     pipeline_classes: tuple[str, ...]
     title: str = "Stable Diffusion"
-    supports_text_encoder_lora: bool = True  # one text encoder (--lora_on text_encoder|both)
 
     def covers(self, pipe) -> bool:
         """Whether ``pipe`` is one of this family's pipelines (subclasses such as MunbaPipeline included)."""
@@ -144,12 +144,21 @@ class ModelFamily:
         """Token ids with ``prefix_length`` prefix slots after BOS, one row per prompt."""
         return prefixed_input_ids(pipe.tokenizer, prompts, prefix_length)
 
+    def token_ids(self, pipe, prompts: list[str]) -> torch.Tensor:
+        """The prompts' token ids as :meth:`encode_with_prefix` takes them (a text-encoder LoRA re-encodes them)."""
+        return self.tokenize(pipe.tokenizer, prompts)
+
+    def text_encoders(self, pipe) -> list:
+        return [pipe.text_encoder]
+
     def encode_with_prefix(
-        self, pipe, ids: torch.Tensor, prefix: torch.Tensor, rows: torch.Tensor | None = None, resolution=None
+        self, pipe, ids: torch.Tensor, prefix: torch.Tensor | None, rows: torch.Tensor | None = None, resolution=None
     ) -> torch.Tensor:
-        """The conditioning of ``ids`` whose prefix slots hold ``prefix`` (on the text encoder's device, with grad
-        when ``prefix`` has one)."""
+        """The conditioning of ``ids`` whose prefix slots hold ``prefix`` (none: the ids as they are), through the
+        text encoder as it is (a LoRA on it is used), on its device, with grad where ``prefix`` or a LoRA has one."""
         encoder = pipe.text_encoder
+        if prefix is None:
+            return encoder(ids.to(encoder.device))[0]
         return encode_with_prefix(encoder, ids, prefix.to(encoder.device, encoder.dtype), rows)
 
     def generate(self, pipe, conditioning: torch.Tensor, null: torch.Tensor, *, seed: int, **settings):
@@ -168,7 +177,6 @@ class StableDiffusionXLFamily(ModelFamily):
     """SDXL: two text encoders, a pooled embedding and time ids, packed into one tensor per prompt."""
 
     title: str = "Stable Diffusion XL"
-    supports_text_encoder_lora: bool = False
 
     def describe(self, pipe) -> str:
         prediction = "v-prediction" if self.prediction_type(pipe.scheduler) == "v_prediction" else "epsilon"
@@ -218,16 +226,29 @@ class StableDiffusionXLFamily(ModelFamily):
             [prefixed_input_ids(t, prompts, prefix_length) for t in (pipe.tokenizer, pipe.tokenizer_2)], dim=1
         )
 
+    def token_ids(self, pipe, prompts: list[str]) -> torch.Tensor:
+        """(P, 2, L): each tokenizer's ids of the prompts."""
+        return torch.stack([self.tokenize(t, prompts) for t in (pipe.tokenizer, pipe.tokenizer_2)], dim=1)
+
+    def text_encoders(self, pipe) -> list:
+        return [pipe.text_encoder, pipe.text_encoder_2]
+
     def encode_with_prefix(
-        self, pipe, ids: torch.Tensor, prefix: torch.Tensor, rows: torch.Tensor | None = None, resolution=None
+        self, pipe, ids: torch.Tensor, prefix: torch.Tensor | None, rows: torch.Tensor | None = None, resolution=None
     ) -> torch.Tensor:
         """As the pipeline encodes a prompt (both encoders' penultimate states, the pooled projection), with the
-        prefix slots holding ``prefix`` (its first d1 columns in the first encoder, the rest in the second); packed
-        on the encoders' device."""
+        prefix slots holding ``prefix`` (its first d1 columns in the first encoder, the rest in the second; none:
+        the ids as they are); packed on the encoders' device."""
         first, second = pipe.text_encoder, pipe.text_encoder_2
         width = first.get_input_embeddings().weight.shape[1]
-        prefix = prefix.to(first.device)
-        with prefix_embeddings(first, prefix[..., :width], rows), prefix_embeddings(second, prefix[..., width:], rows):
+        if prefix is None:
+            hooks = contextlib.nullcontext()
+        else:
+            prefix = prefix.to(first.device)
+            hooks = contextlib.ExitStack()
+            hooks.enter_context(prefix_embeddings(first, prefix[..., :width], rows))
+            hooks.enter_context(prefix_embeddings(second, prefix[..., width:], rows))
+        with hooks:
             hidden = first(ids[:, 0].to(first.device), output_hidden_states=True).hidden_states[-2]
             out = second(ids[:, 1].to(second.device), output_hidden_states=True)
         hidden = torch.cat([hidden, out.hidden_states[-2].to(hidden.device)], dim=-1)

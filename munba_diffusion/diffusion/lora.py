@@ -138,12 +138,18 @@ def add_text_encoder_lora(text_encoder, config: ErasureLoraConfig) -> list[nn.Pa
 
 
 def add_erasure_loras(pipe, config: ErasureLoraConfig) -> list[nn.Parameter]:
-    """The erasure adapter on the UNet and/or the text encoder (``config.modules``); the trained parameters, the
+    """The erasure adapter on the UNet and/or the text encoder(s) (``config.modules``); the trained parameters, the
     UNet's first."""
     params = add_erasure_lora(pipe.unet, config) if config.on_unet else []
     if config.on_text_encoder:
-        params += add_text_encoder_lora(pipe.text_encoder, config)
+        for encoder in text_encoders(pipe):  # SDXL: both
+            params += add_text_encoder_lora(encoder, config)
     return params
+
+
+def text_encoders(pipe) -> list[nn.Module]:
+    """The pipeline's text encoders (SDXL has two)."""
+    return [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) is not None else [])
 
 
 def has_adapters(model) -> bool:

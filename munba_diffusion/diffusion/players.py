@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..adversarial import encode_with_prefix
 from ..step import PlayerGradientSource, RowPlayers
 from .adversary import ADVERSARIAL
 from .family import denoise
@@ -55,21 +55,38 @@ def row_group(name: str, names: list[str]) -> str:
     return name
 
 
-def lora_contexts(batch: ErasureBatch, players: list[str], names: list[str], text_encoder=None) -> torch.Tensor:
+@dataclass(frozen=True)
+class TextLora:
+    """The text encoder(s) carrying the LoRA (``--lora_on text_encoder|both``) and how rows' tokens become the
+    denoiser's conditioning through them: the family's encoding (:mod:`.family`), adversarial prefixes included."""
+
+    pipe: Any
+    family: Any
+    resolution: int
+
+    @property
+    def encoders(self) -> list:
+        return self.family.text_encoders(self.pipe)
+
+    def encode(self, ids: torch.Tensor, prefix: torch.Tensor | None = None, rows: torch.Tensor | None = None):
+        return self.family.encode_with_prefix(self.pipe, ids, prefix, rows, self.resolution)
+
+
+def lora_contexts(batch: ErasureBatch, players: list[str], names: list[str], text_lora: TextLora | None = None):
     """The contexts the LoRA model is conditioned on for ``players``' rows, concatenated in order.
 
-    Without a text encoder, the rows' precomputed contexts; with one (a text-encoder LoRA), the rows' tokens
-    encoded in one call of ``text_encoder`` as it is (LoRA on, with grad; or under ``adapters_disabled``, the
-    teacher's contexts in the same call shape), adversarial rows with their soft prefixes.
+    Without a text-encoder LoRA, the rows' precomputed contexts; with one, the rows' tokens encoded in one call of
+    the text encoder(s) as they are (LoRA on, with grad; or under ``adapters_disabled``, the teacher's contexts in
+    the same call shape), adversarial rows with their soft prefixes.
     """
-    if text_encoder is None:
+    if text_lora is None:
         return torch.cat([player_rows(batch, name, names)[1] for name in players])
     tokens = [batch.tokens[row_group(name, names)] for name in players]
     ids = torch.cat([t.ids for t in tokens])
     prefixed = [t for t in tokens if t.prefix is not None]
     if not prefixed:
-        return text_encoder(ids.to(text_encoder.device))[0]
-    device, shape = text_encoder.device, prefixed[0].prefix.shape[1:]
+        return text_lora.encode(ids)
+    device, shape = text_lora.encoders[0].device, prefixed[0].prefix.shape[1:]
     prefix = torch.cat(
         [
             t.prefix.to(device) if t.prefix is not None else torch.zeros(len(t.ids), *shape, device=device)
@@ -77,7 +94,11 @@ def lora_contexts(batch: ErasureBatch, players: list[str], names: list[str], tex
         ]
     )
     rows = torch.cat([torch.full((len(t.ids),), t.prefix is not None) for t in tokens])
-    return encode_with_prefix(text_encoder, ids, prefix, rows)
+    return text_lora.encode(ids, prefix, rows)
+
+
+def _encoders(text_lora: TextLora | None) -> list:
+    return text_lora.encoders if text_lora is not None else []
 
 
 def forget_names(names: list[str]) -> list[str]:
@@ -109,7 +130,7 @@ def frozen_targets(
     names: list[str],
     device,
     dtype,
-    text_encoder=None,
+    text_lora: TextLora | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every player's constant target from the frozen model (adapters disabled, no grad): the frozen prediction
     on the preservation rows, and per forget player its ``esd``, ``anchored_esd`` or ``anchor`` target
@@ -120,12 +141,12 @@ def frozen_targets(
     the identity LoRA at step 0 would be rounding noise (~1e-10) instead of exactly 0, and its gradient a noise
     direction that the bargaining would treat as a player's wish.
     """
-    with torch.no_grad(), adapters_disabled(unet, text_encoder):
+    with torch.no_grad(), adapters_disabled(unet, *_encoders(text_lora)):
         targets = {}
         for name in names:
             if not is_forgetting(name):
                 plat = batch.preservation_rows(name)[0]
-                pctx = lora_contexts(batch, [name], names, text_encoder)
+                pctx = lora_contexts(batch, [name], names, text_lora)
                 targets[name] = _predict(unet, plat.latents, plat.timesteps, pctx, device, dtype)
         forgetting = list(zip(forget_names(names), batch.forget))
         if batch.adversarial is not None:  # the same targets, from the plain prompts of the adversarial rows
@@ -169,11 +190,18 @@ def loss_of(name: str, prediction: torch.Tensor, target: torch.Tensor) -> torch.
 
 
 def player_loss(
-    unet, batch: ErasureBatch, name: str, names: list[str], target: torch.Tensor, device, dtype, text_encoder=None
+    unet,
+    batch: ErasureBatch,
+    name: str,
+    names: list[str],
+    target: torch.Tensor,
+    device,
+    dtype,
+    text_lora: TextLora | None = None,
 ) -> torch.Tensor:
     """One player's loss from a LoRA forward over that player's rows only."""
     lat = player_rows(batch, name, names)[0]
-    ctx = lora_contexts(batch, [name], names, text_encoder)
+    ctx = lora_contexts(batch, [name], names, text_lora)
     return loss_of(name, _predict(unet, lat.latents, lat.timesteps, ctx, device, dtype), target)
 
 
@@ -199,7 +227,7 @@ def joint_frozen_targets(
     names: list[str],
     device,
     dtype,
-    text_encoder=None,
+    text_lora: TextLora | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`frozen_targets` for one LoRA forward over all players' rows (:func:`joint_rows`).
 
@@ -213,9 +241,9 @@ def joint_frozen_targets(
     latents, timesteps, contexts = joint_rows(batch, names)
     sizes = [player_rows(batch, name, names)[0].latents.shape[0] for name in names]
     guided = loss in ("esd", "anchored_esd")
-    with torch.no_grad(), adapters_disabled(unet, text_encoder):
-        if text_encoder is not None:  # the same call shape as the LoRA model's contexts
-            contexts = lora_contexts(batch, names, names, text_encoder)
+    with torch.no_grad(), adapters_disabled(unet, *_encoders(text_lora)):
+        if text_lora is not None:  # the same call shape as the LoRA model's contexts
+            contexts = lora_contexts(batch, names, names, text_lora)
         if not guided:  # anchor
             contexts = torch.cat(
                 [
@@ -255,14 +283,14 @@ def erasure_players(
     dtype,
     *,
     autocast=contextlib.nullcontext,
-    text_encoder=None,
+    text_lora: TextLora | None = None,
     lora_module=None,
 ) -> RowPlayers:
     """The players of one micro-batch for the update owner's gradient sources (:class:`munba_diffusion.step.
     RowPlayers`): each player's loss from its own LoRA forward (targets of :func:`frozen_targets`), and all losses
     from one LoRA forward over all players' rows (targets of :func:`joint_frozen_targets`). ``autocast`` is a
-    context-manager factory such as ``accelerator.autocast``. ``text_encoder``: the text encoder when it carries
-    the LoRA (the rows' contexts are then encoded with it, see :func:`lora_contexts`); ``lora_module``: the module
+    context-manager factory such as ``accelerator.autocast``. ``text_lora``: the text encoder(s) when they carry
+    the LoRA (the rows' contexts are then encoded with them, see :func:`lora_contexts`); ``lora_module``: the module
     holding every trained layer (default ``unet``; e.g. an ``nn.ModuleDict`` of the UNet and the text encoder)."""
     per_player_targets: dict[str, torch.Tensor] = {}
 
@@ -270,18 +298,18 @@ def erasure_players(
         with autocast():
             if not per_player_targets:  # computed once, when a per-player pass first needs them
                 per_player_targets.update(
-                    frozen_targets(unet, batch, uncond, loss, eta, names, device, dtype, text_encoder)
+                    frozen_targets(unet, batch, uncond, loss, eta, names, device, dtype, text_lora)
                 )
-            return player_loss(unet, batch, name, names, per_player_targets[name], device, dtype, text_encoder)
+            return player_loss(unet, batch, name, names, per_player_targets[name], device, dtype, text_lora)
 
     rows = joint_rows(batch, names)
     sizes = [player_rows(batch, name, names)[0].latents.shape[0] for name in names]
 
     def joint() -> dict[str, torch.Tensor]:
         with autocast():
-            targets = joint_frozen_targets(unet, batch, uncond, loss, eta, names, device, dtype, text_encoder)
+            targets = joint_frozen_targets(unet, batch, uncond, loss, eta, names, device, dtype, text_lora)
             latents, timesteps, _ = rows
-            contexts = lora_contexts(batch, names, names, text_encoder)
+            contexts = lora_contexts(batch, names, names, text_lora)
             predictions = _predict(unet, latents, timesteps, contexts, device, dtype).split(sizes)
             return {name: loss_of(name, p, targets[name]) for name, p in zip(names, predictions)}
 
@@ -305,7 +333,7 @@ def erasure_player_gradients(
     loss_scale: float = 1.0,
     autocast=contextlib.nullcontext,
     source: str = "per_player",
-    text_encoder=None,
+    text_lora: TextLora | None = None,
     lora_module=None,
 ) -> tuple[list[list[torch.Tensor]], dict[str, float]]:
     """Each player's gradient of ``loss_scale * L_i`` over ``params`` (in ``names`` order), and each ``L_i``'s
@@ -325,7 +353,7 @@ def erasure_player_gradients(
         device,
         dtype,
         autocast=autocast,
-        text_encoder=text_encoder,
+        text_lora=text_lora,
         lora_module=lora_module,
     )
     grads, values = PlayerGradientSource(source)(players, params, loss_scale=loss_scale)

@@ -39,8 +39,8 @@ from .data import build_erasure_data
 from .export import OutputDirLock, check_output_dir
 from .family import STABLE_DIFFUSION_XL, family_of_pipeline
 from .finish import finish_erasure
-from .lora import ErasureLoraConfig, add_erasure_loras
-from .players import erasure_players
+from .lora import ErasureLoraConfig, add_erasure_loras, text_encoders
+from .players import TextLora, erasure_players
 from .preflight import check_processes, check_run_environment
 from .trackers import log_images, tracker_scalars
 
@@ -80,11 +80,6 @@ def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Gene
 
 def check_family_options(config: ErasureTrainingConfig, family) -> None:
     """Options the base model's family cannot take yet: one line naming the fix, before any weight loads."""
-    if config.lora.on_text_encoder and not family.supports_text_encoder_lora:
-        raise ValueError(
-            f"--lora_on {config.lora_on} trains one text encoder (Stable Diffusion 1.x / 2.x); {family.title} has two "
-            "and is not supported there yet: use --lora_on unet"
-        )
     if config.lora_target == "full" and family is STABLE_DIFFUSION_XL:
         raise ValueError(
             f"--lora_target full on {family.title} adapts add_embedding, which the ComfyUI / A1111 (kohya) file cannot "
@@ -92,12 +87,8 @@ def check_family_options(config: ErasureTrainingConfig, family) -> None:
         )
 
 
-def _text_encoders(pipe) -> list[torch.nn.Module]:
-    return [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) is not None else [])
-
-
 def _prepare_unet(config: ErasureTrainingConfig, pipe, device) -> None:
-    for module in (pipe.vae, *_text_encoders(pipe), pipe.unet):
+    for module in (pipe.vae, *text_encoders(pipe), pipe.unet):
         module.requires_grad_(False)
         module.to(device)
     if config.enable_xformers_memory_efficient_attention:
@@ -107,10 +98,11 @@ def _prepare_unet(config: ErasureTrainingConfig, pipe, device) -> None:
 
 
 def lora_models(pipe, lora: ErasureLoraConfig) -> dict[str, torch.nn.Module]:
-    """The models that carry the erasure LoRA, by component name (``unet``, ``text_encoder``)."""
-    return {
-        name: getattr(pipe, name) for name, on in (("unet", lora.on_unet), ("text_encoder", lora.on_text_encoder)) if on
-    }
+    """The models that carry the erasure LoRA, by component name (``unet``, ``text_encoder``, ``text_encoder_2``)."""
+    models = {"unet": pipe.unet} if lora.on_unet else {}
+    if lora.on_text_encoder:
+        models.update(zip(("text_encoder", "text_encoder_2"), text_encoders(pipe)))
+    return models
 
 
 def trained_module(pipe, lora: ErasureLoraConfig) -> torch.nn.Module:
@@ -195,7 +187,7 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     latent_shape = (unet.config.in_channels, side, side)
 
     params = add_erasure_loras(pipe, config.lora)
-    text_encoder = pipe.text_encoder if config.lora.on_text_encoder else None  # encodes the rows with its LoRA
+    text_lora = TextLora(pipe, family, resolution) if config.lora.on_text_encoder else None  # re-encodes the rows
     lora_module = trained_module(pipe, config.lora)
     names = config.player_names()
     combiner = get_combiner(
@@ -219,9 +211,9 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     data = build_erasure_data(config, pipe, unet, device, dtype, latent_shape, resolution)
     adversary = _adversary(config, pipe, device, resume_path, resolution)
     pool_seconds = time.time() - t0
-    encoder_needed = adversary is not None or text_encoder is not None
+    encoder_needed = adversary is not None or text_lora is not None
     if not encoder_needed:  # every prompt is encoded: the text encoders leave the accelerator until the grid
-        for encoder in _text_encoders(pipe):
+        for encoder in text_encoders(pipe):
             encoder.to("cpu")
 
     log_path = output_dir / "logs" / LOG_FILE
@@ -270,7 +262,7 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
                 device,
                 dtype,
                 autocast=accelerator.autocast,
-                text_encoder=text_encoder,
+                text_lora=text_lora,
                 lora_module=lora_module,
             )
             update.accumulate_players(players, weight=1.0 / config.gradient_accumulation_steps)
@@ -303,7 +295,7 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     train_seconds = time.time() - t0
 
     accelerator.wait_for_everyone()
-    for encoder in _text_encoders(pipe):
+    for encoder in text_encoders(pipe):
         encoder.to(device)
     if accelerator.is_main_process:
         grid = finish_erasure(

@@ -242,7 +242,10 @@ def write_erased_model(
     for component, title, targets in (
         ("unet", "UNet", "target_modules"),
         ("text_encoder", "text encoder", "text_encoder_target_modules"),
+        ("text_encoder_2", "second text encoder", "text_encoder_target_modules"),
     ):
+        if not hasattr(pipeline, component):
+            continue
         adapted = _adapters(getattr(pipeline, component))
         if adapted or record["run"].get(targets):
             check_record_matches_adapter(record, adapted.get(adapter_name), title, targets)
@@ -259,8 +262,9 @@ def _adapters(model) -> dict[str, Any]:
 
 
 def _adapted_models(pipeline: StableDiffusionPipeline) -> dict[str, torch.nn.Module]:
-    """The pipeline's models that carry the LoRA, by component name (``unet``, ``text_encoder``)."""
-    return {name: getattr(pipeline, name) for name in ("unet", "text_encoder") if _adapters(getattr(pipeline, name))}
+    """The pipeline's models that carry the LoRA, by component name (``unet``, ``text_encoder``, ``text_encoder_2``)."""
+    names = ("unet", "text_encoder", "text_encoder_2")
+    return {name: getattr(pipeline, name) for name in names if _adapters(getattr(pipeline, name, None))}
 
 
 def single_adapter_name(pipeline: StableDiffusionPipeline) -> str:
@@ -351,7 +355,7 @@ def _save_lora(pipeline: StableDiffusionPipeline, adapter_name: str, directory: 
     layers = {}
     for component, model in _adapted_models(pipeline).items():
         state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-        if component == "text_encoder":  # CLIP's layout in files (transformers 4); diffusers strips it where absent
+        if component != "unet":  # CLIP's layout in files (transformers 4); diffusers strips it where absent
             state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
         layers[f"{component}_lora_layers"] = state
         layers[f"{component}_lora_adapter_metadata"] = model.peft_config[adapter_name].to_dict()

@@ -17,7 +17,7 @@ embedding), with the names ComfyUI's LoRA key map and A1111's ``convert_diffuser
 (checked here through diffusers' own kohya loader, which converts every one back to the same module). A
 text-encoder LoRA (``--lora_on text_encoder|both``) is named the same way with the prefix ``lora_te_`` and the CLIP
 text model's module path (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``), as kohya names SD 1.x/2.x's
-text encoder. DoRA and LoRA biases have no kohya-LoRA equivalent and are refused.
+text encoder (SDXL's two: ``lora_te1_`` and ``lora_te2_``). DoRA and LoRA biases have no kohya-LoRA equivalent and are refused.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 KOHYA_UNET_PREFIX = "lora_unet_"
 KOHYA_PREFIXES = {"unet": KOHYA_UNET_PREFIX, "text_encoder": "lora_te_"}
+KOHYA_SDXL_PREFIXES = {"unet": KOHYA_UNET_PREFIX, "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
@@ -52,7 +53,7 @@ def kohya_lora_state_dict(
                 "LoRA (no DoRA, no LoRA bias) to export one."
             )
         module = match["module"]
-        if prefix == KOHYA_PREFIXES["text_encoder"] and not module.startswith("text_model."):
+        if prefix.startswith("lora_te") and not module.startswith("text_model."):
             module = "text_model." + module  # transformers 5 nests CLIP's layers one level less than kohya names them
         name = prefix + module.replace(".", "_")
         part = "lora_down" if match["part"] == "A" else "lora_up"
@@ -101,8 +102,9 @@ def save_kohya_lora(
     (with metadata) at ``path``."""
     path = Path(path)
     state_dict = {}
+    prefixes = KOHYA_SDXL_PREFIXES if "text_encoder_2" in models else KOHYA_PREFIXES
     for component, model in models.items():
-        state_dict.update(kohya_lora_state_dict(model, adapter_name, KOHYA_PREFIXES[component]))
+        state_dict.update(kohya_lora_state_dict(model, adapter_name, prefixes[component]))
     if "unet" in models:
         text_width = models["unet"].config.cross_attention_dim
     else:
