@@ -3,11 +3,8 @@
 import ast
 import importlib.util
 import json
-import logging
 import shutil
 import sys
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +22,7 @@ from munba_diffusion.pipelines.munba import (
     LORA_WEIGHT_NAME,
     MunbaPipeline,
 )
+from tests.messages import captured_messages
 from tests.tiny_sd import add_random_lora, build_tiny_sd_pipeline, tiny_erasure_config
 
 torch.set_num_threads(1)  # the tiny models run ~50x slower when 2 threads fight other jobs for 2 cores
@@ -87,29 +85,6 @@ def test_erased_concepts_are_known_on_every_munba_path(exported):
     assert lora.erased_concepts == ["circle"]
     assert lora.config.erasure["base_model"] == "CompVis/stable-diffusion-v1-4"
     assert base_munba().erased_concepts == []
-
-
-@contextmanager
-def captured_messages():
-    """Every log record of diffusers / transformers / peft and every Python warning raised inside the block."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    handler = Collect(level=logging.DEBUG)
-    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield messages
-        messages += [str(warning.message) for warning in caught]
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
 
 
 def legacy_folder(folder: Path, destination: Path) -> Path:

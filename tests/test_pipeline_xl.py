@@ -10,11 +10,8 @@ import copy
 import importlib.util
 import inspect
 import json
-import logging
 import shutil
 import sys
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +32,7 @@ from munba_diffusion.pipelines.munba_xl import (
     PIPELINE_FILE_NAME,
     MunbaXLPipeline,
 )
+from tests.messages import captured_messages
 from tests.tiny_sd import CROSS_ATTENTION_TARGETS, build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 torch.set_num_threads(1)  # the tiny models run ~50x slower when 2 threads fight other jobs for 2 cores
@@ -118,29 +116,6 @@ def erased(tmp_path_factory):
     fused_images = generate(StableDiffusionXLPipeline.from_pretrained(folder))
     base_images = generate(StableDiffusionXLPipeline.from_pretrained(base_folder))
     return folder, base_folder, trained_images, fused_images, base_images
-
-
-@contextmanager
-def captured_messages():
-    """Every log record of diffusers / transformers / peft and every Python warning raised inside the block."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    handler = Collect(level=logging.DEBUG)
-    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield messages
-        messages += [str(warning.message) for warning in caught]
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
 
 
 def test_the_folder_is_a_stock_sdxl_folder(erased, tmp_path):

@@ -57,7 +57,7 @@ class Adversary:
         self, pipe, forget_prompts: list[list[str]], settings: AdversarySettings, device, resolution: int | None = None
     ):
         self.pipe, self.family = pipe, family_of_pipeline(pipe)
-        self.encoder, self.settings, self.device, self.resolution = pipe.text_encoder, settings, device, resolution
+        self.settings, self.device, self.resolution = settings, device, resolution
         self.input_ids = [self.family.prefixed_ids(pipe, list(p), settings.tokens) for p in forget_prompts]
         vocabulary = self.family.prefix_vocabulary(pipe)
         allowed = allowed_token_ids(pipe.tokenizer, vocabulary.shape[0])
@@ -79,7 +79,7 @@ class Adversary:
             rows: LatentBatch = source.sample(batch_size, generator)
             latents = rows.latents.to(self.device, dtype)
             timesteps = rows.timesteps.to(self.device)
-            with torch.no_grad(), adapters_disabled(unet, self.encoder):
+            with torch.no_grad(), adapters_disabled(unet):
                 original = denoise(unet, latents, timesteps, ctx[rows.prompt_index].to(self.device, dtype)).float()
 
             def loss(prefix: torch.Tensor, _iteration: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adversarial import encode_with_prefix, prefix_embeddings, prefixed_input_ids
+from .lora import text_encoders
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 PROMPT_CHUNK_SIZE = 32  # prompts per text-encoder call: bounds its memory for long prompt lists
@@ -148,8 +149,7 @@ class ModelFamily:
         """The prompts' token ids as :meth:`encode_with_prefix` takes them (a text-encoder LoRA re-encodes them)."""
         return self.tokenize(pipe.tokenizer, prompts)
 
-    def text_encoders(self, pipe) -> list:
-        return [pipe.text_encoder]
+    text_encoders = staticmethod(text_encoders)
 
     def encode_with_prefix(
         self, pipe, ids: torch.Tensor, prefix: torch.Tensor | None, rows: torch.Tensor | None = None, resolution=None
@@ -229,9 +229,6 @@ class StableDiffusionXLFamily(ModelFamily):
     def token_ids(self, pipe, prompts: list[str]) -> torch.Tensor:
         """(P, 2, L): each tokenizer's ids of the prompts."""
         return torch.stack([self.tokenize(t, prompts) for t in (pipe.tokenizer, pipe.tokenizer_2)], dim=1)
-
-    def text_encoders(self, pipe) -> list:
-        return [pipe.text_encoder, pipe.text_encoder_2]
 
     def encode_with_prefix(
         self, pipe, ids: torch.Tensor, prefix: torch.Tensor | None, rows: torch.Tensor | None = None, resolution=None
