@@ -110,6 +110,33 @@ UNET_ARCHITECTURES = {
     "sdxl-tiny": SDXL_TINY_UNET_CONFIG,
 }
 TEXT_SEQUENCE_LENGTH = 77
+FLUX_DEV_TRANSFORMER_CONFIG = dict(
+    # FLUX.1-dev/transformer/config.json, written out (random weights: no download needed); 12B parameters
+    patch_size=1,
+    in_channels=64,  # 16 latent channels x a 2x2 patch per token
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,  # T5-XXL's width
+    pooled_projection_dim=768,  # CLIP-L's pooled projection
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+FLUX_TINY_TRANSFORMER_CONFIG = {
+    # FLUX.1-dev's block structure (double- and single-stream blocks, guidance embedding) at a tiny width, for CPU
+    # dry runs of the GPU script
+    **FLUX_DEV_TRANSFORMER_CONFIG,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 64,
+    "pooled_projection_dim": 32,
+    "axes_dims_rope": (4, 6, 6),
+}
+TRANSFORMER_ARCHITECTURES = {"flux": FLUX_DEV_TRANSFORMER_CONFIG, "flux-tiny": FLUX_TINY_TRANSFORMER_CONFIG}
+FLUX_TEXT_LENGTHS = {"flux": 512, "flux-tiny": 16}  # T5 tokens: FluxPipeline's max_sequence_length for dev
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -209,6 +236,20 @@ def build_unet(architecture: str, seed: int = 0):
     return UNet2DConditionModel(**UNET_ARCHITECTURES[architecture])
 
 
+def build_flux_transformer(architecture: str, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32):
+    """A randomly initialised ``FluxTransformer2DModel`` with one of :data:`TRANSFORMER_ARCHITECTURES`' configs,
+    initialised on ``device`` (FLUX.1-dev's 12B parameters take minutes and 48 GB of host memory to initialise on
+    a CPU) in float32, then cast to ``dtype``."""
+    from diffusers import FluxTransformer2DModel
+
+    if architecture not in TRANSFORMER_ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(TRANSFORMER_ARCHITECTURES)}")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = FluxTransformer2DModel(**TRANSFORMER_ARCHITECTURES[architecture])
+    return model.to(dtype)
+
+
 def load_unet(model: str, seed: int = 0):
     """``sd15`` / ``sd15-small`` / ``sd15-tiny`` (random weights) or the UNet of a pipeline folder / ``munba-demo``."""
     if model in UNET_ARCHITECTURES:
@@ -229,9 +270,13 @@ def random_erasure_batch(unet, batch_size: int, latent_size: int, generator: tor
     """An ``ErasureBatch`` of ``players`` players (preserve and ``players - 1`` concepts; their names:
     :func:`player_names`) of random x_t, timesteps and text contexts shaped for ``unet``, plus the unconditional
     context. Timing and memory do not depend on the values."""
+    from diffusers import FluxTransformer2DModel
+
     from munba_diffusion.diffusion.latents import LatentBatch
     from munba_diffusion.diffusion.players import ErasureBatch
 
+    if isinstance(unet, FluxTransformer2DModel):
+        return random_flux_erasure_batch(unet, batch_size, latent_size, generator, players=players)
     channels, dim = unet.config.in_channels, unet.config.cross_attention_dim
 
     def latents() -> LatentBatch:
@@ -250,6 +295,42 @@ def random_erasure_batch(unet, batch_size: int, latent_size: int, generator: tor
     forget = [(latents(), context(), context()) for _ in range(players - 1)]
     batch = ErasureBatch(forget=forget, preserve=(latents(), context()))
     return batch, torch.randn(1, length, dim, generator=generator)
+
+
+def random_flux_erasure_batch(
+    model, batch_size: int, latent_size: int, generator: torch.Generator, players: int = 2, text_length: int = 512
+):
+    """:func:`random_erasure_batch` for a FLUX transformer, in the trainer's layout
+    (:mod:`munba_diffusion.diffusion.family`): (B, C, H, W) latents of C = ``in_channels / 4`` channels (packed
+    into 2x2-patch tokens by ``denoise``), float timesteps (the flow scheduler's sigma x 1000) and per row
+    ``text_length`` random T5 states (FluxPipeline's 512 for FLUX.1-dev by default) followed by the packed row
+    ``[pooled, guidance, 0...]`` (a random pooled CLIP vector; FLUX-dev's guidance 3.5)."""
+    from munba_diffusion.diffusion.family import FLUX_GUIDANCE
+    from munba_diffusion.diffusion.latents import LatentBatch
+    from munba_diffusion.diffusion.players import ErasureBatch
+
+    if latent_size % 2:
+        raise ValueError(f"FLUX packs 2x2 latent patches: the latent size must be even; got {latent_size}")
+    config = model.config
+    channels, dim, pooled = config.in_channels // 4, config.joint_attention_dim, config.pooled_projection_dim
+
+    def latents() -> LatentBatch:
+        return LatentBatch(
+            torch.zeros(batch_size, dtype=torch.long),
+            torch.randn(batch_size, channels, latent_size, latent_size, generator=generator),
+            torch.rand(batch_size, generator=generator) * 1000,
+        )
+
+    def context(rows: int = batch_size) -> torch.Tensor:
+        extra = torch.zeros(rows, 1, dim)
+        extra[:, 0, :pooled] = torch.randn(rows, pooled, generator=generator)
+        if config.guidance_embeds:
+            extra[:, 0, pooled] = FLUX_GUIDANCE
+        return torch.cat([torch.randn(rows, text_length, dim, generator=generator), extra], dim=1)
+
+    forget = [(latents(), context(), context()) for _ in range(players - 1)]
+    batch = ErasureBatch(forget=forget, preserve=(latents(), context()))
+    return batch, context(1)
 
 
 # ------------------------------------------------------------------------------------------ step variants

@@ -1,5 +1,6 @@
-"""One-GPU check at Stable Diffusion 1.5 scale (and SDXL's with ``--architecture sdxl``): erasure steps per second and peak GPU memory, the white-box
-attack's cost per prompt and the robust mode's step time (:func:`robustness_costs`).
+"""One-GPU check at Stable Diffusion 1.5 scale (SDXL's with ``--architecture sdxl``, FLUX.1-dev's with ``--architecture
+flux``): erasure steps per second and peak GPU memory, the white-box attack's cost per prompt and the robust mode's
+step time (:func:`robustness_costs`).
 
 SD 1.5's UNet is built from its config with random weights (no download), runs in bfloat16 under autocast with
 float32 LoRA weights (xattn, rank 4), exactly as the trainer does with ``--mixed_precision bf16``; the text
@@ -8,6 +9,14 @@ batch size per player (1 and 4) and step variant (``benchmarks._common.STEP_VARI
 optimizer steps after ``--warmup`` and records ``torch.cuda.max_memory_allocated``. At batch 1 it also measures
 the ESD way's peak memory (a second bf16 UNet as teacher, the cross-attention layers fully fine-tuned in float32
 with AdamW) for the memory comparison at 512 px. Prints one table; writes ``results.json`` / ``results.md``.
+
+``--architecture flux``: FLUX.1-dev's transformer (12B parameters, guidance embedding) from its config, random
+weights initialised on the device (float32, then cast to bf16), float32 LoRA on every attention projection (``attn``: text stream, image
+stream, single-stream blocks; rank 4), called through the trainer's ``denoise`` (latents (B, 16, H, W) packed into
+2x2-patch tokens inside it; per row 512 random T5 states plus the packed row ``[pooled 768, guidance 3.5, 0...]``;
+float timesteps, sigma x 1000). The default latent size is 128 (1024 px). Only the bargained steps are timed here
+(its default attention processor, PyTorch SDPA): the ESD way's memory and the robustness costs are measured on
+UNets only.
 
     bash benchmarks/gpu_check.sh                                   # on the GPU machine (see the script)
     python -m benchmarks.gpu_check --device cpu --tiny --output_dir /tmp/gpu-dry-run   # CPU dry run
@@ -26,18 +35,24 @@ from munba_diffusion.config import check_options, option, parse_config
 from munba_diffusion.io import machine_record
 
 from ._common import (
+    FLUX_TEXT_LENGTHS,
     RESULTS_ROOT,
+    build_flux_transformer,
     build_unet,
     check_results,
     erasure_step,
     markdown_table,
     random_erasure_batch,
+    random_flux_erasure_batch,
     run_script,
     tuples,
     write_results,
 )
 
 VARIANTS = ("nash", "sum_plain", "single_backward")
+ARCHITECTURES = ("sd15", "sdxl", "flux")
+NATIVE_LATENT_SIZES = {"sd15": 64, "sdxl": 128, "flux": 128}
+LORA_TARGETS = {"sd15": "xattn", "sdxl": "xattn", "flux": "attn"}  # flux: text stream, image stream, single blocks
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -46,12 +61,18 @@ class GpuCheckConfig:
     """Options of ``python -m benchmarks.gpu_check``."""
 
     device: str = option("cuda", "torch device (cpu with --tiny for a dry run)")
-    architecture: str = option("sd15", "the UNet: SD 1.5's (512 px) or SDXL base's (1024 px)", choices=("sd15", "sdxl"))
+    architecture: str = option(
+        "sd15",
+        "the denoiser: SD 1.5's UNet (512 px), SDXL base's UNet (1024 px) or FLUX.1-dev's transformer (1024 px)",
+        choices=ARCHITECTURES,
+    )
     tiny: bool = option(False, "the architecture's block structure at a tiny width, 8x8 latents (dry run)")
     latent_size: int | None = option(
-        None, "latent height/width (default: the native size, 64 for sd15 and 128 for sdxl; 8 with --tiny)", low=1
+        None, "latent height/width (default: the native size, 64 for sd15, 128 for sdxl and flux; 8 with --tiny)", low=1
     )
-    gradient_checkpointing: bool = option(False, "recompute the UNet's activations in the backward (a memory lever)")
+    gradient_checkpointing: bool = option(
+        False, "recompute the denoiser's activations in the backward (a memory lever)"
+    )
     batch_sizes: tuple[int, ...] = option((1, 4), "x_t per player", low=1)
     variants: tuple[str, ...] = option(VARIANTS, "step variants timed", choices=VARIANTS)
     attention: tuple[str, ...] = option(
@@ -300,9 +321,13 @@ def markdown(results: dict) -> str:
             f"{gib(robust['attack_peak_bytes'])} GiB.\n"
         )
     s, m = results["settings"], results["machine"]
+    lora = s.get("lora", {"rank": 4, "target": "xattn"})
+    flux = s["architecture"].startswith("flux")
     return (
-        f"# GPU check: {s['architecture']} UNet, {s['resolution']} px ({s['latent_size']}x{s['latent_size']} "
-        f"latents), {s['dtype']} frozen weights, float32 LoRA xattn r4"
+        f"# GPU check: {s['architecture']} {'transformer' if flux else 'UNet'}, {s['resolution']} px "
+        f"({s['latent_size']}x{s['latent_size']} latents), {s['dtype']} frozen weights, float32 LoRA "
+        f"{lora['target']} r{lora['rank']}"
+        + (f", {s['text_length']} T5 tokens + 1 packed row" if flux else "")
         + (", gradient checkpointing" if s.get("gradient_checkpointing") else "")
         + f"\n\n{table}\n"
         f"{m['gpu'] or m['cpu']}; torch {m['libraries']['torch']}; {m['date_utc']}.\n"
@@ -319,28 +344,46 @@ def run(config: GpuCheckConfig) -> dict:
         raise RuntimeError("no CUDA device is visible; run on a GPU machine or pass --device cpu --tiny for a dry run")
     check_results(config.output_dir, config.overwrite)
     dtype = DTYPES[config.dtype]
+    flux = config.architecture == "flux"
     architecture = config.architecture + ("-tiny" if config.tiny else "")
-    latent_size = config.latent_size or (8 if config.tiny else {"sd15": 64, "sdxl": 128}[config.architecture])
-    backends = [b for b in config.attention if b != "xformers" or xformers_available()]
+    latent_size = config.latent_size or (8 if config.tiny else NATIVE_LATENT_SIZES[config.architecture])
+    if flux and latent_size % 2:
+        raise ValueError(f"FLUX packs 2x2 latent patches: --latent_size must be even; got {latent_size}")
+    if flux:  # FLUX's attention processor calls PyTorch SDPA; the xformers switch is the UNets'
+        backends = ["sdpa"]
+        why = "the FLUX transformer runs its own SDPA processor"
+    else:
+        backends = [b for b in config.attention if b != "xformers" or xformers_available()]
+        why = "not importable"
     skipped = [b for b in config.attention if b not in backends]
+    target = LORA_TARGETS[config.architecture]
+    text_length = FLUX_TEXT_LENGTHS[architecture] if flux else None
     start = time.time()
-    unet = build_unet(architecture).to(device, dtype)
-    params = add_erasure_lora(unet, ErasureLoraConfig(rank=4, target="xattn"))
+    if flux:
+        unet = build_flux_transformer(architecture, device=device, dtype=dtype)
+    else:
+        unet = build_unet(architecture).to(device, dtype)
+    params = add_erasure_lora(unet, ErasureLoraConfig(rank=4, target=target))
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     print(
-        f"built {architecture} ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M parameters) in "
-        f"{time.time() - start:.0f} s; attention backends {backends}"
-        + (f" (skipped: {skipped}, not importable)" if skipped else ""),
+        f"built {architecture} ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M parameters, LoRA {target} "
+        f"{sum(p.numel() for p in params) / 1e6:.1f}M) in {time.time() - start:.0f} s; attention backends {backends}"
+        + (f" (skipped: {skipped}, {why})" if skipped else ""),
         flush=True,
     )
     rows, esd_rows = [], []
-    batches = {
-        b: move_batch(*random_erasure_batch(unet, b, latent_size, torch.Generator().manual_seed(0)), device)
-        for b in config.batch_sizes
-    }
+
+    def random_batch(model, batch_size: int):
+        generator = torch.Generator().manual_seed(0)
+        if flux:
+            return random_flux_erasure_batch(model, batch_size, latent_size, generator, text_length=text_length)
+        return random_erasure_batch(model, batch_size, latent_size, generator)
+
+    batches = {b: move_batch(*random_batch(unet, b), device) for b in config.batch_sizes}
     for backend in backends:
-        set_attention(unet, backend)
+        if not flux:
+            set_attention(unet, backend)
         for batch_size, (batch, uncond) in batches.items():
             for variant in config.variants:
                 row = {
@@ -356,7 +399,9 @@ def run(config: GpuCheckConfig) -> dict:
                     flush=True,
                 )
     robustness = None
-    if config.robustness:
+    if flux and (config.robustness or config.esd):
+        print("flux: the ESD way's memory and the robustness costs are measured on UNets only (skipped)", flush=True)
+    if config.robustness and not flux:
         set_attention(unet, "sdpa")
         batch_size = min(config.batch_sizes)
         robustness = robustness_costs(unet, *batches[batch_size], params, device, dtype, config.steps, config.warmup)
@@ -366,7 +411,7 @@ def run(config: GpuCheckConfig) -> dict:
             flush=True,
         )
     del unet, params
-    if config.esd:  # SDPA, smallest batch: the memory comparison with our rows above
+    if config.esd and not flux:  # SDPA, smallest batch: the memory comparison with our rows above
         batch_size = min(config.batch_sizes)
         esd_rows.append(
             {
@@ -389,7 +434,8 @@ def run(config: GpuCheckConfig) -> dict:
             "warmup": config.warmup,
             "device": str(device),
             "attention_skipped": skipped,
-            "lora": {"rank": 4, "target": "xattn"},
+            "lora": {"rank": 4, "target": target},
+            "text_length": text_length,
         },
         "rows": rows,
         "esd_way": esd_rows,

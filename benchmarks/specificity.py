@@ -236,7 +236,7 @@ def plot(results: dict, path: Path) -> None:
             label=f"{row['concept_set']}: {row['forget_loss']} {row['combiner']} {row['neighbours']}",
         )
     for concept, original in results["original"].items():
-        ax = axes[0] if concept in COLOURS else axes[1]
+        ax = axes[0] if concept.split(": ")[-1] in COLOURS else axes[1]
         ax.scatter(
             100 * original["concept_rate"],
             100 * original["kept_attribute"],
@@ -264,7 +264,6 @@ def run(config: SpecificityConfig) -> dict:
     runs_dir = config.output_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     judge = load_demo_judge()
-    all_concepts = sorted({c for s in config.concept_sets for c in s.split("+")})
     plan = [
         (concept_set, loss, combiner, neighbours, seed)
         for concept_set in config.concept_sets
@@ -277,12 +276,19 @@ def run(config: SpecificityConfig) -> dict:
         plan, lambda run: (runs_dir / f"{run_name(*run)}.json").is_file(), config.report_only, config.runs_limit
     )
     with work_folder(config.work_dir, "munba-specificity-") as work:
+        # the original scored as each concept set's runs are (its "other prompts" exclude that set's prompts only)
         original_path = runs_dir / "original.json"
-        if not original_path.is_file() and config.report_only:
+        scored = json.loads(original_path.read_text()) if original_path.is_file() else {}
+        if "concepts" in scored:  # the earlier layout: one scoring, valid for the set of exactly its concepts
+            scored = {s: scored for s in config.concept_sets if set(s.split("+")) == set(scored["concepts"])}
+        missing_sets = [s for s in config.concept_sets if not isinstance(scored.get(s), dict)]
+        if missing_sets and config.report_only:
             raise ValueError(f"--report_only needs finished runs in {runs_dir}; run without it first")
-        if not original_path.is_file():
+        if missing_sets:
             folder = generate_for_eval(config.model, evaluation, work / "eval", "original")
-            write_json_atomic(original_path, specificity_scores(folder, all_concepts, judge))
+            scored = {s: v for s, v in scored.items() if isinstance(v, dict) and "concepts" in v}
+            scored.update({s: specificity_scores(folder, s.split("+"), judge) for s in missing_sets})
+            write_json_atomic(original_path, scored)
         for concept_set, loss, combiner, neighbours, seed in plan:
             name = run_name(concept_set, loss, combiner, neighbours, seed)
             if (runs_dir / f"{name}.json").is_file():
@@ -311,12 +317,16 @@ def run(config: SpecificityConfig) -> dict:
             write_json_atomic(runs_dir / f"{name}.json", record)
             shutil.rmtree(model_dir, ignore_errors=True)
             shutil.rmtree(folder, ignore_errors=True)
-    original_scores = json.loads(original_path.read_text())
+    original_scores = {s: scored[s] for s in config.concept_sets}
     runs = [json.loads((runs_dir / f"{run_name(*p)}.json").read_text()) for p in plan]
     results = {
         "benchmark": "specificity",
         "settings": {"erasure": settings, "evaluation": asdict(evaluation)},
-        "original": {c: original_row(original_scores, c) for c in all_concepts},
+        "original": {
+            f"{s}: {c}" if "+" in s else c: original_row(original_scores[s], c)
+            for s in config.concept_sets
+            for c in s.split("+")
+        },
         "original_scores": original_scores,
         "runs": runs,
         "summary": summarize(runs),

@@ -13,6 +13,7 @@ Example::
     resolve_model_path("munba-demo")                 # '.../munba_diffusion/demo/weights/pipeline'
     resolve_model_path("munba-demo", kind="clip")    # '.../munba_diffusion/demo/weights/clip'
     resolve_model_path("munba-demo-clip", kind="clip")  # the same CLIP folder, by its own name
+    resolve_model_path("munba-demo-flow")            # '.../munba_diffusion/demo/weights/flow_pipeline' (SD3-style)
     resolve_model_path("CompVis/stable-diffusion-v1-4")  # unchanged
     model_license("munba-demo")                      # 'apache-2.0' (from the folder's README.md model card)
 """
@@ -41,6 +42,7 @@ DEMO_MODEL = "munba-demo"  # the demo world's text-to-image model (and, where a 
 # Bundled name -> {kind: folder under munba_diffusion/demo/weights}. A new bundled model is one line here.
 BUNDLED_MODELS: dict[str, dict[str, str]] = {
     DEMO_MODEL: {"pipeline": "pipeline", "clip": "clip"},
+    "munba-demo-flow": {"pipeline": "flow_pipeline", "clip": "clip"},  # the same world, an SD3-style flow model
     "munba-demo-clip": {"clip": "clip"},
 }
 

@@ -111,5 +111,6 @@ def test_no_import_cycles_between_modules():
 
 
 def test_the_pipeline_files_are_self_contained():
-    for pipeline in (REPO / "pipelines" / "munba.py", REPO / "pipelines" / "munba_xl.py"):
+    for name in ("munba.py", "munba_xl.py", "munba_sd3.py", "munba_flux.py"):
+        pipeline = REPO / "pipelines" / name
         assert not {n for n in _imports(pipeline) if n.startswith("munba_diffusion")}, pipeline.name

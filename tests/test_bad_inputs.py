@@ -264,9 +264,24 @@ CASES: tuple[Case, ...] = (
     ),
     T("base model folder that does not exist", f"{RUN} --pretrained_model_name_or_path ./missing", "does not exist;"),
     T(
-        "an SD3 base model",
-        f"{RUN} --pretrained_model_name_or_path sd3",
-        "SD3 is not supported yet; erasure supports",
+        "a FLUX folder without its T5 encoder",
+        f"{RUN} --pretrained_model_name_or_path fluxnot5",
+        "has no T5 text encoder (text_encoder_2/), which FLUX needs for its prompt tokens",
+    ),
+    T(
+        "a LoRA target set the model's family lacks",
+        f"{RUN} --pretrained_model_name_or_path sd3 --lora_target single",
+        "--lora_target single does not exist for Stable Diffusion 3; choose one of",
+    ),
+    T(
+        "a FLUX guidance for a model without guidance input",
+        f"{RUN} --pretrained_model_name_or_path sd3 --flux_guidance 3.5",
+        "--flux_guidance is for guidance-distilled FLUX-dev; Stable Diffusion 3 takes no guidance input",
+    ),
+    T(
+        "robust mode on a flow transformer",
+        f"{RUN} --pretrained_model_name_or_path sd3 --robust",
+        "--robust is not supported on Stable Diffusion 3 yet",
     ),
     T(
         "an SDXL refiner folder (no text_encoder)",
@@ -302,6 +317,11 @@ CASES: tuple[Case, ...] = (
     ),
     K("attacked folder that is not a pipeline", f"--model mine {ATTACK}", "--model: "),
     K("NudeNet asked about a colour", f"--model munba-demo {ATTACK} --detector nudenet", "use --detector demo"),
+    K(
+        "white-box attack on a flow transformer",
+        f"--model munba-demo-flow {ATTACK}",
+        "the white-box attack's soft prompt prefixes are not available on Stable Diffusion 3 yet; run --attack replay",
+    ),
     K(
         "a concept no detector judges",
         "--model munba-demo --original munba-demo --concept van-gogh --prompts eval/demo.csv --output_dir a",
@@ -538,6 +558,9 @@ def make_workspace(root: Path) -> None:
     ):
         (root / folder).mkdir()
         (root / folder / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    (root / "fluxnot5").mkdir()
+    index = {"_class_name": "FluxPipeline", "text_encoder_2": [None, None], "transformer": ["diffusers", "x"]}
+    (root / "fluxnot5" / "model_index.json").write_text(json.dumps(index))
 
     presets = root / "presets"
     presets.mkdir()

@@ -267,6 +267,27 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert "python3" in script and "-m benchmarks.gpu_check" in script
 
 
+def test_gpu_check_flux_dry_run_on_cpu(tmp_path):
+    """FLUX.1-dev's transformer at a tiny width: LoRA on every attention projection, the bargained step through the
+    trainer's denoise (packed latents, T5 rows + the packed [pooled, guidance] row) with gradient checkpointing."""
+    out = tmp_path / "flux"
+    argv = ["--device", "cpu", "--tiny", "--architecture", "flux", "--dtype", "fp32", "--batch-sizes", "1"]
+    argv += ["--steps", "1", "--warmup", "0", "--variants", "nash", "--gradient_checkpointing", "--threads", "1"]
+    gpu_check.main([*argv, "--output-dir", str(out)])
+    results = _results(out)
+    assert [(r["attention"], r["batch_size"], r["variant"]) for r in results["rows"]] == [("sdpa", 1, "nash")]
+    assert results["rows"][0]["steps_per_second"] > 0
+    assert results["esd_way"] == [] and results["robustness"] is None  # measured on UNets only
+    settings = results["settings"]
+    assert settings["lora"] == {"rank": 4, "target": "attn"} and settings["resolution"] == 64
+    assert settings["architecture"] == "flux-tiny" and settings["gradient_checkpointing"]
+    assert "flux-tiny transformer" in (out / "results.md").read_text()
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
+    assert "--architecture flux" in script
+    with pytest.raises(ValueError, match="must be even"):
+        gpu_check.main([*argv, "--latent_size", "7", "--output-dir", str(tmp_path / "odd")])
+
+
 def test_run_all_lists_every_benchmark(capsys):
     assert run_all.main(["--dry-run"]) == 0
     printed = capsys.readouterr().out

@@ -132,6 +132,8 @@ BAD_TRAINING_VALUES = {
     "max_train_steps": (0, "max_train_steps (--max_train_steps) must be >= 1"),
     "gradient_accumulation_steps": (0, "gradient_accumulation_steps (--gradient_accumulation_steps) must be >= 1"),
     "gradient_checkpointing": (1, "gradient_checkpointing (--gradient_checkpointing) must be True or False"),
+    "use_8bit_adam": ("yes", "use_8bit_adam (--use_8bit_adam) must be True or False"),
+    "flux_guidance": (-1.0, "flux_guidance (--flux_guidance) must be >= 0"),
     "learning_rate": (-1e-3, "learning_rate (--learning_rate) must be > 0"),
     "lr_scheduler": ("exponential", "lr_scheduler (--lr_scheduler) must be one of linear"),
     "lr_warmup_steps": (-1, "lr_warmup_steps (--lr_warmup_steps) must be >= 0"),

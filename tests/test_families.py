@@ -49,17 +49,17 @@ def _folder(tmp_path, class_name: str):
 @pytest.mark.parametrize(
     ("class_name", "reason"),
     [
-        ("StableDiffusion3Pipeline", "SD3 is not supported yet"),
         ("StableDiffusionXLImg2ImgPipeline", "SDXL refiner folder"),
-        ("FluxPipeline", "FLUX is not supported yet"),
         ("KandinskyV22Pipeline", "KandinskyV22Pipeline is not supported"),
+        ("FluxImg2ImgPipeline", "FluxImg2ImgPipeline is not supported"),
     ],
 )
 def test_unsupported_pipeline_classes_get_one_line_before_any_weight_loads(tmp_path, class_name, reason):
     with pytest.raises(ValueError, match=reason) as error:
         check_base_model(_folder(tmp_path, class_name))
     message = str(error.value)
-    assert "\n" not in message and "StableDiffusionPipeline (SD 1.x, 2.x), StableDiffusionXLPipeline (SDXL)" in message
+    supported = "StableDiffusionPipeline (SD 1.x, 2.x), StableDiffusionXLPipeline (SDXL), StableDiffusion3Pipeline (SD3"
+    assert "\n" not in message and supported in message and "FluxPipeline (FLUX.1 dev, schnell)" in message
 
 
 def test_the_family_is_found_from_the_class_and_from_a_loaded_pipeline():

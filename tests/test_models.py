@@ -31,8 +31,11 @@ def test_the_demo_resolves_to_its_packaged_folders():
     assert (clip / "config.json").is_file() and (clip / "tokenizer.json").is_file()
     assert resolve_model_path("munba-demo-clip", kind="clip") == str(clip)
     assert DEMO_MODEL == "munba-demo" and is_bundled_model("munba-demo") and not is_bundled_model("munba-demo/x")
-    assert bundled_model_names("pipeline") == ("munba-demo",)
-    assert set(bundled_model_names("clip")) == {"munba-demo", "munba-demo-clip"}
+    flow = Path(resolve_model_path("munba-demo-flow"))
+    assert (flow / "model_index.json").is_file() and (flow / "transformer").is_dir()
+    assert resolve_model_path("munba-demo-flow", kind="clip") == str(clip)
+    assert bundled_model_names("pipeline") == ("munba-demo", "munba-demo-flow")
+    assert set(bundled_model_names("clip")) == {"munba-demo", "munba-demo-flow", "munba-demo-clip"}
     assert set(bundled_model_names()) == set(BUNDLED_MODELS)
 
 
@@ -43,7 +46,7 @@ def test_the_demo_resolves_to_its_packaged_folders():
         "outputs/erase-circle",
         "/abs/folder",
         "./munba-demo",
-        "munba-demo-flow",
+        "munba-demo-flow/x",
         "~/models/sd",
     ],
 )
@@ -65,6 +68,8 @@ def test_a_missing_bundled_folder_names_the_rebuild_command(monkeypatch, tmp_pat
     monkeypatch.setattr(demo, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="scripts/demo/train_demo.py --output_dir"):
         resolve_model_path("munba-demo")
+    with pytest.raises(FileNotFoundError, match="scripts/demo/train_flow_demo.py --output_dir"):
+        resolve_model_path("munba-demo-flow")
 
 
 def test_the_licence_is_read_from_the_model_card(tmp_path):

@@ -30,6 +30,8 @@ def test_wheel_holds_package_data(wheel):
     required = [
         "munba_diffusion/pipelines/munba.py",
         "munba_diffusion/pipelines/munba_xl.py",
+        "munba_diffusion/pipelines/munba_sd3.py",
+        "munba_diffusion/pipelines/munba_flux.py",
         "munba_diffusion/prompts/presets/nudity.yaml",
         "munba_diffusion/prompts/presets/circle.yaml",
         "munba_diffusion/prompts/eval/demo.csv",
@@ -44,7 +46,7 @@ def test_wheel_holds_package_data(wheel):
     assert [
         n for n in names if n.startswith(("scripts/", "munba_diffusion/demo/train", "munba_diffusion/demo/measure"))
     ] == []
-    for pipeline in ("munba.py", "munba_xl.py"):
+    for pipeline in ("munba.py", "munba_xl.py", "munba_sd3.py", "munba_flux.py"):
         assert (
             zipfile.ZipFile(wheel).read(f"munba_diffusion/pipelines/{pipeline}")
             == (ROOT / "pipelines" / pipeline).read_bytes()

@@ -22,6 +22,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from munba_diffusion.pipelines import munba as munba_module
+from munba_diffusion.pipelines import munba_flux as munba_flux_module
+from munba_diffusion.pipelines import munba_sd3 as munba_sd3_module
 from munba_diffusion.pipelines import munba_xl as munba_xl_module
 from munba_diffusion.pipelines.munba import MunbaPipeline
 from munba_diffusion.pipelines.munba_xl import (
@@ -302,9 +304,38 @@ def test_pipeline_file_is_self_contained():
     assert [cls.__name__ for cls in pipelines] == ["MunbaXLPipeline"]
 
 
+TO_SD_NAMES = {  # pipeline file -> (its name, the SD name): what may differ in the shared part, mapped to munba.py's
+    "munba_xl.py": (("MunbaXLPipeline", "MunbaPipeline"), ("StableDiffusionXLPipeline", "StableDiffusionPipeline")),
+    "munba_sd3.py": (
+        ("MunbaSD3Pipeline", "MunbaPipeline"),
+        ("StableDiffusion3Pipeline", "StableDiffusionPipeline"),
+        ("the transformer", "the UNet"),  # where the LoRA lives
+        ("transformer", "unet"),
+    ),
+    "munba_flux.py": (
+        ("MunbaFluxPipeline", "MunbaPipeline"),
+        ("FluxPipeline", "StableDiffusionPipeline"),
+        ("the transformer", "the UNet"),
+        ("transformer", "unet"),
+    ),
+}
+
+
+class _WrappedText(ast.NodeTransformer):
+    """Strings with their whitespace runs collapsed: text wrapped at other places (a longer name) compares equal."""
+
+    def visit_Constant(self, node: ast.Constant) -> ast.Constant:
+        return ast.Constant(" ".join(node.value.split())) if isinstance(node.value, str) else node
+
+
+def _normalised(source: str) -> str:
+    """The code of ``source`` (an AST dump: formatting and comments aside), its strings' whitespace collapsed."""
+    return ast.dump(_WrappedText().visit(ast.parse(source)))
+
+
 def _definitions(path: Path) -> dict[str, str]:
-    """Source of each top-level function, class method and constant of a pipeline file, with the SDXL names mapped
-    to the SD ones (so the two files' shared parts compare equal)."""
+    """Each top-level function, class method and constant of a pipeline file (normalised code), with the file's
+    own names mapped to the SD ones (TO_SD_NAMES: so the files' shared parts compare equal)."""
     text = path.read_text()
     found = {}
     for node in ast.parse(text).body:
@@ -318,15 +349,18 @@ def _definitions(path: Path) -> dict[str, str]:
             found[node.targets[0].id] = ast.get_source_segment(text, node)
     mapped = {}
     for name, source in found.items():
-        for xl, sd in (("MunbaXLPipeline", "MunbaPipeline"), ("StableDiffusionXLPipeline", "StableDiffusionPipeline")):
-            name, source = name.replace(xl, sd), source.replace(xl, sd)
-        mapped[name] = source
+        code = _normalised(source)  # before mapping: the names may be where a string was wrapped
+        for theirs, sd in TO_SD_NAMES.get(path.name, ()):
+            name, code = name.replace(theirs, sd), code.replace(theirs, sd)
+        mapped[name] = code
     return mapped
 
 
-def test_the_shared_parts_match_munba_py():
-    """Everything but __init__ and the stock class name is a copy of pipelines/munba.py: change both files."""
+@pytest.mark.parametrize("module", [munba_xl_module, munba_sd3_module, munba_flux_module], ids=["xl", "sd3", "flux"])
+def test_the_shared_parts_match_munba_py(module):
+    """Everything but __init__, the stock class name and where the LoRA lives (the UNet; SD3's and FLUX's
+    transformer) is a copy of pipelines/munba.py: change every file."""
     sd = _definitions(Path(munba_module.__file__))
-    xl = _definitions(Path(munba_xl_module.__file__))
-    assert sorted(set(sd) ^ set(xl)) == []
-    assert [name for name in sd if sd[name] != xl[name]] == []
+    other = _definitions(Path(module.__file__))
+    assert sorted(set(sd) ^ set(other)) == []
+    assert [name for name in sd if sd[name] != other[name]] == []

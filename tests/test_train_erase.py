@@ -348,3 +348,88 @@ def test_erasure_scale_on_the_demo_output(uninterrupted):
     half = image(fused, 0.5)
     assert (half - base).abs().max() > 1e-4 and (half - image(fused, 1.0)).abs().max() > 1e-4
     assert fused.erased_concepts == with_lora.erased_concepts == ["circle"]
+
+
+# Run by torchrun in each process of test_two_processes_erase_flux_identically: train_erase.py's main, with each rank's
+# LoRA weights (as initialised and as trained) and the rows it drew saved under RANKS_DIR.
+_RANK_RECORDER = """
+import os
+import sys
+
+import torch
+
+import munba_diffusion.diffusion.train as train
+import train_erase
+
+rank, folder = int(os.environ["RANK"]), sys.argv[1]
+params, initial, rows = [], [], []
+add_loras, players = train.add_erasure_loras, train.erasure_players
+
+
+def add_erasure_loras(pipe, config):
+    params.extend(add_loras(pipe, config))
+    initial.extend(p.detach().clone() for p in params)
+    return params
+
+
+def erasure_players(unet, batch, *args, **kwargs):
+    rows.append(torch.cat([batch.preserve[0].latents, *(lat.latents for lat, _, _ in batch.forget)]))
+    return players(unet, batch, *args, **kwargs)
+
+
+train.add_erasure_loras, train.erasure_players = add_erasure_loras, erasure_players
+train_erase.main(sys.argv[2:])
+trained = [p.detach().clone() for p in params]
+torch.save({"initial": initial, "trained": trained, "rows": rows}, os.path.join(folder, f"rank{rank}.pt"))
+"""
+
+
+def test_two_processes_erase_flux_identically(tmp_path):
+    """README's CPU multi-process command (ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 train_erase.py) on a
+    tiny FLUX.1-dev: the two ranks draw different rows, the players' gradients are averaged across them before
+    the bargaining, so both ranks end with the same LoRA weights, bit for bit."""
+    from tests.tiny_flow import build_tiny_flux_pipeline
+
+    base, out, ranks = tmp_path / "flux", tmp_path / "erased", tmp_path / "ranks"
+    build_tiny_flux_pipeline(0).save_pretrained(base)
+    ranks.mkdir()
+    recorder = tmp_path / "record_ranks.py"
+    recorder.write_text(_RANK_RECORDER)
+    args = [
+        *("--pretrained_model_name_or_path", str(base), "--concept", "text:a red circle", "--output_dir", str(out)),
+        *("--max_train_steps", "3", "--train_batch_size", "1", "--resolution", "32", "--lora_target", "attn"),
+        *("--learning_rate", "5e-3", "--sampler_steps", "2", "--pool_trajectories", "1"),
+        *("--validation_inference_steps", "1", "--validation_seeds", "1", "--no_evaluation"),
+    ]
+    env = {**_env(), "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, str(recorder), str(ranks), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    first, second = (torch.load(ranks / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert len(first["rows"]) == len(second["rows"]) == 3  # one micro-batch per step on each rank
+    # each rank draws its own rows (from a small pool here, so a step's rows may coincide)
+    assert any(not torch.equal(a, b) for a, b in zip(first["rows"], second["rows"]))
+    for name in ("initial", "trained"):
+        assert len(first[name]) == len(second[name]) > 0
+        assert all(torch.equal(a, b) for a, b in zip(first[name], second[name])), name
+    assert any(not torch.equal(a, b) for a, b in zip(first["initial"], first["trained"]))  # the LoRA did train
+    records = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert (out / "erasure_config.json").is_file()  # rank 0 exported the folder
+
+
+def test_fsdp_config_is_an_accelerate_config_for_the_flux_blocks():
+    """accelerate_config_fsdp.yaml parses as accelerate's launch config and names FLUX's block classes (only the
+    file is checked: FSDP needs GPUs, see its comments)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    config = load_config_from_file(str(ROOT / "accelerate_config_fsdp.yaml"))
+    assert config.distributed_type == "FSDP" and config.mixed_precision == "bf16"
+    fsdp = config.fsdp_config
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
+    assert fsdp["fsdp_use_orig_params"] is True
+    classes = fsdp["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    assert classes == [FluxTransformerBlock.__name__, FluxSingleTransformerBlock.__name__]

@@ -1,7 +1,8 @@
 """The bundled demo world: rendered shapes, their judge, and the packaged folders of its tiny models.
 
 Everything here runs offline on a CPU. The packaged folders (a stock ``StableDiffusionPipeline`` drawing 32x32
-images from 16x16x4 latents, a tiny ``CLIPModel``, the judge) are reached by name through
+images from 16x16x4 latents, a stock ``StableDiffusion3Pipeline`` of the same world trained with flow matching,
+a tiny ``CLIPModel``, the judge) are reached by name through
 :func:`munba_diffusion.models.resolve_model_path`, the one place that knows the bundled names. The scripts that
 trained and measured them live outside the package, in ``scripts/demo/``.
 """
@@ -17,6 +18,7 @@ from .world import COLOUR_NAMES, COLOURS, SHAPE_NAMES, SHAPES, canonical_caption
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 REBUILD_COMMAND = "python scripts/demo/train_demo.py --output_dir munba_diffusion/demo/weights --seed 0 --stage all"
+REBUILD_FLOW_COMMAND = "python scripts/demo/train_flow_demo.py --output_dir munba_diffusion/demo/weights --seed 0"
 
 __all__ = [
     "COLOURS",
@@ -37,12 +39,13 @@ __all__ = [
 
 
 def bundled_folder(name: str) -> Path:
-    """The packaged folder ``weights/<name>`` (``pipeline``, ``clip``, ``judge``); a clear error when it is missing."""
+    """The packaged folder ``weights/<name>`` (``pipeline``, ``flow_pipeline``, ``clip``, ``judge``); a clear error
+    when it is missing."""
     path = WEIGHTS_DIR / name
     if not path.is_dir():
         raise FileNotFoundError(
             f"the bundled demo {name!r} is missing from {WEIGHTS_DIR}; reinstall munba-diffusion or, in a checkout, "
-            f"rebuild it with `{REBUILD_COMMAND}`"
+            f"rebuild it with `{REBUILD_FLOW_COMMAND if name == 'flow_pipeline' else REBUILD_COMMAND}`"
         )
     return path
 

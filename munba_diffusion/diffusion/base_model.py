@@ -7,12 +7,13 @@ import json
 import warnings
 from pathlib import Path
 
+import diffusers
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 
 from ..io import is_local_path, is_offline
 from ..models import bundled_model_names, resolve_model_path
-from .family import STABLE_DIFFUSION, ModelFamily, family_of_class
+from .family import FLUX, STABLE_DIFFUSION, ModelFamily, absent_components, family_of_class
 
 _BUNDLED = " / ".join(bundled_model_names("pipeline"))  # for error messages: what works offline, out of the box
 
@@ -44,12 +45,15 @@ def _checked_base_model(name_or_path: str, revision: str | None) -> tuple[str, M
                 f"folder that holds model_index.json, unet/, vae/, ... or {_BUNDLED}"
             )
         try:
-            class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+            entries = json.loads(index.read_text(encoding="utf-8"))
+            class_name = entries.get("_class_name")
         except (ValueError, AttributeError):
             raise ValueError(
                 f"{index} is not a readable model_index.json; restore it from the model's source"
             ) from None
-        return str(folder), family_of_class(class_name)
+        family = family_of_class(class_name)
+        check_required_components(entries, family, folder)
+        return str(folder), family
     try:
         with warnings.catch_warnings():  # huggingface_hub's deprecation notices about diffusers' own arguments
             warnings.simplefilter("ignore")
@@ -61,7 +65,9 @@ def _checked_base_model(name_or_path: str, revision: str | None) -> tuple[str, M
                 f"it once online, pass a local diffusers folder, or --pretrained_model_name_or_path {_BUNDLED}"
             ) from None
         return path, STABLE_DIFFUSION  # unreachable online: the load names the problem
-    return path, family_of_class(index.get("_class_name"))
+    family = family_of_class(index.get("_class_name"))
+    check_required_components(index, family)
+    return path, family
 
 
 def load_base_pipeline(
@@ -74,12 +80,11 @@ def load_base_pipeline(
     """The base pipeline (its family's class, without safety checker), or a one-line error that names the fix."""
     path, family = _checked_base_model(name_or_path, revision)
     offline = is_offline() and not is_local_path(path)  # a Hub id: only the local Hugging Face cache can serve it
-    if family is STABLE_DIFFUSION:
-        cls, extra = StableDiffusionPipeline, {"safety_checker": None, "feature_extractor": None}
-        extra["requires_safety_checker"] = False
-    else:
-        cls, extra = StableDiffusionXLPipeline, {}
+    cls = getattr(diffusers, family.pipeline_classes[0])
     try:
+        extra = absent_components(cls.load_config(path, revision=revision, local_files_only=offline))
+        if family is STABLE_DIFFUSION:
+            extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe = cls.from_pretrained(path, revision=revision, variant=variant, local_files_only=offline, **extra)
     except OSError as error:  # unreachable Hub, missing files, wrong revision
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -89,3 +94,18 @@ def load_base_pipeline(
         ) from None
     # cast after loading: the load-time dtype keyword was renamed across diffusers versions
     return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
+
+
+def check_required_components(index: dict, family: ModelFamily, folder: Path | None = None) -> None:
+    """A FLUX model needs its T5 encoder (``text_encoder_2``): one line before any weight loads when the index or
+    the folder lacks it (SD3 runs without its T5, ``text_encoder_3``, by design)."""
+    if family is not FLUX:
+        return
+    entry = index.get("text_encoder_2")
+    missing = not entry or entry[0] is None or (folder is not None and not (folder / "text_encoder_2").is_dir())
+    if missing:
+        where = folder if folder is not None else "this model"
+        raise ValueError(
+            f"{where} has no T5 text encoder (text_encoder_2/), which FLUX needs for its prompt tokens; download the "
+            "complete model (text_encoder_2/ and tokenizer_2/ included)"
+        )

@@ -90,11 +90,16 @@ class ErasureTrainingConfig:
     adversarial_tokens: int = option(5, "robust mode: soft tokens per adversarial prefix", low=1, high=70)
     adversarial_lr: float = option(0.01, "robust mode: learning rate of the prefix search", low=0.0, low_open=True)
     adversarial_prompts_kept: int = option(4, "robust mode: newest adversarial prefixes kept per concept", low=1)
-    lora_target: str = option("xattn", "which UNet layers the LoRA adapts", choices=TARGET_SETS)
+    lora_target: str = option(
+        "xattn",
+        "which denoiser layers the LoRA adapts (UNet: xattn, noxattn, attn, full; SD3 / FLUX transformers also "
+        "image, FLUX also single; xattn is the text stream there: see diffusion/lora.py)",
+        choices=TARGET_SETS,
+    )
     lora_on: str = option(
         "unet",
-        "where the erasure LoRA goes: the UNet, the text encoder (its self-attention projections; AdvUnlearn's "
-        "choice for robust erasure) or both",
+        "where the erasure LoRA goes: the denoiser (the UNet; SD3's / FLUX's transformer), the text encoder (its "
+        "self-attention projections; AdvUnlearn's choice for robust erasure) or both",
         choices=LORA_MODULES,
     )
     rank: int = option(4, "LoRA rank", low=1)
@@ -108,7 +113,17 @@ class ErasureTrainingConfig:
     )
     pool_trajectories: int = option(2, "frozen-model trajectories per prompt in the pool", low=1)
     sampler_steps: int = option(25, "sampler steps of the frozen model's trajectories", low=1)
-    sampler_guidance_scale: float = option(7.5, "guidance scale of the frozen model's trajectories", low=0.0)
+    sampler_guidance_scale: float = option(
+        7.5,
+        "guidance scale of the frozen model's trajectories (not used by FLUX, which has no unconditional branch)",
+        low=0.0,
+    )
+    flux_guidance: float | None = option(
+        None,
+        "FLUX-dev only: the embedded guidance the targets and trajectories are made at (default 3.5, FluxPipeline's "
+        "default)",
+        low=0.0,
+    )
     forget_image_dir: Path | None = option(None, "images of the concept instead of data-free latents")
     preserve_image_dir: Path | None = option(None, "images for the preservation player instead of data-free latents")
     # training
@@ -118,7 +133,10 @@ class ErasureTrainingConfig:
     train_batch_size: int = option(1, "rows per player, micro-batch and process", low=1)
     max_train_steps: int = option(500, "optimizer steps", low=1)
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", low=1)
-    gradient_checkpointing: bool = option(False, "recompute UNet activations in the backward pass to save memory")
+    gradient_checkpointing: bool = option(
+        False, "recompute the denoiser's activations in the backward pass to save memory"
+    )
+    use_8bit_adam: bool = option(False, "bitsandbytes' 8-bit AdamW (GPU; pip install bitsandbytes)")
     learning_rate: float = option(1e-4, "AdamW learning rate", low=0.0, low_open=True)
     lr_scheduler: str = option("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = option(0, "warm-up steps of the learning-rate schedule", low=0)

@@ -7,7 +7,6 @@ The noisy latents come from a pool of the frozen model's own sampling trajectori
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 
 from .config import ErasureTrainingConfig
 from .family import denoise as family_denoise
@@ -86,8 +85,9 @@ def build_erasure_data(
     forget_ctx = [encode_prompts(pipe, list(c.forget_prompts), device, resolution) for c in config.concepts]
     anchor_ctx = [encode_prompts(pipe, list(c.anchor_prompts), device, resolution) for c in config.concepts]
     preserve_ctx = encode_prompts(pipe, preserve, device, resolution)
-    settings = SamplerSettings(config.sampler_steps, config.sampler_guidance_scale, latent_shape)
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler, timestep_kwargs = family.trajectory_scheduler(pipe, latent_shape, config.sampler_steps)
+    settings = SamplerSettings(config.sampler_steps, config.sampler_guidance_scale, latent_shape, timestep_kwargs)
+    sampler_uncond = uncond if family.classifier_free_guidance else None
 
     def denoise(x, t, ctx):
         with adapters_disabled(unet):
@@ -98,14 +98,14 @@ def build_erasure_data(
     def source(contexts, image_dir, desc):
         if image_dir is not None:
             latents = encode_image_folder(pipe.vae, image_dir, resolution, device, dtype)
-            return NoisedImages(latents, len(contexts), DDPMScheduler.from_config(pipe.scheduler.config))
+            return NoisedImages(latents, len(contexts), family.forward_process(pipe))
         if config.latent_source == "fresh":
-            return FreshTrajectories(denoise, scheduler, contexts, uncond, settings, device, dtype)
+            return FreshTrajectories(denoise, scheduler, contexts, sampler_uncond, settings, device, dtype)
         return TrajectoryPool.build(
             denoise,
             scheduler,
             contexts,
-            uncond,
+            sampler_uncond,
             settings,
             config.pool_trajectories,
             generator,

@@ -29,8 +29,16 @@ pipeline builds them). Every consumer handles conditioning as one tensor per pro
 so the SDXL family packs the pooled embedding and the time ids into one extra row after the 77 token rows
 (``[pooled, time_ids, 0...]``; the width 2048 holds 1280 + 6) and :func:`denoise` unpacks it for a ``text_time``
 UNet: nothing else needs to know. Its unconditional branch is the pipeline's own (zeros, with
-``force_zeros_for_empty_prompt``, as SDXL base samples). SD3 and FLUX are named so that their folders get a
-one-line answer instead of a confusing load error.
+``force_zeros_for_empty_prompt``, as SDXL base samples).
+
+SD3 / 3.5 (``StableDiffusion3Pipeline``, :class:`FlowFamily`) and FLUX.1 (``FluxPipeline``, :class:`FluxFamily`)
+are MMDiT transformers trained with rectified flow: the denoiser is ``pipe.transformer``, the prediction space is
+the velocity (``flow``), the latent pool samples with the pipeline's own FlowMatch Euler scheduler (its shift; FLUX's
+resolution-dependent ``mu`` and sigmas as FluxPipeline sets them), image folders are noised as diffusers' SD3 / FLUX
+training scripts do (logit-normal timesteps, unweighted loss), and the conditioning is the pipeline's own prompt
+encoding with one packed row (the pooled CLIP vector; FLUX-dev's guidance input after it). FLUX latents stay
+(C, H, W) in the trainer; :func:`denoise` packs them into 2x2-patch tokens with their position ids and unpacks the
+velocity. Soft prompt prefixes (``--robust``, the white-box attack, a text-encoder LoRA) are not available there yet.
 """
 
 from __future__ import annotations
@@ -38,10 +46,14 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.models import FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from ..adversarial import encode_with_prefix, prefix_embeddings, prefixed_input_ids
-from .lora import text_encoders
+from .lora import UNET_TARGET_SETS, denoiser, text_encoders
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 PROMPT_CHUNK_SIZE = 32  # prompts per text-encoder call: bounds its memory for long prompt lists
@@ -51,15 +63,16 @@ _NOT_YET = {
     "StableDiffusionXLImg2ImgPipeline": (
         "this is an SDXL refiner folder (image-to-image, no text_encoder); pass the SDXL base model it refines"
     ),
-    "StableDiffusion3Pipeline": "SD3 is not supported yet",
-    "FluxPipeline": "FLUX is not supported yet",
 }
 
 
 def denoise(unet, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
     """The denoiser's prediction (in the model's own prediction space) for ``x_t`` at ``t`` given one conditioning
     tensor per row: the token rows, plus for a ``text_time`` UNet (SDXL) the packed row of the pooled embedding and
-    the time ids (see the module docstring)."""
+    the time ids, for SD3 and FLUX transformers the packed row of the pooled embedding (and FLUX-dev's guidance)
+    (see the module docstring). ``unet`` is the denoiser: a UNet, or an SD3 / FLUX transformer."""
+    if isinstance(unet, (SD3Transformer2DModel, FluxTransformer2DModel)):
+        return _denoise_transformer(unet, latents, timesteps, conditioning)
     if unet.config.get("addition_embed_type") != "text_time":
         return unet(latents, timesteps, encoder_hidden_states=conditioning).sample
     pooled = _pooled_width(unet)
@@ -69,6 +82,53 @@ def denoise(unet, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: 
 
 
 TIME_IDS = 6  # SDXL's (original height, width, crop top, left, target height, width)
+
+
+def pack_flux_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): FLUX's 2x2 patches as tokens (FluxPipeline's layout)."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack_flux_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`pack_flux_latents` for latents of ``height`` x ``width``."""
+    b, _, channels = tokens.shape
+    c = channels // 4
+    return tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
+
+
+def flux_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
+    """FLUX's position ids of the packed latent tokens, (H/2 * W/2, 3): (0, row, column)."""
+    ids = torch.zeros(height // 2, width // 2, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(height // 2, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(width // 2, device=device, dtype=dtype)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def _denoise_transformer(model, latents, timesteps, conditioning) -> torch.Tensor:
+    """An SD3 / FLUX transformer's velocity for ``x_t`` at ``t`` (the flow schedulers' timesteps, sigma x 1000)."""
+    pooled_width = int(model.config.pooled_projection_dim)
+    tokens, extra = conditioning[:, :-1], conditioning[:, -1]
+    timesteps = timesteps.to(latents.dtype).expand(len(latents))
+    if isinstance(model, SD3Transformer2DModel):
+        return model(
+            hidden_states=latents,
+            encoder_hidden_states=tokens,
+            pooled_projections=extra[:, :pooled_width],
+            timestep=timesteps,
+        ).sample
+    height, width = latents.shape[-2:]
+    guidance = extra[:, pooled_width].float() if model.config.guidance_embeds else None
+    out = model(
+        hidden_states=pack_flux_latents(latents),
+        encoder_hidden_states=tokens,
+        pooled_projections=extra[:, :pooled_width],
+        timestep=timesteps / 1000,  # FluxPipeline's convention: the transformer scales by 1000 itself
+        guidance=guidance,
+        img_ids=flux_image_ids(height, width, latents.device, latents.dtype),
+        txt_ids=torch.zeros(tokens.shape[1], 3, device=latents.device, dtype=latents.dtype),
+    ).sample
+    return unpack_flux_latents(out, height, width)
 
 
 def _pooled_width(unet) -> int:
@@ -83,6 +143,33 @@ class ModelFamily:
     name: str
     pipeline_classes: tuple[str, ...]
     title: str = "Stable Diffusion"
+    target_sets: tuple[str, ...] = UNET_TARGET_SETS  # the LoRA target sets (:mod:`.lora`) this family has
+    classifier_free_guidance: bool = True  # whether the latent pool's sampler guides with the unconditional branch
+    prompt_prefixes: bool = True  # soft prompt prefixes: --robust, the white-box attack, a text-encoder LoRA
+
+    denoiser = staticmethod(denoiser)
+
+    def latent_shape(self, pipe, resolution: int) -> tuple[int, int, int]:
+        """The shape (C, H, W) of one latent at ``resolution`` pixels, as the denoiser's sampler makes it."""
+        side = resolution // int(pipe.vae_scale_factor)
+        return (int(self.denoiser(pipe).config.in_channels), side, side)
+
+    def trajectory_scheduler(self, pipe, latent_shape: tuple[int, int, int], steps: int) -> tuple[object, dict]:
+        """The latent pool's sampler and the keywords of its ``set_timesteps`` for ``steps`` steps: DDIM from the
+        pipeline's own scheduler configuration (its prediction type, betas and timestep spacing)."""
+        return DDIMScheduler.from_config(pipe.scheduler.config), {}
+
+    def forward_process(self, pipe):
+        """``noised(x0, generator) -> (x_t, t)``: clean latents pushed through q(x_t | x_0) at uniform timesteps
+        (DDPM's training distribution; the ``--*_image_dir`` latent source)."""
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+        def noised(x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            return scheduler.add_noise(x0, noise, t), t
+
+        return noised
 
     def covers(self, pipe) -> bool:
         """Whether ``pipe`` is one of this family's pipelines (subclasses such as MunbaPipeline included)."""
@@ -265,10 +352,198 @@ class StableDiffusionXLFamily(ModelFamily):
         ).images[0]
 
 
+FLUX_GUIDANCE = 3.5  # FluxPipeline's default guidance: the embedded guidance a FLUX-dev erasure trains at
+GUIDANCE_ATTRIBUTE = "erasure_guidance"  # set on a FLUX-dev pipeline by the trainer (--flux_guidance)
+
+
+@dataclass(frozen=True)
+class FlowFamily(ModelFamily):
+    r"""SD3 / 3.5: an MMDiT transformer trained with rectified flow. The model predicts the velocity
+    :math:`v = \epsilon - x_0` of :math:`x_t = (1 - \sigma) x_0 + \sigma \epsilon`; the ESD and anchor targets are
+    formed from velocity predictions at the same :math:`x_t` and :math:`\sigma` (weights summing to 1, as in every
+    prediction space). Conditioning: the pipeline's own prompt encoding (the two CLIP encoders' penultimate states
+    side by side, padded to T5's width, followed by T5's states, or zeros without T5), plus one packed row holding
+    the pooled CLIP projections."""
+
+    title: str = "Stable Diffusion 3"
+    target_sets: tuple[str, ...] = ("xattn", "noxattn", "attn", "full", "image")
+    prompt_prefixes: bool = False
+
+    def describe(self, pipe) -> str:
+        return f"{self.title} (flow matching, {self.native_resolution(pipe)} px)"
+
+    @staticmethod
+    def prediction_type(scheduler) -> str:
+        """``flow``: the velocity of rectified flow (a FlowMatch scheduler; one line otherwise)."""
+        if "FlowMatch" not in type(scheduler).__name__:
+            raise ValueError(
+                f"the pipeline's scheduler is {type(scheduler).__name__}; a flow-matching transformer samples with a "
+                "FlowMatch scheduler (FlowMatchEulerDiscreteScheduler): pass the model's own scheduler"
+            )
+        return "flow"
+
+    @staticmethod
+    def native_resolution(pipe) -> int:
+        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+
+    def patch(self, pipe) -> int:
+        """Latent pixels per side of one image token."""
+        return int(self.denoiser(pipe).config.patch_size)
+
+    def check_resolution(self, resolution: int, pipe) -> None:
+        factor = int(pipe.vae_scale_factor) * self.patch(pipe)
+        if resolution % factor:
+            raise ValueError(f"--resolution {resolution} must be a multiple of {factor} for this model")
+
+    def trajectory_scheduler(self, pipe, latent_shape, steps: int):
+        """The pipeline's own flow sampler (Euler), its timesteps set as the pipeline sets them (a resolution-dependent
+        shift ``mu`` when the scheduler shifts dynamically)."""
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        if not scheduler.config.get("use_dynamic_shifting", False):
+            return scheduler, {}
+        return scheduler, {"mu": self._shift(scheduler, pipe, latent_shape)}
+
+    def _shift(self, scheduler, pipe, latent_shape) -> float:
+        """``mu`` of the pipelines' ``calculate_shift``: linear in the number of image tokens."""
+        tokens = (latent_shape[1] // self.patch(pipe)) * (latent_shape[2] // self.patch(pipe))
+        config = scheduler.config
+        slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+        return config.base_shift + slope * (tokens - config.base_image_seq_len)
+
+    def forward_process(self, pipe):
+        r"""As diffusers' SD3 / FLUX training scripts: timesteps from the scheduler's training schedule at
+        logit-normal positions (mean 0, std 1), :math:`x_t = (1 - \sigma) x_0 + \sigma \epsilon`; the loss is not
+        weighted (their default weighting scheme, ``none``)."""
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        steps = scheduler.config.num_train_timesteps
+
+        def noised(x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            u = compute_density_for_timestep_sampling(
+                "logit_normal", len(x0), logit_mean=0.0, logit_std=1.0, generator=generator
+            )
+            t = scheduler.timesteps[(u * steps).long().clamp(max=steps - 1)]
+            sigma = (t / steps).view(-1, *([1] * (x0.dim() - 1)))
+            noise = torch.randn(x0.shape, generator=generator)
+            return (1 - sigma) * x0 + sigma * noise, t
+
+        return noised
+
+    def _extra_row(self, pipe, pooled: torch.Tensor) -> torch.Tensor:
+        """The packed row's content before padding: the pooled projection."""
+        return pooled.float()
+
+    def _pack(self, pipe, tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        extra = self._extra_row(pipe, pooled)
+        width = tokens.shape[-1]
+        if extra.shape[1] > width:
+            raise ValueError(
+                f"the pooled embedding ({extra.shape[1]}) does not fit the text width {width}; pass a model whose "
+                "joint_attention_dim is at least its pooled_projection_dim (+1 with guidance)"
+            )
+        extra = torch.nn.functional.pad(extra, (0, width - extra.shape[1]))
+        return torch.cat([tokens.float(), extra[:, None]], dim=1)
+
+    def _encode(self, pipe, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, do_classifier_free_guidance=False)
+        return embeds, pooled
+
+    def encode_prompts(self, pipe, prompts: list[str], device, resolution: int | None = None) -> torch.Tensor:
+        """The pipeline's own prompt encoding, packed (one extra row: the pooled embedding), float32 on the CPU."""
+        out = []
+        for start in range(0, len(prompts), PROMPT_CHUNK_SIZE):
+            tokens, pooled = self._encode(pipe, prompts[start : start + PROMPT_CHUNK_SIZE], device)
+            out.append(self._pack(pipe, tokens, pooled).cpu())
+        return torch.cat(out)
+
+    def null_conditioning(self, pipe, device, resolution: int | None = None) -> torch.Tensor:
+        """The pipeline's negative conditioning for no negative prompt: the empty prompt's encoding."""
+        return self.encode_prompts(pipe, [""], device, resolution)
+
+    def pooled_width(self, pipe) -> int:
+        return int(self.denoiser(pipe).config.pooled_projection_dim)
+
+    def generate(self, pipe, conditioning: torch.Tensor, null: torch.Tensor, *, seed: int, **settings):
+        device, dtype, pooled = pipe.device, self.denoiser(pipe).dtype, self.pooled_width(pipe)
+        return pipe(
+            prompt_embeds=conditioning[:, :-1].to(device, dtype),
+            pooled_prompt_embeds=conditioning[:, -1, :pooled].to(device, dtype),
+            negative_prompt_embeds=null[:, :-1].to(device, dtype),
+            negative_pooled_prompt_embeds=null[:, -1, :pooled].to(device, dtype),
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="pil",
+            **settings,
+        ).images[0]
+
+
+@dataclass(frozen=True)
+class FluxFamily(FlowFamily):
+    r"""FLUX.1: an MMDiT with double- and single-stream blocks, latents packed as 2x2 patches with RoPE position
+    ids (:func:`denoise` packs and unpacks; the trainer keeps (C, H, W) latents). T5 gives the token states, CLIP
+    only a pooled vector. There is no real unconditional branch: FLUX-dev is guidance-distilled (``guidance_embeds``:
+    the guidance scale is an input, packed into the conditioning after the pooled vector) and FLUX-schnell is
+    timestep-distilled (no guidance at all), so the latent pool samples with the prompt alone.
+
+    The ESD target on FLUX-dev is formed from two predictions at the same guidance input g (``--flux_guidance``,
+    3.5 by default, FluxPipeline's default): :math:`v_g(\varnothing) - \eta (v_g(c) - v_g(\varnothing))`. The
+    distilled model approximates its teacher's guided prediction, :math:`v_g(c) \approx v(\varnothing) + g (v(c) -
+    v(\varnothing))` and :math:`v_g(\varnothing) \approx v(\varnothing)`, so the difference is g times the
+    teacher's concept direction: the target pushes against what the concept adds at the guidance the model is used
+    with. ``anchored_esd`` (a named anchor prompt instead of the empty one) avoids the empty prompt, which FLUX was
+    never trained to treat as unconditional."""
+
+    title: str = "FLUX.1"
+    target_sets: tuple[str, ...] = ("xattn", "noxattn", "attn", "full", "image", "single")
+    classifier_free_guidance: bool = False
+
+    def describe(self, pipe) -> str:
+        kind = "dev, guidance-distilled" if self.denoiser(pipe).config.guidance_embeds else "schnell, no guidance"
+        return f"{self.title} ({kind}, flow matching, {self.native_resolution(pipe)} px)"
+
+    def patch(self, pipe) -> int:
+        return 2  # FLUX packs 2x2 latent patches into one token
+
+    def trajectory_scheduler(self, pipe, latent_shape, steps: int):
+        """As FluxPipeline: sigmas from 1 to 1/steps, shifted by ``mu`` (resolution-dependent for FLUX-dev)."""
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        return scheduler, {"sigmas": sigmas, "mu": self._shift(scheduler, pipe, latent_shape)}
+
+    def latent_shape(self, pipe, resolution: int) -> tuple[int, int, int]:
+        side = resolution // int(pipe.vae_scale_factor)
+        return (int(self.denoiser(pipe).config.in_channels) // 4, side, side)
+
+    def _encode(self, pipe, prompts: list[str], device):
+        embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=device)
+        return embeds, pooled
+
+    def _extra_row(self, pipe, pooled: torch.Tensor) -> torch.Tensor:
+        if not self.denoiser(pipe).config.guidance_embeds:
+            return pooled.float()
+        guidance = float(getattr(pipe, GUIDANCE_ATTRIBUTE, None) or FLUX_GUIDANCE)
+        return torch.cat([pooled.float(), torch.full((len(pooled), 1), guidance, device=pooled.device)], dim=1)
+
+    def generate(self, pipe, conditioning: torch.Tensor, null: torch.Tensor, *, seed: int, **settings):
+        device, dtype, pooled = pipe.device, self.denoiser(pipe).dtype, self.pooled_width(pipe)
+        return pipe(
+            prompt_embeds=conditioning[:, :-1].to(device, dtype),
+            pooled_prompt_embeds=conditioning[:, -1, :pooled].to(device, dtype),
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="pil",
+            **settings,
+        ).images[0]
+
+
 STABLE_DIFFUSION = ModelFamily("stable-diffusion", ("StableDiffusionPipeline",))
 STABLE_DIFFUSION_XL = StableDiffusionXLFamily("stable-diffusion-xl", ("StableDiffusionXLPipeline",))
-FAMILIES = (STABLE_DIFFUSION, STABLE_DIFFUSION_XL)
-_VERSIONS = {"StableDiffusionPipeline": "SD 1.x, 2.x", "StableDiffusionXLPipeline": "SDXL"}
+STABLE_DIFFUSION_3 = FlowFamily("stable-diffusion-3", ("StableDiffusion3Pipeline",))
+FLUX = FluxFamily("flux", ("FluxPipeline",))
+FAMILIES = (STABLE_DIFFUSION, STABLE_DIFFUSION_XL, STABLE_DIFFUSION_3, FLUX)
+_VERSIONS = {
+    "StableDiffusionPipeline": "SD 1.x, 2.x",
+    "StableDiffusionXLPipeline": "SDXL",
+    "StableDiffusion3Pipeline": "SD3, SD3.5",
+    "FluxPipeline": "FLUX.1 dev, schnell",
+}
 
 
 def family_of_pipeline(pipe) -> ModelFamily:
@@ -292,3 +567,13 @@ def family_of_class(class_name: str | None) -> ModelFamily:
     supported = ", ".join(f"{c} ({_VERSIONS[c]})" for c in supported_classes())
     reason = _NOT_YET.get(class_name or "", f"{class_name or 'an unnamed pipeline class'} is not supported")
     raise ValueError(f"{reason}; erasure supports {supported}; pass such a folder or Hub id")
+
+
+def absent_components(index: dict) -> dict[str, None]:
+    """The components ``model_index.json`` lists as absent (``[null, null]``, e.g. SD3 without its T5 encoder), as
+    the ``None`` keywords ``from_pretrained`` needs to build the pipeline without them."""
+    return {
+        name: None
+        for name, entry in index.items()
+        if not name.startswith("_") and isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is None
+    }

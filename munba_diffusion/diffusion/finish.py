@@ -23,7 +23,7 @@ from .export import (
     write_model_card,
 )
 from .family import family_of_pipeline
-from .lora import ADAPTER_NAME, adapters_disabled, text_encoders
+from .lora import ADAPTER_NAME, adapters_disabled, denoiser, text_encoders
 
 logger = logging.getLogger(__name__)
 GRID_CELL = 160  # pixels per image in the before/after grid
@@ -62,7 +62,7 @@ def before_after_grid(pipe, prompts: list[str], seeds: int, steps: int, guidance
                 num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(seed)
             )
             if disabled:
-                with adapters_disabled(pipe.unet, *text_encoders(pipe)):
+                with adapters_disabled(denoiser(pipe), *text_encoders(pipe)):
                     images.append(pipe(prompt, **kwargs).images[0])
             else:
                 images.append(pipe(prompt, **kwargs).images[0])
@@ -137,7 +137,7 @@ def finish_erasure(
     record = run_record(
         config,
         players=names,
-        target_modules=_target_modules(pipe.unet),
+        target_modules=_target_modules(denoiser(pipe)),
         text_encoder_target_modules=_target_modules(pipe.text_encoder),
         family=family_of_pipeline(pipe).describe(pipe),
         train_seconds=train_seconds,

@@ -10,7 +10,7 @@ the forward process) are the alternatives.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -29,7 +29,7 @@ class LatentBatch:
 
     prompt_index: torch.Tensor  # (B,) long
     latents: torch.Tensor  # (B, C, H, W)
-    timesteps: torch.Tensor  # (B,) long
+    timesteps: torch.Tensor  # (B,) long (DDPM / DDIM) or float (flow schedulers: sigma x 1000)
 
 
 @dataclass
@@ -47,11 +47,13 @@ class LatentSource(Protocol):
 
 @dataclass
 class SamplerSettings:
-    """The frozen model's sampler used to make x_t: DDIM steps, classifier-free guidance, latent shape."""
+    """The frozen model's sampler used to make x_t: steps, classifier-free guidance, latent shape, and the keywords
+    of the scheduler's ``set_timesteps`` (FLUX's resolution-dependent shift ``mu``)."""
 
     steps: int = 25
     guidance_scale: float = 7.5
     latent_shape: tuple[int, int, int] = (4, 64, 64)
+    timestep_kwargs: dict = field(default_factory=dict)
 
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t, context) -> eps
@@ -62,10 +64,13 @@ def guided_eps(
     x: torch.Tensor,
     t: torch.Tensor,
     cond: torch.Tensor,
-    uncond: torch.Tensor,
+    uncond: torch.Tensor | None,
     guidance_scale: float,
 ) -> torch.Tensor:
-    """Classifier-free guidance: eps(uncond) + s (eps(cond) - eps(uncond)), both in one batched call."""
+    """Classifier-free guidance: eps(uncond) + s (eps(cond) - eps(uncond)), both in one batched call; the
+    conditional prediction alone when ``uncond`` is None (FLUX: no unconditional branch)."""
+    if uncond is None:
+        return denoise(x, t, cond)
     eps = denoise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond.expand_as(cond), cond]))
     eps_uncond, eps_cond = eps.chunk(2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
@@ -77,24 +82,26 @@ def ddim_trajectory(
     scheduler,
     noise: torch.Tensor,
     cond: torch.Tensor,
-    uncond: torch.Tensor,
+    uncond: torch.Tensor | None,
     settings: SamplerSettings,
     stop_after: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run DDIM from ``noise``; return every x_t fed to the UNet, (S, B, C, H, W), and the timesteps (S,).
+    """Run the sampler (DDIM; the flow models' Euler) from ``noise``; return every x_t fed to the denoiser,
+    (S, B, C, H, W), and the timesteps (S,) (integers for DDIM, the flow schedulers' sigma x 1000 otherwise).
 
     ``stop_after`` = k stops once k x_t have been recorded (ESD's partial trajectory).
     """
-    scheduler.set_timesteps(settings.steps)
-    x = noise * scheduler.init_noise_sigma
+    scheduler.set_timesteps(settings.steps, **settings.timestep_kwargs)
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
     states, times = [], []
     for t in scheduler.timesteps:
         states.append(x.detach().cpu())
-        times.append(int(t))
+        times.append(t.item())
         if stop_after is not None and len(states) >= stop_after:
             break
-        tb = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-        eps = guided_eps(denoise, scheduler.scale_model_input(x, t), tb, cond, uncond, settings.guidance_scale)
+        tb = torch.full((x.shape[0],), t.item(), device=x.device)
+        eps = guided_eps(denoise, scale(x, t), tb, cond, uncond, settings.guidance_scale)
         x = scheduler.step(eps, t, x).prev_sample
     return torch.stack(states), torch.tensor(times)
 
@@ -114,7 +121,7 @@ class TrajectoryPool:
         denoise: DenoiseFn,
         scheduler,
         contexts: torch.Tensor,
-        uncond: torch.Tensor,
+        uncond: torch.Tensor | None,
         settings: SamplerSettings,
         per_prompt: int,
         generator: torch.Generator,
@@ -135,7 +142,7 @@ class TrajectoryPool:
                 scheduler,
                 noise[start : start + len(chunk)].to(device, dtype),
                 cond,
-                uncond.to(device, dtype),
+                None if uncond is None else uncond.to(device, dtype),
                 settings,
             )
             states.append(traj.transpose(0, 1))  # (B, S, C, H, W)
@@ -158,7 +165,7 @@ class FreshTrajectories:
         denoise: DenoiseFn,
         scheduler,
         contexts: torch.Tensor,
-        uncond: torch.Tensor,
+        uncond: torch.Tensor | None,
         settings: SamplerSettings,
         device: torch.device,
         dtype: torch.dtype,
@@ -175,28 +182,30 @@ class FreshTrajectories:
             self.scheduler,
             noise.to(self.device, self.dtype),
             self.contexts[prompt].to(self.device, self.dtype),
-            self.uncond.to(self.device, self.dtype),
+            None if self.uncond is None else self.uncond.to(self.device, self.dtype),
             self.settings,
             stop_after=depth,
         )
         return LatentBatch(prompt, traj[-1].float(), torch.full((batch_size,), int(times[-1])))
 
 
-class NoisedImages:
-    """An image folder encoded once by the VAE and pushed through the forward process q(x_t | x_0) each step."""
+ForwardProcess = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # x0 -> (x_t, t)
 
-    def __init__(self, clean_latents: torch.Tensor, num_prompts: int, noise_scheduler):
+
+class NoisedImages:
+    """An image folder encoded once by the VAE and pushed through the family's forward process q(x_t | x_0) each
+    step (:meth:`munba_diffusion.diffusion.family.ModelFamily.forward_process`)."""
+
+    def __init__(self, clean_latents: torch.Tensor, num_prompts: int, noised: ForwardProcess):
         if len(clean_latents) == 0:
             raise ValueError("the image folder holds no images")
-        self.clean_latents, self.num_prompts, self.noise_scheduler = clean_latents, num_prompts, noise_scheduler
+        self.clean_latents, self.num_prompts, self.noised = clean_latents, num_prompts, noised
 
     def sample(self, batch_size: int, generator: torch.Generator) -> LatentBatch:
         idx = torch.randint(len(self.clean_latents), (batch_size,), generator=generator)
         prompt = torch.randint(self.num_prompts, (batch_size,), generator=generator)
-        t = torch.randint(self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-        x0 = self.clean_latents[idx]
-        noise = torch.randn(x0.shape, generator=generator)
-        return LatentBatch(prompt, self.noise_scheduler.add_noise(x0, noise, t), t)
+        latents, t = self.noised(self.clean_latents[idx], generator)
+        return LatentBatch(prompt, latents, t)
 
 
 def list_images(directory: str | Path) -> list[Path]:
@@ -214,7 +223,7 @@ def list_images(directory: str | Path) -> list[Path]:
 def encode_image_folder(
     vae, directory: str | Path, resolution: int, device: torch.device, dtype: torch.dtype, batch_size: int = 8
 ) -> torch.Tensor:
-    """VAE latents (scaled by the VAE's scaling factor) of every image in ``directory``, resized to ``resolution``."""
+    """VAE latents (shifted and scaled as the pipeline's VAE says) of every image in ``directory``, resized to ``resolution``."""
     files = list_images(directory)
     latents = []
     for start in range(0, len(files), batch_size):
@@ -229,5 +238,6 @@ def encode_image_folder(
             vae.to(dtype)
         else:
             encoded = vae.encode(x).latent_dist.mean
-        latents.append(encoded.float().cpu() * vae.config.scaling_factor)
+        shift = vae.config.get("shift_factor") or 0.0  # SD3's and FLUX's VAEs shift before scaling
+        latents.append((encoded.float().cpu() - shift) * vae.config.scaling_factor)
     return torch.cat(latents)

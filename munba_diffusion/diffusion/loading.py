@@ -1,5 +1,5 @@
-"""Load an erased model folder as its family's Munba pipeline (MunbaPipeline, MunbaXLPipeline for SDXL), with
-one-line errors for folders that cannot work."""
+"""Load an erased model folder as its family's Munba pipeline (MunbaPipeline; MunbaXLPipeline for SDXL,
+MunbaSD3Pipeline for SD3, MunbaFluxPipeline for FLUX), with one-line errors for folders that cannot work."""
 
 from __future__ import annotations
 
@@ -12,22 +12,30 @@ from diffusers import DiffusionPipeline
 
 from munba_diffusion.io import is_local_path
 from munba_diffusion.pipelines.munba import ERASURE_FILE_NAME, LORA_WEIGHT_NAME, PIPELINE_FILE_NAME, MunbaPipeline
+from munba_diffusion.pipelines.munba_flux import MunbaFluxPipeline
+from munba_diffusion.pipelines.munba_sd3 import MunbaSD3Pipeline
 from munba_diffusion.pipelines.munba_xl import MunbaXLPipeline
+
+MUNBA_CLASSES = {
+    cls._class_name_on_disk: cls for cls in (MunbaPipeline, MunbaXLPipeline, MunbaSD3Pipeline, MunbaFluxPipeline)
+}
+"""Each family's Munba pipeline, by the stock class its folders name in ``model_index.json``."""
 
 
 def munba_pipeline_class(path_or_repo_id: str | os.PathLike, **kwargs: Any) -> type:
-    """MunbaXLPipeline for an SDXL folder or repo, MunbaPipeline otherwise (``model_index.json``'s class)."""
+    """The Munba pipeline of the folder's or repo's family (``model_index.json``'s class): MunbaXLPipeline for
+    SDXL, MunbaSD3Pipeline for SD3, MunbaFluxPipeline for FLUX, MunbaPipeline otherwise."""
     hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
     try:
         index = DiffusionPipeline.load_config(str(path_or_repo_id), **hub)
     except (OSError, ValueError):  # unreachable: from_pretrained then names the problem
         return MunbaPipeline
-    return MunbaXLPipeline if index.get("_class_name") == "StableDiffusionXLPipeline" else MunbaPipeline
+    return MUNBA_CLASSES.get(index.get("_class_name"), MunbaPipeline)
 
 
 def load_erased_pipeline(
     path_or_repo_id: str | os.PathLike, *, trust_remote_code: bool = False, **kwargs: Any
-) -> MunbaPipeline | MunbaXLPipeline:
+) -> MunbaPipeline | MunbaXLPipeline | MunbaSD3Pipeline | MunbaFluxPipeline:
     """Load an erased model (folder or Hub repo) as its family's Munba pipeline.
 
     By default the installed class (:func:`munba_pipeline_class`) loads it and no code from the folder runs. With

@@ -13,6 +13,18 @@ UNet target sets (names as in ESD / MUNBa):
   setting; for SDXL also except ``add_embedding``, which carries the pooled text embedding);
 - ``attn``:    self- and cross-attention projections;
 - ``full``:    every Linear/Conv2d layer peft can adapt.
+
+Transformer target sets (SD3's and FLUX's MMDiT, where text and image tokens share joint attention and there is
+no separate cross-attention):
+
+- ``xattn``:   the text stream's projections (``attn.add_q_proj/add_k_proj/add_v_proj/to_add_out``): what
+  the text conditioning flows through (the image tokens read the prompt through its keys and values), the
+  nearest analogue of the UNet's cross-attention;
+- ``image``:   the image stream's projections in the joint blocks (``attn.to_q/to_k/to_v/to_out.0``);
+- ``single``:  FLUX's single-stream blocks (``attn.to_q/to_k/to_v``, ``proj_mlp``, ``proj_out``; FLUX only);
+- ``attn``:    every attention projection (text stream, image stream, and FLUX's single-stream attention);
+- ``noxattn``: every Linear in the transformer blocks except the text stream's projections;
+- ``full``:    every Linear layer.
 """
 
 from __future__ import annotations
@@ -28,7 +40,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
-TARGET_SETS = ("xattn", "noxattn", "attn", "full")
+TARGET_SETS = ("xattn", "noxattn", "attn", "full", "image", "single")
+UNET_TARGET_SETS = ("xattn", "noxattn", "attn", "full")
+_TEXT_STREAM = r"attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)$"
+_IMAGE_STREAM = r"^transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)$"
+_SINGLE_ATTN = r"^single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)$"
+_SINGLE = r"^single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)$"
 LORA_MODULES = ("unet", "text_encoder", "both")
 _ATTN_PROJ = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -62,10 +79,44 @@ class ErasureLoraConfig:
         return self.modules in ("text_encoder", "both")
 
 
+def _is_transformer(model: nn.Module) -> bool:
+    return hasattr(model, "transformer_blocks") and not hasattr(model, "down_blocks")
+
+
+def transformer_module_names(model: nn.Module, target: str) -> list[str]:
+    """Full module names of an SD3 / FLUX transformer that the target set adapts (see the module docstring)."""
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        text = re.search(_TEXT_STREAM, name) is not None
+        in_blocks = name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+        keep = {
+            "xattn": text,
+            "image": re.search(_IMAGE_STREAM, name) is not None,
+            "single": re.search(_SINGLE, name) is not None,
+            "attn": text or re.search(_IMAGE_STREAM, name) is not None or re.search(_SINGLE_ATTN, name) is not None,
+            "noxattn": in_blocks and not text,
+            "full": True,
+        }[target]
+        if keep:
+            names.append(name)
+    if not names:
+        raise ValueError(f"the transformer has no layers in target set {target!r}")
+    return names
+
+
 def target_module_names(unet: nn.Module, target: str) -> list[str]:
-    """Full module names of ``unet`` that the target set adapts."""
+    """Full module names of ``unet`` (the denoiser: a UNet, or an SD3 / FLUX transformer) that the target set
+    adapts."""
     if target not in TARGET_SETS:
         raise ValueError(f"unknown LoRA target set {target!r}; choose one of {', '.join(TARGET_SETS)}")
+    if _is_transformer(unet):
+        return transformer_module_names(unet, target)
+    if target not in UNET_TARGET_SETS:
+        raise ValueError(
+            f"LoRA target set {target!r} is for SD3 / FLUX transformers; a UNet takes {', '.join(UNET_TARGET_SETS)}"
+        )
     names = []
     for name, module in unet.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -140,16 +191,22 @@ def add_text_encoder_lora(text_encoder, config: ErasureLoraConfig) -> list[nn.Pa
 def add_erasure_loras(pipe, config: ErasureLoraConfig) -> list[nn.Parameter]:
     """The erasure adapter on the UNet and/or the text encoder(s) (``config.modules``); the trained parameters, the
     UNet's first."""
-    params = add_erasure_lora(pipe.unet, config) if config.on_unet else []
+    params = add_erasure_lora(denoiser(pipe), config) if config.on_unet else []
     if config.on_text_encoder:
         for encoder in text_encoders(pipe):  # SDXL: both
             params += add_text_encoder_lora(encoder, config)
     return params
 
 
+def denoiser(pipe) -> nn.Module:
+    """The pipeline's denoiser: its UNet, or its transformer (SD3, FLUX)."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
 def text_encoders(pipe) -> list[nn.Module]:
-    """The pipeline's text encoders (SDXL has two)."""
-    return [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) is not None else [])
+    """The pipeline's text encoders (SDXL and FLUX have two, SD3 three: its T5 may be absent)."""
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    return [getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None]
 
 
 def has_adapters(model) -> bool:

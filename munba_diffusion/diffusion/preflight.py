@@ -31,6 +31,8 @@ def check_run_environment(config: ErasureTrainingConfig) -> None:
             "--enable_xformers_memory_efficient_attention needs xformers (GPU only): pip install "
             '"munba-diffusion[xformers]", or drop the flag (PyTorch\'s SDPA attention is the default)'
         )
+    if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--use_8bit_adam needs bitsandbytes (GPU): pip install bitsandbytes, or drop the flag")
     if config.push_to_hub:
         if is_offline():
             raise ValueError(

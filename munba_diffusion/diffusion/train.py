@@ -10,8 +10,10 @@ the update owner (:class:`munba_diffusion.step.BargainedUpdate`) -> optimizer st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,9 +39,9 @@ from .checkpoints import (
 from .config import ErasureTrainingConfig
 from .data import build_erasure_data
 from .export import OutputDirLock, check_output_dir
-from .family import STABLE_DIFFUSION_XL, family_of_pipeline
+from .family import FLUX, GUIDANCE_ATTRIBUTE, STABLE_DIFFUSION_XL, family_of_pipeline
 from .finish import finish_erasure
-from .lora import ErasureLoraConfig, add_erasure_loras, text_encoders
+from .lora import ErasureLoraConfig, add_erasure_loras, denoiser, text_encoders
 from .players import TextLora, erasure_players
 from .preflight import check_processes, check_run_environment
 from .trackers import log_images, tracker_scalars
@@ -79,7 +81,22 @@ def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Gene
 
 
 def check_family_options(config: ErasureTrainingConfig, family) -> None:
-    """Options the base model's family cannot take yet: one line naming the fix, before any weight loads."""
+    """Options the base model's family cannot take (yet): one line naming the fix, before any weight loads."""
+    if config.lora_target not in family.target_sets:
+        raise ValueError(
+            f"--lora_target {config.lora_target} does not exist for {family.title}; choose one of "
+            f"{', '.join(family.target_sets)}"
+        )
+    if not family.prompt_prefixes and (config.robust or config.lora.on_text_encoder):
+        flag = "--robust" if config.robust else f"--lora_on {config.lora_on}"
+        raise ValueError(
+            f"{flag} is not supported on {family.title} yet (soft prompt prefixes and text-encoder LoRAs cover SD 1.x, "
+            "2.x and SDXL); drop it"
+        )
+    if config.flux_guidance is not None and family is not FLUX:
+        raise ValueError(
+            f"--flux_guidance is for guidance-distilled FLUX-dev; {family.title} takes no guidance input: drop it"
+        )
     if config.lora_target == "full" and family is STABLE_DIFFUSION_XL:
         raise ValueError(
             f"--lora_target full on {family.title} adapts add_embedding, which the ComfyUI / A1111 (kohya) file cannot "
@@ -87,19 +104,23 @@ def check_family_options(config: ErasureTrainingConfig, family) -> None:
         )
 
 
-def _prepare_unet(config: ErasureTrainingConfig, pipe, device) -> None:
-    for module in (pipe.vae, *text_encoders(pipe), pipe.unet):
+def _prepare_denoiser(config: ErasureTrainingConfig, pipe, device) -> None:
+    for module in (pipe.vae, *text_encoders(pipe), denoiser(pipe)):
         module.requires_grad_(False)
         module.to(device)
     if config.enable_xformers_memory_efficient_attention:
-        pipe.unet.enable_xformers_memory_efficient_attention()
+        denoiser(pipe).enable_xformers_memory_efficient_attention()
     if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()  # diffusers uses the non-reentrant kind autograd.grad needs
+        denoiser(pipe).enable_gradient_checkpointing()  # diffusers uses the non-reentrant kind autograd.grad needs
+    if denoiser(pipe).config.get("guidance_embeds"):  # FLUX-dev: the guidance input of targets and trajectories
+        setattr(pipe, GUIDANCE_ATTRIBUTE, config.flux_guidance)
+    elif config.flux_guidance is not None:
+        raise ValueError("--flux_guidance is for FLUX-dev; this FLUX model has no guidance embedding: drop it")
 
 
 def lora_models(pipe, lora: ErasureLoraConfig) -> dict[str, torch.nn.Module]:
     """The models that carry the erasure LoRA, by component name (``unet``, ``text_encoder``, ``text_encoder_2``)."""
-    models = {"unet": pipe.unet} if lora.on_unet else {}
+    models = {"unet": denoiser(pipe)} if lora.on_unet else {}
     if lora.on_text_encoder:
         models.update(zip(("text_encoder", "text_encoder_2"), text_encoders(pipe)))
     return models
@@ -139,6 +160,15 @@ def _resolution(config: ErasureTrainingConfig, pipe) -> int:
     return resolution
 
 
+def _optimizer_class(config: ErasureTrainingConfig):
+    """AdamW, or bitsandbytes' 8-bit AdamW (``--use_8bit_adam``; its availability is checked before any load)."""
+    if not config.use_8bit_adam:
+        return torch.optim.AdamW
+    import bitsandbytes  # noqa: PLC0415 (optional: GPU only, checked before any load)
+
+    return bitsandbytes.optim.AdamW8bit
+
+
 def _start_log(path: Path, resume_step: int | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if resume_step is None:
@@ -156,7 +186,11 @@ def train_erasure(
     """
     check_run_environment(config)
     check_output_dir(config.output_dir, config.overwrite_output_dir or config.resume_from_checkpoint is not None)
-    with OutputDirLock(config.output_dir):
+    # one lock per run: the launch's first process holds it (the other ranks would find it and stop); RANK is read
+    # from the launcher's environment because the distributed state is set up later, by the Accelerator
+    first_process = int(os.environ.get("RANK", "0")) == 0
+    lock = OutputDirLock(config.output_dir) if first_process else contextlib.nullcontext()
+    with lock:
         return _train_locked(config, evaluate)
 
 
@@ -180,11 +214,10 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
         config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant, torch_dtype=dtype
     )
     pipe.set_progress_bar_config(disable=True)
-    _prepare_unet(config, pipe, device)
-    unet = pipe.unet
+    _prepare_denoiser(config, pipe, device)
+    unet = denoiser(pipe)  # the UNet, or SD3's / FLUX's transformer
     resolution = _resolution(config, pipe)
-    side = resolution // pipe.vae_scale_factor
-    latent_shape = (unet.config.in_channels, side, side)
+    latent_shape = family.latent_shape(pipe, resolution)
 
     params = add_erasure_loras(pipe, config.lora)
     text_lora = TextLora(pipe, family, resolution) if config.lora.on_text_encoder else None  # re-encodes the rows
@@ -193,7 +226,7 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     combiner = get_combiner(
         config.combiner, **({"weights": config.combiner_weights} if config.combiner_weights else {})
     )
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+    optimizer = _optimizer_class(config)(params, lr=config.learning_rate)
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer,

@@ -54,6 +54,7 @@ from ..adversarial import (
 )
 from ..config import check_options, flag_name, option, same_option
 from ..demo import COLOURS, SHAPES, load_demo_judge
+from ..diffusion.base_model import base_model_family
 from ..diffusion.family import denoise, family_of_pipeline
 from ..io import save_image_atomic, write_json_atomic, write_text_atomic
 from ..models import bundled_model_names
@@ -518,6 +519,16 @@ def run_attack(config: AttackConfig) -> str:
         label: dataclasses.replace(ModelSpec.parse(text), label=label)
         for label, text in (("original", config.original), ("erased", config.model))
     }
+    if config.attack == "whitebox":  # before any weight loads: the family is in model_index.json
+        try:
+            family = base_model_family(specs["erased"].path)
+        except (ValueError, OSError):  # an unreadable model: loading it names the problem below
+            family = None
+        if family is not None and not family.prompt_prefixes:
+            raise ValueError(
+                f"the white-box attack's soft prompt prefixes are not available on {family.title} yet; run "
+                "--attack replay on it"
+            )
 
     manifests, models = {}, {}
     for label, spec in specs.items():

@@ -47,6 +47,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from ..config import check_options, option
+from ..diffusion.family import absent_components, family_of_pipeline
 from ..io import (
     TEMPORARY_GLOB,
     is_local_path,
@@ -238,7 +239,9 @@ def load_pipeline(spec: ModelSpec, settings: GenerationSettings, device: str | t
     """
     config = check_model(spec)
     path = resolve_model_path(spec.path)
-    kwargs = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in config else {}
+    kwargs = absent_components(config)  # e.g. SD3 without its T5 encoder
+    if "safety_checker" in config:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     if settings.dtype != "float32":
         kwargs["torch_dtype"] = _DTYPES[settings.dtype]
     try:
@@ -487,7 +490,12 @@ def png_bytes(image) -> bytes:
 
 
 def native_resolution(pipe) -> int:
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    """The family's native size (:meth:`munba_diffusion.diffusion.family.ModelFamily.native_resolution`); the
+    UNet's sample size times the VAE's scale for a pipeline no family covers."""
+    try:
+        return family_of_pipeline(pipe).native_resolution(pipe)
+    except ValueError:
+        return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
 def image_settings(record: PromptRecord, settings: GenerationSettings, default_size: int) -> tuple[float, int, int]:

@@ -47,6 +47,26 @@ METRIC_NAMES = {
     "clip_score": "CLIP score",
 }
 """Readable names of the usual metrics; any other number of a report is named after its key."""
+FAMILY_LAYOUTS = {  # family (as the record's run.family begins) -> (Munba class, stock class, component folders)
+    "Stable Diffusion XL": (
+        "MunbaXLPipeline",
+        "StableDiffusionXLPipeline",
+        "`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `text_encoder_2/`, `tokenizer_2/`",
+    ),
+    "Stable Diffusion 3": (
+        "MunbaSD3Pipeline",
+        "StableDiffusion3Pipeline",
+        "`transformer/`, `vae/`, `text_encoder/`, `tokenizer/`, `text_encoder_2/`, `tokenizer_2/`, `text_encoder_3/`, "
+        "`tokenizer_3/` (T5; absent, and null in `model_index.json`, for a model without T5)",
+    ),
+    "FLUX": (
+        "MunbaFluxPipeline",
+        "FluxPipeline",
+        "`transformer/`, `vae/`, `text_encoder/`, `tokenizer/`, `text_encoder_2/`, `tokenizer_2/` (T5)",
+    ),
+}
+SD_LAYOUT = ("MunbaPipeline", "StableDiffusionPipeline", "`unet/`, `vae/`, `text_encoder/`, `tokenizer/`")
+"""SD 1.x / 2.x (and a record that does not name its family)."""
 RATE_COMPANIONS = ("_ci95", "_n")
 """How report.json carries a rate K's uncertainty: ``K_ci95`` = [low, high] (95% Wilson interval) and ``K_n`` = its
 image count (written by ``munba_diffusion.evaluation.intervals.rate_fields``; read here, a layer below, by name)."""
@@ -182,12 +202,13 @@ def erased_model_card(
     base_line += f" (variant `{record['variant']}`)" if record.get("variant") else ""
     alpha = float(record["lora_alpha"] or record["rank"])
     versions = ", ".join(f"{name} {version}" for name, version in record.get("versions", {}).items())
+    family = str(record["run"].get("family") or "")
     sections = [
         f"# {model_id.rsplit('/', 1)[-1]}: {', '.join(names)} erased from {base}",
         f"{base_line} with {', '.join(f'**{n}**' for n in names)} erased by MUNBa (Machine Unlearning via Nash "
         "Bargaining): a LoRA trained so that prompts of the concept no longer produce it while other prompts keep "
-        "their images. The LoRA is fused into this folder's weights and also shipped on its own, for diffusers and for "
-        "ComfyUI / AUTOMATIC1111 / Forge.",
+        "their images. The LoRA is fused into this folder's weights and also shipped on its own, for diffusers"
+        + (" and for ComfyUI / AUTOMATIC1111 / Forge." if _has_kohya_file(family) else "."),
         "![Same seeds: original model (top) and erased model (bottom)](images/before_after.png)"
         if has_before_after
         else "",
@@ -198,14 +219,14 @@ def erased_model_card(
         f"- Base model: {base_line}" + (f", {record['run']['family']}" if record["run"].get("family") else "") + "\n"
         f"- Forget loss: `{record['forget_loss']}`; the forget and preserve gradients were combined each step by "
         f"the `{record['combiner']}` rule\n"
-        f"- LoRA: rank {record['rank']}, alpha {alpha}, {_lora_placement(record)}\n"
+        f"- LoRA: rank {record['rank']}, alpha {alpha}, {_lora_placement(record, family)}\n"
         f"- Training: {record['max_train_steps']} steps, learning rate {record['learning_rate']}, batch size "
         f"{record['train_batch_size']} x {record['gradient_accumulation_steps']} accumulation, resolution "
         f"{record['run']['resolution']}, seed {record['seed']}, mixed precision `{record['mixed_precision']}`\n"
         f"- Created {record.get('created', '')} with {versions}",
         f"## Evaluation\n\n{evaluation_markdown.strip()}" if evaluation_markdown else "",
-        _files_section(),
-        _how_to_load(base, names[0], model_id, str(record["run"].get("family") or "")),
+        _files_section(family),
+        _how_to_load(base, names[0], model_id, family),
         _app_section(model_id),
         "## Limitations\n\nErasure lowers how often the concept appears; it is not a guarantee. Adversarial "
         "prompts may still recover it, and nearby concepts can change too. Check the evaluation above before "
@@ -222,30 +243,57 @@ def write_model_card(directory: Path, card: ModelCard) -> Path:
     return path
 
 
-def _lora_placement(record: Mapping[str, Any]) -> str:
-    """Where the LoRA is: the UNet's target set and modules, the text encoder's modules."""
+def _layout(family: str) -> tuple[str, str, str]:
+    """(Munba class, stock class, component folders) of the family the record names (``run.family``)."""
+    return next((layout for name, layout in FAMILY_LAYOUTS.items() if family.startswith(name)), SD_LAYOUT)
+
+
+def _has_transformer(family: str) -> bool:
+    """SD3 and FLUX: the LoRA is on a transformer (no UNet, and no kohya-layout file: kohya names their modules
+    differently from the diffusers paths that the kohya writer uses)."""
+    return _layout(family)[1] in ("StableDiffusion3Pipeline", "FluxPipeline")
+
+
+def _has_kohya_file(family: str) -> bool:
+    return not _has_transformer(family)
+
+
+def _lora_placement(record: Mapping[str, Any], family: str = "") -> str:
+    """Where the LoRA is: the denoiser's (UNet's or transformer's) target set and modules, the text encoder's
+    modules."""
     run = record["run"]
     parts = []
+    denoiser = "transformer" if _has_transformer(family) else "UNet"
     if run.get("target_modules"):
-        parts.append(f"UNet target set `{record['lora_target']}` ({', '.join(sorted(run['target_modules']))})")
+        parts.append(f"{denoiser} target set `{record['lora_target']}` ({', '.join(sorted(run['target_modules']))})")
     if run.get("text_encoder_target_modules"):
         parts.append(f"text encoder ({', '.join(sorted(run['text_encoder_target_modules']))})")
     return "; ".join(parts)
 
 
-def _files_section() -> str:
+def _files_section(family: str = "") -> str:
+    munba, _, folders = _layout(family)
     lora_stem = Path(KOHYA_LORA_WEIGHT_NAME).stem
-    return f"""## Which file is for which tool
+    table = f"""## Which file is for which tool
 
 | File | For |
 |---|---|
-| `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/` (SDXL: also `text_encoder_2/`, `tokenizer_2/`), \
-`scheduler/` | diffusers: the whole pipeline with the erasure fused in |
+| `model_index.json`, {folders}, `scheduler/` | diffusers: the whole pipeline with the erasure fused in |
 | `{LORA_WEIGHT_NAME}` | diffusers (with peft): the erasure LoRA, to put on the base model with \
 `load_lora_weights` |
+"""
+    if _has_transformer(family):
+        return f"""{table}\
+| `{PIPELINE_FILE_NAME}`, `{ERASURE_FILE_NAME}` | `{munba}` (which concepts were erased, `erasure_scale`, \
+`compare`) |
+| `{ERASURE_CONFIG_NAME}` | the run record: every training option, all prompts, library versions |
+
+There is no ComfyUI / AUTOMATIC1111 file for this model: kohya-style tools name the transformer's modules
+differently from diffusers, and this folder ships the LoRA in diffusers' layout only."""
+    return f"""{table}\
 | `{KOHYA_LORA_WEIGHT_NAME}` | **ComfyUI, AUTOMATIC1111, Forge**: the same LoRA in kohya keys, for the base \
 checkpoint |
-| `{PIPELINE_FILE_NAME}`, `{ERASURE_FILE_NAME}` | `MunbaPipeline` (which concepts were erased, `erasure_scale`, \
+| `{PIPELINE_FILE_NAME}`, `{ERASURE_FILE_NAME}` | `{munba}` (which concepts were erased, `erasure_scale`, \
 `compare`) |
 | `{ERASURE_CONFIG_NAME}` | the run record: every training option, all prompts, library versions |
 
@@ -257,18 +305,30 @@ apart. Strength 1 is the erased model, 0 the original; the LoRA touches the UNet
 
 
 def _how_to_load(base: str, concept: str, model_id: str, family: str = "") -> str:
-    munba = "MunbaXLPipeline" if family.startswith("Stable Diffusion XL") else "MunbaPipeline"
+    munba, stock, _ = _layout(family)
+    no_t5 = ""
+    if stock == "StableDiffusion3Pipeline":
+        no_t5 = f"""
+A model without T5 (`text_encoder_3` and `tokenizer_3` are `null` in `model_index.json`) needs them passed as
+`None` to the stock pipeline (`{munba}` and `custom_pipeline="munba"` need nothing extra):
+
+```python
+from diffusers import StableDiffusion3Pipeline
+
+pipe = StableDiffusion3Pipeline.from_pretrained("{model_id}", text_encoder_3=None, tokenizer_3=None)
+```
+"""
     return f"""## How to load
 
-1. As a plain Stable Diffusion pipeline (the erasure is fused into its weights; needs `diffusers`, `transformers` and
-`torch` only):
+1. As a plain `{stock}` (the erasure is fused into its weights; needs `diffusers`, `transformers` and `torch`
+only):
 
 ```python
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("{model_id}")
 ```
-
+{no_t5}
 2. As `{munba}`, which knows what was erased and can dial the erasure (`munba.py` ships in this folder; the
 same packages, plus `peft` for an `erasure_scale` other than 1):
 

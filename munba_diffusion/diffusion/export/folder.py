@@ -2,14 +2,25 @@
 
 Layout of ``output_dir`` (see ``pipelines/munba.py`` for how it loads)::
 
-    model_index.json                    a plain StableDiffusion(XL)Pipeline index (stock diffusers loads it silently)
+    model_index.json                    a plain StableDiffusion(XL/3)Pipeline or FluxPipeline index (stock diffusers
+                                        loads it silently)
     unet/ vae/ text_encoder/ tokenizer/ scheduler/      the base pipeline with the LoRA fused into unet (and into
-                                        text_encoder, when it carries one: --lora_on text_encoder|both)
-    munba.py                            the MunbaPipeline (SDXL: MunbaXLPipeline) file, for custom_pipeline="munba"
+                                        text_encoder, when it carries one: --lora_on text_encoder|both); SDXL adds
+                                        text_encoder_2/ tokenizer_2/
+    transformer/ ...                    SD3 and FLUX: the LoRA fused into transformer/ instead of unet/; SD3 adds
+                                        text_encoder_2/ tokenizer_2/ text_encoder_3/ tokenizer_3/ (the T5 pair is
+                                        null in model_index.json for a model without T5), FLUX text_encoder_2/
+                                        tokenizer_2/ (its T5)
+    munba.py                            the family's Munba pipeline file (MunbaPipeline; SDXL: MunbaXLPipeline, SD3:
+                                        MunbaSD3Pipeline, FLUX: MunbaFluxPipeline), for custom_pipeline="munba"
     app.py                              the comparison app (munba_diffusion/app.py): `python app.py`, a Space
     munba_erasure.json                  what MunbaPipeline reads: erased concepts, fused, LoRA file, base model
-    pytorch_lora_weights.safetensors    diffusers-format LoRA with peft adapter metadata
-    munba_erasure_comfyui_a1111.safetensors   the same LoRA in kohya keys (ComfyUI, AUTOMATIC1111, Forge)
+    pytorch_lora_weights.safetensors    diffusers-format LoRA with peft adapter metadata (unet.* / transformer.* and
+                                        text_encoder.* keys; the stock pipeline's load_lora_weights loads it)
+    munba_erasure_comfyui_a1111.safetensors   the same LoRA in kohya keys (ComfyUI, AUTOMATIC1111, Forge); SD 1.x/2.x
+                                        and SDXL only: kohya names SD3's and FLUX's transformer modules differently
+                                        (FLUX after the original checkpoint's double/single blocks), which
+                                        kohya.py does not write, so no such file is written for them
     erasure_config.json                 the run record (the training configuration + run statistics)
     README.md                           Hub model card
     images/                             before_after.png, widget_<i>.png
@@ -35,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.peft_utils import recurse_remove_peft_layers
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
@@ -50,6 +61,8 @@ from munba_diffusion.pipelines.munba import (
     PIPELINE_FILE_NAME,
     MunbaPipeline,
 )
+from munba_diffusion.pipelines.munba_flux import MunbaFluxPipeline
+from munba_diffusion.pipelines.munba_sd3 import MunbaSD3Pipeline
 from munba_diffusion.pipelines.munba_xl import MunbaXLPipeline
 
 from ...io import save_image_atomic, write_json_atomic
@@ -57,11 +70,14 @@ from .kohya import save_kohya_lora
 
 PIPELINE_COMPONENTS = (
     "unet",
+    "transformer",  # SD3, FLUX
     "vae",
     "text_encoder",
     "tokenizer",
-    "text_encoder_2",  # SDXL
+    "text_encoder_2",  # SDXL, SD3, FLUX (its T5)
     "tokenizer_2",
+    "text_encoder_3",  # SD3's T5 (null in model_index.json without it)
+    "tokenizer_3",
     "scheduler",
     "safety_checker",
     "feature_extractor",
@@ -86,6 +102,15 @@ RESULT_NAMES = frozenset(
 LOCK_NAME = ".munba.lock"
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FOLDER_MODE = 0o755  # what save_pretrained's folders get under the usual umask (mkdtemp would give 0o700)
+DENOISERS = ("unet", "transformer")  # the component the erasure LoRA is trained on: the UNet, or SD3's / FLUX's MMDiT
+ADAPTED_COMPONENTS = (*DENOISERS, "text_encoder", "text_encoder_2", "text_encoder_3")
+"""The components that may carry the LoRA (export refuses one that the pipeline's LoRA loader cannot load)."""
+MUNBA_CLASSES = (  # (stock class, its Munba pipeline, the stock settings to carry over): subclasses first
+    (StableDiffusionXLPipeline, MunbaXLPipeline, ("force_zeros_for_empty_prompt",)),
+    (StableDiffusion3Pipeline, MunbaSD3Pipeline, ()),
+    (FluxPipeline, MunbaFluxPipeline, ()),
+    (StableDiffusionPipeline, MunbaPipeline, ("requires_safety_checker",)),
+)
 
 
 def check_output_dir(output_dir: str | Path, overwrite_output_dir: bool = False) -> Path:
@@ -235,23 +260,32 @@ def write_erased_model(
     before_after: Image.Image | None = None,
     widget_images: Sequence[tuple[str, Image.Image]] = (),
 ) -> list[dict[str, Any]]:
-    """Write the fused pipeline, the LoRA (diffusers and kohya layouts), munba.py, app.py, the erasure record, the
-    run record and the images into ``directory`` (a staging folder); returns the model card's widget entries. The
-    caller's models keep their adapters and weights."""
+    """Write the fused pipeline, the LoRA (diffusers and, for SD 1.x/2.x and SDXL, kohya layouts), munba.py, app.py,
+    the erasure record, the run record and the images into ``directory`` (a staging folder); returns the model
+    card's widget entries. The caller's models keep their adapters and weights."""
     adapter_name = single_adapter_name(pipeline)
+    loadable = set(getattr(type(pipeline), "_lora_loadable_modules", ()))
+    unloadable = sorted(set(_adapted_models(pipeline)) - loadable)
+    if unloadable:
+        raise ValueError(
+            f"the LoRA is on {', '.join(unloadable)}, which {type(pipeline).__name__}.load_lora_weights cannot load; "
+            f"train it on {' and/or '.join(sorted(loadable))}."
+        )
     for component, title, targets in (
         ("unet", "UNet", "target_modules"),
+        ("transformer", "transformer", "target_modules"),
         ("text_encoder", "text encoder", "text_encoder_target_modules"),
         ("text_encoder_2", "second text encoder", "text_encoder_target_modules"),
     ):
-        if not hasattr(pipeline, component):
+        if getattr(pipeline, component, None) is None:
             continue
         adapted = _adapters(getattr(pipeline, component))
         if adapted or record["run"].get(targets):
             check_record_matches_adapter(record, adapted.get(adapter_name), title, targets)
     _save_fused_pipeline(pipeline, adapter_name, record, directory)
     _save_lora(pipeline, adapter_name, directory)
-    save_kohya_lora(_adapted_models(pipeline), adapter_name, record, directory / KOHYA_LORA_WEIGHT_NAME)
+    if getattr(pipeline, "unet", None) is not None:  # no kohya naming of SD3's / FLUX's transformer here (see above)
+        save_kohya_lora(_adapted_models(pipeline), adapter_name, record, directory / KOHYA_LORA_WEIGHT_NAME)
     write_json_atomic(directory / ERASURE_CONFIG_NAME, dict(record))
     shutil.copyfile(comparison_app.__file__, directory / comparison_app.APP_FILE_NAME)  # runs beside munba.py
     return _save_images(directory, before_after, widget_images)
@@ -262,19 +296,21 @@ def _adapters(model) -> dict[str, Any]:
 
 
 def _adapted_models(pipeline: StableDiffusionPipeline) -> dict[str, torch.nn.Module]:
-    """The pipeline's models that carry the LoRA, by component name (``unet``, ``text_encoder``, ``text_encoder_2``)."""
-    names = ("unet", "text_encoder", "text_encoder_2")
-    return {name: getattr(pipeline, name) for name in names if _adapters(getattr(pipeline, name, None))}
+    """The pipeline's models that carry the LoRA, by component name (``unet`` or ``transformer``, ``text_encoder``,
+    ``text_encoder_2``, ``text_encoder_3``)."""
+    return {name: getattr(pipeline, name) for name in ADAPTED_COMPONENTS if _adapters(getattr(pipeline, name, None))}
 
 
 def single_adapter_name(pipeline: StableDiffusionPipeline) -> str:
-    """The one LoRA adapter the UNet and/or the text encoder carry (the same name on both)."""
+    """The one LoRA adapter the denoiser (UNet or transformer) and/or the text encoder carry (the same name on
+    both)."""
     names = {name: list(_adapters(model)) for name, model in _adapted_models(pipeline).items()}
     found = {adapter for adapters in names.values() for adapter in adapters}
     if len(found) != 1 or any(len(adapters) != 1 for adapters in names.values()):
         raise ValueError(
-            f"export needs exactly one LoRA adapter (on pipeline.unet and/or pipeline.text_encoder, the same name on "
-            f"both), found {names or 'none'}; attach the trained one with add_adapter(LoraConfig(...))."
+            f"export needs exactly one LoRA adapter (on pipeline.unet or pipeline.transformer and/or "
+            f"pipeline.text_encoder, the same name on both), found {names or 'none'}; attach the trained one with "
+            "add_adapter(LoraConfig(...))."
         )
     return found.pop()
 
@@ -302,20 +338,20 @@ def check_record_matches_adapter(
 def _save_fused_pipeline(
     pipeline: StableDiffusionPipeline, adapter_name: str, record: Mapping[str, Any], directory: Path
 ) -> None:
-    """Save the pipeline with the LoRA fused into copies of the UNet and the text encoder (those that carry it), as
-    a folder of its family's Munba pipeline (MunbaPipeline for SD 1.x / 2.x, MunbaXLPipeline for SDXL)."""
+    """Save the pipeline with the LoRA fused into copies of the denoiser (UNet or transformer) and the text encoder
+    (those that carry it), as a folder of its family's Munba pipeline (MunbaPipeline for SD 1.x / 2.x,
+    MunbaXLPipeline for SDXL, MunbaSD3Pipeline for SD3, MunbaFluxPipeline for FLUX)."""
     dtype = SAVE_DTYPES[record.get("save_dtype", "float32")]
     components = {
         name: _fused(part, adapter_name, dtype) if isinstance(part, torch.nn.Module) else part
         for name, part in pipeline.components.items()
     }
-    if isinstance(pipeline, StableDiffusionXLPipeline):
-        cls, settings = MunbaXLPipeline, {"force_zeros_for_empty_prompt": pipeline.config.force_zeros_for_empty_prompt}
-    else:
-        cls, settings = MunbaPipeline, {"requires_safety_checker": pipeline.config.requires_safety_checker}
+    cls, settings = next(
+        ((munba, keys) for stock, munba, keys in MUNBA_CLASSES if isinstance(pipeline, stock)), MUNBA_CLASSES[-1][1:]
+    )
     erased = cls(
         **components,
-        **settings,
+        **{key: pipeline.config[key] for key in settings},
         erasure={
             "concepts": [concept["name"] for concept in record["concepts"]],
             "fused": True,
@@ -348,14 +384,15 @@ def _in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def _save_lora(pipeline: StableDiffusionPipeline, adapter_name: str, directory: Path) -> None:
-    """The diffusers LoRA file, keys in peft's naming (``unet.<module>.lora_A.weight``). Not
+    """The diffusers LoRA file, keys in peft's naming (``unet.<module>.lora_A.weight``; SD3 and FLUX:
+    ``transformer.<module>...``, saved through their ``transformer_lora_layers``). Not
     ``convert_state_dict_to_diffusers``: it renames only attention projections (``to_q.lora.down``), and diffusers'
     loader, which decides from the first key whether to convert back, then drops the attention half of a LoRA that
     also adapts convolutions (the ``noxattn`` and ``full`` target sets)."""
     layers = {}
     for component, model in _adapted_models(pipeline).items():
         state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-        if component != "unet":  # CLIP's layout in files (transformers 4); diffusers strips it where absent
+        if component not in DENOISERS:  # CLIP's layout in files (transformers 4); diffusers strips it where absent
             state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
         layers[f"{component}_lora_layers"] = state
         layers[f"{component}_lora_adapter_metadata"] = model.peft_config[adapter_name].to_dict()
