@@ -168,6 +168,7 @@ CASES: tuple[Case, ...] = (
         f"{RUN} --push_to_hub --hub_model_id me/no-circle",
         "drop --push_to_hub and upload the folder later",
     ),
+    T("8-bit Adam without bitsandbytes", f"{RUN} --use_8bit_adam", "--use_8bit_adam needs bitsandbytes (GPU)"),
     T("weights for a combiner without weights", f"{RUN} --combiner_weights 1 1", "or pass --combiner sum"),
     T("one weight for two players", f"{RUN} --combiner sum --combiner_weights 1", "needs 2 numbers"),
     T("image latents without images", f"{RUN} --latent_source images", "needs --forget_image_dir"),
