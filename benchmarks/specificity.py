@@ -1,8 +1,8 @@
 """Specificity on the demo world: does an erasure remove exactly the concept and keep the rest of the prompt?
 
 For each concept set (red, circle, red + circle), forget target (``esd``, ``anchored_esd``, ``anchor``), combiner
-(``nash``, ``sum``), neighbour setting and seed: erase with the library's trainer at the quick start's settings,
-generate the demo prompt set, judge it, and record
+(``nash``, ``sum``, ``sequential``), neighbour setting and seed: erase with the library's trainer at the quick start's
+settings, generate the demo prompt set, judge it, and record
 
 - the concept rate (share of the concept's prompts whose image still shows it; lower is better),
 - the kept attribute (the other attribute those prompts ask for, e.g. the shape of "a red circle"),
@@ -11,7 +11,11 @@ generate the demo prompt set, judge it, and record
 - what replaces the concept: the distribution of the judged value on the concept's prompts (is it always the same
   substitute?),
 
-each with a 95% Wilson interval over the images, and mean +- std over seeds.
+each with a 95% Wilson interval over the images, and mean +- std over seeds, and the run's wall time (training and
+generation). ``sequential`` erases a concept set one concept after another, each a two-player ``nash`` erasure of the
+previous stage's output folder with the full number of steps (what a user without a K-player bargain would do): the
+multi-concept comparison of issue 17 is ``--concept_sets red+blue red+blue+green circle+square --combiners nash sum
+sequential``.
 
     python -m benchmarks.specificity --output_dir benchmarks/results/specificity
 """
@@ -23,7 +27,7 @@ import math
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -54,6 +58,8 @@ from ._common import (  # noqa: E402
     write_results,
 )
 
+COMBINERS = ("nash", "sum", "sequential")
+
 
 @dataclass(frozen=True, kw_only=True)
 class SpecificityConfig(DemoBenchmarkOptions):
@@ -63,7 +69,12 @@ class SpecificityConfig(DemoBenchmarkOptions):
         ("red", "circle", "red+circle"), "concept sets to erase ('+' joins concepts erased together)"
     )
     forget_losses: tuple[str, ...] = option(("esd", "anchored_esd", "anchor"), "forget targets", choices=FORGET_LOSSES)
-    combiners: tuple[str, ...] = option(("nash", "sum"), "combiners", choices=("nash", "sum"))
+    combiners: tuple[str, ...] = option(
+        ("nash", "sum"),
+        "nash / sum: one erasure of all the set's concepts (one forget player each under nash); sequential: one "
+        "two-player nash erasure per concept, each from the previous one's folder",
+        choices=COMBINERS,
+    )
     neighbour_settings: tuple[str, ...] = option(
         ("folded",),
         "folded: neighbours inside the preservation player; player: their own player",
@@ -97,8 +108,10 @@ def specificity_scores(folder: Path, concepts: list[str], judge) -> dict:
         kind = concept_kind(concept)
         other_kind = "shape" if kind == "colour" else "colour"
         own = [i for i in rows if asked[kind][i] == concept]
-        kept_rows = [i for i in own if asked[other_kind][i]]
-        neighbours = [i for i in rows if asked[kind][i] and asked[kind][i] != concept]
+        # in a set like red+circle, "a red circle" keeps no attribute for red and "a blue circle" still is a
+        # colour neighbour; in red+blue, blue prompts are erased, not neighbours
+        kept_rows = [i for i in own if asked[other_kind][i] and asked[other_kind][i] not in concepts]
+        neighbours = [i for i in rows if asked[kind][i] and asked[kind][i] not in concepts]
         result["concepts"][concept] = {
             "concept_rate": wilson_interval(sum(judged[kind][i] == concept for i in own), len(own)),
             "kept_attribute": wilson_interval(
@@ -154,6 +167,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                 },
                 "substitutes": dict(substitutes.most_common()),
                 "wall_seconds": mean_std([m["wall_seconds"] for m in members]),
+                "train_seconds": mean_std([m.get("train_seconds") for m in members]),
             }
         )
     return rows
@@ -185,9 +199,10 @@ def results_markdown(results: dict) -> str:
         "neighbours %",
         "other %",
         "substitutes (counts)",
+        "training min",
     ]
     rows = [
-        ["original", "-", "-", "-", c, "-", *(f"{100 * v:.1f}" for v in o.values()), "-"]
+        ["original", "-", "-", "-", c, "-", *(f"{100 * v:.1f}" for v in o.values()), "-", "-"]
         for c, o in results["original"].items()
     ]
     for r in results["summary"]:
@@ -204,6 +219,7 @@ def results_markdown(results: dict) -> str:
                 _cell(r["neighbour_accuracy"]),
                 _cell(r["other_accuracy"]),
                 ", ".join(f"{k} {v}" for k, v in r["substitutes"].items()) or "-",
+                "-" if r["train_seconds"]["mean"] is None else f"{r['train_seconds']['mean'] / 60:.1f}",
             ]
         )
     missing = results.get("missing", [])
@@ -211,7 +227,8 @@ def results_markdown(results: dict) -> str:
         "# Specificity on the demo world\n\n"
         "Rates are means ± std over training seeds; each run's rates carry 95% Wilson intervals in results.json. "
         "Substitutes: what the judge sees instead of the concept on the concept's prompts (all seeds). Verdicts are "
-        "the judge's raw shape and colour (its unrecognisable rule is not applied here).\n\n"
+        "the judge's raw shape and colour (its unrecognisable rule is not applied here). Training minutes: the erasure "
+        "alone (all stages for sequential), on a machine whose load the run does not control.\n\n"
         + markdown_table(header, rows)
         + (f"\n\nNot run: {', '.join(missing)}\n" if missing else "\n")
     )
@@ -220,7 +237,7 @@ def results_markdown(results: dict) -> str:
 def plot(results: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     markers = {"esd": "o", "anchored_esd": "s", "anchor": "^"}
-    colours = {"nash": "tab:blue", "sum": "tab:orange"}
+    colours = {"nash": "tab:blue", "sum": "tab:orange", "sequential": "tab:green"}
     for row in results["summary"]:
         if row["concept_rate"]["mean"] is None:
             continue
@@ -254,6 +271,22 @@ def plot(results: dict, path: Path) -> None:
     figure.tight_layout()
     save_figure(figure, path)
     plt.close(figure)
+
+
+def erase(
+    config: SpecificityConfig, folder: Path, concepts: list[str], combiner: str, seed: int, loss: str, neighbours: str
+) -> Path:
+    """Train the run's erasure under ``folder``; returns the erased model's folder."""
+    options = {"seed": seed, "forget_loss": loss, "neighbour_player": neighbours == "player"}
+    if combiner != "sequential":
+        run_erasure(config, concepts, folder, combiner=combiner, **options)
+        return folder
+    stage_settings = config
+    for index, concept in enumerate(concepts):
+        stage = folder / f"stage{index}-{concept}"
+        run_erasure(stage_settings, [concept], stage, combiner="nash", **options)
+        stage_settings = replace(config, model=str(stage))
+    return stage
 
 
 def run(config: SpecificityConfig) -> dict:
@@ -293,17 +326,9 @@ def run(config: SpecificityConfig) -> dict:
             name = run_name(concept_set, loss, combiner, neighbours, seed)
             if (runs_dir / f"{name}.json").is_file():
                 continue
-            model_dir = work / name
             start = time.time()
-            run_erasure(
-                config,
-                concept_set.split("+"),
-                model_dir,
-                seed=seed,
-                combiner=combiner,
-                forget_loss=loss,
-                neighbour_player=neighbours == "player",
-            )
+            model_dir = erase(config, work / name, concept_set.split("+"), combiner, seed, loss, neighbours)
+            train_seconds = time.time() - start
             folder = generate_for_eval(str(model_dir), evaluation, work / "eval", name)
             record = {
                 "concept_set": concept_set,
@@ -312,10 +337,11 @@ def run(config: SpecificityConfig) -> dict:
                 "neighbours": neighbours,
                 "seed": seed,
                 "wall_seconds": time.time() - start,
+                "train_seconds": train_seconds,
                 "scores": specificity_scores(folder, concept_set.split("+"), judge),
             }
             write_json_atomic(runs_dir / f"{name}.json", record)
-            shutil.rmtree(model_dir, ignore_errors=True)
+            shutil.rmtree(work / name, ignore_errors=True)
             shutil.rmtree(folder, ignore_errors=True)
     original_scores = {s: scored[s] for s in config.concept_sets}
     runs = [json.loads((runs_dir / f"{run_name(*p)}.json").read_text()) for p in plan]

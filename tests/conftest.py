@@ -1,13 +1,20 @@
-"""Shared test settings: offline Hub, one torch thread per test process, and an image cache of each test's own.
+"""Shared test settings: offline Hub, one torch thread per test process, an image cache of each test's own, and a
+diffusers module cache of each pytest process's own.
 
-Several torch processes sharing 2 cores with 2 threads each run many times slower than with one thread each
-(thread oversubscription), and the end-to-end tests start subprocesses.
+The suite runs in two pytest-xdist workers (``-n 2 --dist loadfile``: a file's tests, and its module fixtures, stay in
+one worker), one torch thread each. Several torch processes sharing 2 cores with 2 threads each run many times slower
+than with one thread each (thread oversubscription), and the end-to-end tests start subprocesses.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# custom_pipeline="munba" copies the pipeline file into diffusers' module cache: a folder of this process's own (set
+# before diffusers is imported, which reads it once), so that two workers never write the same file at once and the
+# user's ~/.cache/huggingface/modules is left alone
+os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="munba-test-hf-modules-")
 
 import torch  # noqa: E402
 

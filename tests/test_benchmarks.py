@@ -498,3 +498,21 @@ def test_robustness_report_averages_the_runs_over_seeds(tmp_path):
     markdown = (tmp_path / "results.md").read_text()
     assert "| robust | 2 | 0.0 ± 0.0 | 0.0 ± 0.0 | 15.0 ± 7.1 |" in markdown
     assert (tmp_path / "results.png").is_file()
+
+
+def test_specificity_sequential_erases_each_concept_from_the_previous_stage(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_erasure(settings, concepts, output_dir, *, combiner, **options):
+        calls.append((settings.model, list(concepts), output_dir, combiner, options["seed"]))
+
+    monkeypatch.setattr(specificity, "run_erasure", fake_erasure)
+    config = specificity.SpecificityConfig(output_dir=tmp_path / "out")
+    final = specificity.erase(config, tmp_path / "run", ["red", "blue", "green"], "sequential", 3, "esd", "folded")
+    stages = [call[2] for call in calls]
+    assert [call[1] for call in calls] == [["red"], ["blue"], ["green"]]
+    assert [call[0] for call in calls] == [config.model, str(stages[0]), str(stages[1])]
+    assert {call[3] for call in calls} == {"nash"} and {call[4] for call in calls} == {3} and final == stages[-1]
+    calls.clear()
+    assert specificity.erase(config, tmp_path / "one", ["red", "blue"], "sum", 0, "esd", "folded") == tmp_path / "one"
+    assert calls == [(config.model, ["red", "blue"], tmp_path / "one", "sum", 0)]

@@ -201,6 +201,27 @@ def test_processes_that_each_run_alone_are_refused(monkeypatch):
     preflight.check_processes(num_processes=2)  # a working two-process launch
 
 
+@pytest.mark.parametrize(
+    ("variable", "engine"), [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+)
+def test_a_sharded_launch_is_refused_before_any_model_loads(monkeypatch, tmp_path, variable, engine):
+    """`accelerate launch` with an FSDP or DeepSpeed config sets these variables; the trainer would ignore the
+    sharding (it prepares no model with the accelerator) and copy the whole base to every GPU."""
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("munba_diffusion.diffusion.train.base_model_family", no_loading)
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(SystemExit) as error:
+        train_erase.main(["--concept", "red", "--output_dir", str(tmp_path / "out")])
+    message = str(error.value.code)
+    assert f"does not support {engine} yet" in message and "--multi_gpu" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv(variable, "false")  # what accelerate sets for a plain launch
+    preflight.check_run_environment(ErasureTrainingConfig(concepts=["red"], output_dir=tmp_path / "out"))
+
+
 def test_accelerate_asked_for_two_processes_but_started_one(tmp_path):
     """`accelerate launch --cpu --num_processes 2` runs one process; its parent's command line says 2."""
     parent = tmp_path / "launcher.py"

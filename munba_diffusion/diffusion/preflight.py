@@ -1,4 +1,5 @@
-"""What a run needs from the machine, checked before any model loads: trackers, xformers, the Hub, processes.
+"""What a run needs from the machine, checked before any model loads: trackers, xformers, the Hub, the launcher and
+its processes.
 
 Each missing piece is one line that names the install command or the working launch command.
 """
@@ -33,6 +34,13 @@ def check_run_environment(config: ErasureTrainingConfig) -> None:
         )
     if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("--use_8bit_adam needs bitsandbytes (GPU): pip install bitsandbytes, or drop the flag")
+    for engine, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(variable, "false").lower() in ("true", "1"):
+            raise ValueError(
+                f"the trainer does not support {engine} yet (it would copy the whole model to every GPU): launch data "
+                f"parallel on GPUs the bf16 base fits (`{MULTI_GPU_COMMAND}`), or one GPU with "
+                "--gradient_checkpointing and --use_8bit_adam"
+            )
     if config.push_to_hub:
         if is_offline():
             raise ValueError(
