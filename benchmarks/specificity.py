@@ -235,38 +235,53 @@ def results_markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    """Concept rate against kept attribute, colours left and shapes right: one point per run setting (colour: the
+    combiner, marker: the target, hollow: the neighbour player), each named by its concept (and set) beside it."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     markers = {"esd": "o", "anchored_esd": "s", "anchor": "^"}
     colours = {"nash": "tab:blue", "sum": "tab:orange", "sequential": "tab:green"}
+    several_sets = len({row["concept_set"] for row in results["summary"]}) > 1
+
+    def name(concept_set: str, concept: str) -> str:
+        return f"{concept_set}: {concept}" if several_sets and "+" in concept_set else concept
+
     for row in results["summary"]:
         if row["concept_rate"]["mean"] is None:
             continue
         ax = axes[0] if row["concept"] in COLOURS else axes[1]
+        x, y = 100 * row["concept_rate"]["mean"], 100 * row["kept_attribute"]["mean"]
+        colour = colours[row["combiner"]]
         ax.errorbar(
-            100 * row["concept_rate"]["mean"],
-            100 * row["kept_attribute"]["mean"],
+            x,
+            y,
             xerr=100 * (row["concept_rate"]["std"] or 0),
             yerr=100 * (row["kept_attribute"]["std"] or 0),
             marker=markers[row["forget_loss"]],
-            color=colours[row["combiner"]],
+            color=colour,
+            markerfacecolor="none" if row["neighbours"] == "player" else colour,
             linestyle="none",
-            label=f"{row['concept_set']}: {row['forget_loss']} {row['combiner']} {row['neighbours']}",
+            label=f"{row['forget_loss']} {row['combiner']}" + (" + neighbour player" * (row["neighbours"] == "player")),
         )
+        ax.annotate(
+            name(row["concept_set"], row["concept"]), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=6
+        )
+    named = set()
     for concept, original in results["original"].items():
-        ax = axes[0] if concept.split(": ")[-1] in COLOURS else axes[1]
-        ax.scatter(
-            100 * original["concept_rate"],
-            100 * original["kept_attribute"],
-            marker="*",
-            s=150,
-            color="black",
-            label=f"original ({concept})",
-        )
+        concept = concept.split(": ")[-1]  # the same original point in every set that holds the concept
+        ax = axes[0] if concept in COLOURS else axes[1]
+        x, y = 100 * original["concept_rate"], 100 * original["kept_attribute"]
+        ax.scatter(x, y, marker="*", s=150, color="black", label="original")
+        if (concept, x, y) not in named:
+            named.add((concept, x, y))
+            ax.annotate(concept, (x, y), xytext=(-4, -10), textcoords="offset points", fontsize=6, ha="right")
     for ax, title in zip(axes, ("colour concepts", "shape concepts")):
         ax.set_xlabel("concept rate % (lower: erased)")
         ax.set_ylabel("kept attribute % (higher: specific)")
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=6)
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))  # one entry per setting, not per concept
+        if unique:
+            ax.legend(unique.values(), unique.keys(), fontsize=7)
         ax.grid(alpha=0.3)
     figure.tight_layout()
     save_figure(figure, path)

@@ -516,3 +516,40 @@ def test_specificity_sequential_erases_each_concept_from_the_previous_stage(tmp_
     calls.clear()
     assert specificity.erase(config, tmp_path / "one", ["red", "blue"], "sum", 0, "esd", "folded") == tmp_path / "one"
     assert calls == [(config.model, ["red", "blue"], tmp_path / "one", "sum", 0)]
+
+
+def test_specificity_scores_a_concept_set_without_counting_its_own_concepts_as_kept_or_neighbours(monkeypatch):
+    """red + circle erased together: "a red circle" keeps nothing for either concept (its shape is erased too), "a blue
+    circle" is a colour neighbour of red and keeps its colour for circle; only prompts with neither are "other"."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from munba_diffusion.demo import COLOURS, SHAPES
+    from munba_diffusion.evaluation.manifest import ImageEntry
+
+    asked_judged = [  # (asked colour, asked shape) -> (judged colour, judged shape)
+        (("red", "circle"), ("blue", "square")),
+        (("red", "square"), ("blue", "square")),
+        (("blue", "circle"), ("blue", "circle")),
+        (("green", "square"), ("green", "triangle")),
+    ]
+    entries = [ImageEntry(Path(f"{i}.png"), {"colour": c, "shape": s}) for i, ((c, s), _) in enumerate(asked_judged)]
+    judge = SimpleNamespace(
+        classify=lambda images: SimpleNamespace(
+            colour=torch.tensor([COLOURS.index(c) for _, (c, _) in asked_judged]),
+            shape=torch.tensor([SHAPES.index(s) for _, (_, s) in asked_judged]),
+        )
+    )
+    monkeypatch.setattr(specificity, "collect_images", lambda folder: entries)
+    monkeypatch.setattr(specificity, "load_rgb", lambda path: Image.new("RGB", (4, 4)))
+    scores = specificity.specificity_scores(Path("unused"), ["red", "circle"], judge)
+    red, circle = scores["concepts"]["red"], scores["concepts"]["circle"]
+    assert (red["concept_rate"]["rate"], red["concept_rate"]["n"]) == (0.0, 2)
+    assert (red["kept_attribute"]["rate"], red["kept_attribute"]["n"]) == (1.0, 1)  # "a red square" only
+    assert (red["neighbour_accuracy"]["rate"], red["neighbour_accuracy"]["n"]) == (1.0, 2)  # blue and green asked
+    assert red["substitutes"] == {"blue": 2}
+    assert (circle["concept_rate"]["rate"], circle["concept_rate"]["n"]) == (0.5, 2)
+    assert (circle["kept_attribute"]["rate"], circle["kept_attribute"]["n"]) == (1.0, 1)  # "a blue circle" only
+    assert (circle["neighbour_accuracy"]["rate"], circle["neighbour_accuracy"]["n"]) == (0.5, 2)  # square, square
+    assert (scores["other_accuracy"]["rate"], scores["other_accuracy"]["n"]) == (0.0, 1)  # the green triangle
