@@ -7,6 +7,7 @@ import json
 import os
 import stat
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -148,3 +149,17 @@ def test_each_evaluation_set_is_scored_by_metrics_that_can_read_it(preset, metri
     prompts, chosen, options = evaluation_plan(preset.eval_prompts, preset.name)
     assert chosen == metrics and options.concept == concept
     check_metric_inputs(chosen, prompts, options)  # would raise if a metric could not read the set
+
+
+def test_grid_batches_columns_but_draws_each_columns_noise_from_its_own_seed(demo_with_lora, monkeypatch):
+    import munba_diffusion.diffusion.finish as finish
+
+    monkeypatch.setattr(finish, "GRID_BATCH", 2)  # 3 columns: one batch of 2, one of 1
+    pipe, prompts = demo_with_lora, ["a red circle", "a blue square", "a green triangle"]
+    _, erased_row = finish.before_after_grid(pipe, prompts, seeds=1, steps=3, guidance=4.0)
+    for (prompt, image), expected_prompt in zip(erased_row, prompts):
+        alone = pipe(prompt, num_inference_steps=3, guidance_scale=4.0, generator=torch.Generator().manual_seed(0))
+        difference = np.abs(np.asarray(image, dtype=float) - np.asarray(alone.images[0], dtype=float))
+        assert prompt == expected_prompt and difference.max() <= 2  # batch rounding, not another noise draw
+        other_seed = pipe(prompt, num_inference_steps=3, guidance_scale=4.0, generator=torch.Generator().manual_seed(1))
+        assert np.abs(np.asarray(image, dtype=float) - np.asarray(other_seed.images[0], dtype=float)).mean() > 5
