@@ -28,7 +28,7 @@ from .lora import ADAPTER_NAME, adapters_disabled, denoiser, text_encoders
 
 logger = logging.getLogger(__name__)
 GRID_CELL = 160  # pixels per image in the before/after grid
-GRID_BATCH = 8  # images per pipeline call of the grid: one call per image costs the demo's CPU run ~20 s
+GRID_BATCH = 8  # images per grid call (one call per image: 46 s, not 18 s, in the demo quick start)
 
 
 def default_validation_prompts(concepts, per_concept: int = 3, preserve: int = 3) -> list[str]:
