@@ -434,6 +434,7 @@ class ErasureSettings:
     learning_rate: float = option(1e-3, "AdamW learning rate", low=0, low_open=True)
     lora_target: str = option("attn", "which UNet layers the LoRA adapts", choices=TARGET_SETS)
     rank: int = option(4, "LoRA rank", low=1)
+    negative_guidance: float = option(1.0, "eta of the esd, anchored_esd and substitute forget targets", low=0.0)
     sampler_steps: int = option(10, "DDIM steps of the frozen model's sampler", low=1)
     sampler_guidance_scale: float = option(
         4.0,
@@ -508,6 +509,7 @@ def run_erasure(
         combiner_weights=combiner_weights,
         lora_target=settings.lora_target,
         rank=settings.rank,
+        negative_guidance=settings.negative_guidance,
         train_batch_size=settings.batch_size,
         max_train_steps=settings.steps,
         learning_rate=settings.learning_rate,

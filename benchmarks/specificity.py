@@ -238,7 +238,7 @@ def plot(results: dict, path: Path) -> None:
     """Concept rate against kept attribute, colours left and shapes right: one point per run setting (colour: the
     combiner, marker: the target, hollow: the neighbour player), each named by its concept (and set) beside it."""
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.6))
-    markers = {"esd": "o", "anchored_esd": "s", "anchor": "^"}
+    markers = {"esd": "o", "anchored_esd": "s", "anchor": "^", "substitute": "D"}
     colours = {"nash": "tab:blue", "sum": "tab:orange", "sequential": "tab:green"}
     several_sets = len({row["concept_set"] for row in results["summary"]}) > 1
 

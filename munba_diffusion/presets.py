@@ -35,7 +35,8 @@ class ConceptPreset:
     that forget prompt to (a single ``anchor`` in the YAML applies to every forget prompt). ``neighbour_prompts``
     are concepts close to the erased one that must survive it (the other colours of a colour, other artists for an
     artist, clothed people for nudity): preserved with the other preservation prompts, or bargained as their own
-    player with ``--neighbour_player``.
+    player with ``--neighbour_player``. ``substitute_prompts`` (optional) has one entry per forget prompt: the
+    prompts whose images replace it under the ``substitute`` loss, each in turn (empty: the anchors).
     """
 
     name: str
@@ -46,6 +47,7 @@ class ConceptPreset:
     default_model: str | None = None
     eval_prompts: str | None = None
     neighbour_prompts: tuple[str, ...] = ()
+    substitute_prompts: tuple[tuple[str, ...], ...] = ()
     source: str = "preset"
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -54,6 +56,17 @@ class ConceptPreset:
             raise ValueError(f"concept {self.name!r} has no forget prompts; add at least one under 'forget:'")
         if len(self.anchor_prompts) != len(self.forget_prompts):
             raise ValueError(f"concept {self.name!r}: give one anchor, or one anchor per forget prompt")
+        if self.substitute_prompts and len(self.substitute_prompts) != len(self.forget_prompts):
+            raise ValueError(f"concept {self.name!r}: give one 'substitutes' entry per forget prompt")
+
+    def training_pairs(self, forget_loss: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The forgetting player's rows as (forget prompt, anchor) pairs, aligned: under ``substitute`` one pair per
+        (forget prompt, substitute), so that a forget prompt with three substitutes is replaced by each in turn;
+        otherwise the forget prompts with their anchors."""
+        if forget_loss != "substitute" or not self.substitute_prompts:
+            return self.forget_prompts, self.anchor_prompts
+        pairs = [(f, s) for f, subs in zip(self.forget_prompts, self.substitute_prompts) for s in subs]
+        return tuple(f for f, _ in pairs), tuple(s for _, s in pairs)
 
     def to_dict(self) -> dict:
         return {
@@ -66,6 +79,7 @@ class ConceptPreset:
             "default_model": self.default_model,
             "eval": self.eval_prompts,
             "neighbours": list(self.neighbour_prompts),
+            "substitutes": [list(s) for s in self.substitute_prompts],
         }
 
 
@@ -78,7 +92,17 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in _presets_dir().iterdir() if p.name.endswith(".yaml"))
 
 
-PRESET_KEYS = ("name", "description", "forget", "preserve", "neighbours", "anchor", "default_model", "eval")
+PRESET_KEYS = (
+    "name",
+    "description",
+    "forget",
+    "preserve",
+    "neighbours",
+    "anchor",
+    "substitutes",
+    "default_model",
+    "eval",
+)
 """The keys of a preset file (schema: ``prompts/README.md``); any other key is refused, naming the closest."""
 SCHEMA = "prompts/README.md"
 
@@ -154,6 +178,7 @@ def preset_from_mapping(data: object, source: str, *, where: str | None = None) 
             f"{where}: 'anchor' has {len(anchor)} entries for {len(forget)} 'forget' prompts; give one anchor "
             "string, or one anchor per forget prompt"
         )
+    substitutes = _substitutes(data, where, len(forget))
     return ConceptPreset(
         name=name,
         forget_prompts=forget,
@@ -163,8 +188,28 @@ def preset_from_mapping(data: object, source: str, *, where: str | None = None) 
         default_model=_string(data, "default_model", where),
         eval_prompts=_string(data, "eval", where),
         neighbour_prompts=_strings(data, "neighbours", where) or (),
+        substitute_prompts=substitutes,
         source=source,
     )
+
+
+def _substitutes(data: dict, where: str, count: int) -> tuple[tuple[str, ...], ...]:
+    """The optional ``substitutes`` key: one entry per forget prompt, each a prompt or a list of prompts."""
+    value = data.get("substitutes")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) != count:
+        raise ValueError(
+            f"{where}: 'substitutes' must be a list with one entry per 'forget' prompt ({count}), got "
+            f"{_shown(value)}; each entry is a prompt or a list of prompts (schema: {SCHEMA})"
+        )
+    entries = []
+    for number, entry in enumerate(value, start=1):
+        entry = _strings({"substitutes": entry}, "substitutes", f"{where}: entry {number}")
+        if not entry:
+            raise ValueError(f"{where}: entry {number} of 'substitutes' is empty; write at least one prompt there")
+        entries.append(entry)
+    return tuple(entries)
 
 
 def _read_text(path: Path, what: str, fix: str) -> str:

@@ -209,6 +209,21 @@ CASES: tuple[Case, ...] = (
         "give one anchor string, or one anchor per forget prompt",
     ),
     T(
+        "preset with fewer substitutes than prompts",
+        "--concept presets/substitutes.yaml --output_dir run",
+        "'substitutes' must be a list with one entry per 'forget' prompt (2)",
+    ),
+    T(
+        "substitute target with images of the concept",
+        f"{RUN} --forget_loss substitute --forget_image_dir out/images",
+        "drop one of the two (with images of the concept, use --forget_loss anchor)",
+    ),
+    T(
+        "substitute that is itself erased",
+        "--concept presets/self_substitute.yaml --forget_loss substitute --output_dir run",
+        "the substitute 'a disc' is itself a forget prompt",
+    ),
+    T(
         "preset without 'forget'",
         "--concept presets/noforget.yaml --output_dir run",
         "needs at least 'name' and 'forget'",
@@ -572,6 +587,10 @@ def make_workspace(root: Path) -> None:
     (presets / "item.yaml").write_text("name: items\nforget: [a circle, 3]\n")
     (presets / "typo.yaml").write_text("name: typo\nforgett: [a circle]\n")
     (presets / "anchors.yaml").write_text("name: anchors\nforget: [a circle, a disc]\nanchor: [an object]\n")
+    (presets / "substitutes.yaml").write_text("name: subs\nforget: [a circle, a disc]\nsubstitutes: [a square]\n")
+    (presets / "self_substitute.yaml").write_text(
+        "name: subs\nforget: [a circle, a disc]\nsubstitutes: [[a square, a disc], a cross]\n"
+    )
     (presets / "noforget.yaml").write_text("name: nothing\n")
     (presets / "latin1.yaml").write_bytes("name: caf\xe9\nforget: [a caf\xe9]\n".encode("latin-1"))
 

@@ -200,7 +200,10 @@ def test_hyphen_aliases_and_console_script_help():
     result = subprocess.run(
         [sys.executable, str(ROOT / "train_erase.py"), "--help"], capture_output=True, text=True, check=True
     )
-    assert "--negative_guidance" in result.stdout and "eta of the esd and anchored_esd targets" in result.stdout
+    assert (
+        "--negative_guidance" in result.stdout
+        and "eta of the esd, anchored_esd and substitute targets" in result.stdout
+    )
 
 
 def test_run_record_is_derived_from_the_configuration():

@@ -48,6 +48,28 @@ def test_demo_shape_preset_holds_out_a_synonym():
     assert not any("circle" in p or "disc" in p for p in circle.preserve_prompts)
 
 
+def test_substitutes_pair_each_forget_prompt_with_each_of_its_substitutes(tmp_path):
+    path = tmp_path / "subs.yaml"
+    path.write_text(
+        "name: subs\nforget: [a red circle, a red square]\npreserve: [a cross]\nanchor: [a circle, a square]\n"
+        "substitutes: [[a blue circle, a green circle], a blue square]\n"
+    )
+    preset = resolve_concept(str(path))
+    assert preset.training_pairs("substitute") == (
+        ("a red circle", "a red circle", "a red square"),
+        ("a blue circle", "a green circle", "a blue square"),
+    )
+    for loss in ("esd", "anchored_esd", "anchor"):  # the other targets keep the anchors
+        assert preset.training_pairs(loss) == (("a red circle", "a red square"), ("a circle", "a square"))
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("name: plain\nforget: [a red circle]\nanchor: a circle\n")
+    assert resolve_concept(str(plain)).training_pairs("substitute") == (("a red circle",), ("a circle",))
+    overridden = ErasureTrainingConfig(
+        concepts=[str(tmp_path / "subs.yaml")], output_dir=tmp_path / "run", anchor_prompt="an object"
+    ).concepts[0]
+    assert overridden.training_pairs("substitute")[1] == ("an object", "an object")  # a named anchor wins
+
+
 def test_free_text_and_yaml_concepts(tmp_path):
     text = resolve_concept("text:a teddy bear")
     assert text.forget_prompts[0] == "a teddy bear" and text.source == "text"
@@ -141,7 +163,7 @@ def test_esd_target_is_negative_guidance():
     torch.testing.assert_close(student.grad, torch.tensor([1.0, -3.0]))  # d/ds mean((s - target)^2)
 
 
-@pytest.mark.parametrize("loss", ["esd", "anchored_esd", "anchor"])
+@pytest.mark.parametrize("loss", ["esd", "anchored_esd", "anchor", "substitute"])
 def test_player_gradients_match_the_losses_written_out(loss):
     """Four players (preserve, neighbours, two concepts), each with its own rows: the trainer's per-player forwards
     give every player the gradient of its loss as the losses module defines it, computed here from plain forwards."""
@@ -186,7 +208,7 @@ def test_player_gradients_match_the_losses_written_out(loss):
         else:
             lat, c, anchor_ctx = batch.forget[i - 2]
             with torch.no_grad(), adapters_disabled(unet):
-                reference = {"esd": uncond.expand_as(c), "anchored_esd": anchor_ctx}.get(loss)
+                reference = {"esd": uncond.expand_as(c), "anchored_esd": anchor_ctx, "substitute": anchor_ctx}.get(loss)
                 target = (
                     esd_target(eps(lat, reference), eps(lat, c), 0.5) if reference is not None else eps(lat, anchor_ctx)
                 )
@@ -195,6 +217,34 @@ def test_player_gradients_match_the_losses_written_out(loss):
         for got, want in zip(grads[i], torch.autograd.grad(3.0 * expected, params, allow_unused=True)):
             torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want, rtol=1e-3, atol=1e-7)
     assert all(any(g.abs().max() > 0 for g in player) for player in grads)
+
+
+def test_substitute_draws_each_forget_rows_x_t_from_its_own_anchors_trajectories(pipe, tmp_path):
+    """``substitute``: the forget pool is the anchors' trajectories, row for row (prompt i's x_t come from anchor i),
+    while the LoRA model still sees the forget prompt; ``anchor`` keeps the forget prompts' own trajectories."""
+    from munba_diffusion.diffusion.data import build_erasure_data
+
+    preset = tmp_path / "pair.yaml"
+    preset.write_text(
+        "name: pair\nforget: [a red circle, a red circle]\npreserve: [a square]\n"
+        "anchor: [a blue circle, a green circle]\n"
+    )
+
+    def data(loss: str, concept: str):
+        config = ErasureTrainingConfig(
+            concepts=[concept], output_dir=tmp_path / loss, forget_loss=loss, sampler_steps=3, pool_trajectories=2
+        )
+        return build_erasure_data(config, pipe, pipe.unet, torch.device("cpu"), torch.float32, (4, 16, 16), 32)
+
+    substitute = data("substitute", str(preset))
+    ablated = data("anchor", str(preset))
+    anchors_as_concept = tmp_path / "anchors.yaml"
+    anchors_as_concept.write_text("name: anchors\nforget: [a blue circle, a green circle]\npreserve: [a square]\n")
+    reference = data("anchor", str(anchors_as_concept))
+    torch.testing.assert_close(substitute.forget_sources[0].latents, reference.forget_sources[0].latents)
+    assert not torch.allclose(substitute.forget_sources[0].latents, ablated.forget_sources[0].latents)
+    torch.testing.assert_close(substitute.forget_contexts[0], ablated.forget_contexts[0])  # what the LoRA model sees
+    torch.testing.assert_close(substitute.anchor_contexts[0], reference.forget_contexts[0])
 
 
 def test_trajectory_pool_holds_the_sampler_states(pipe):

@@ -229,6 +229,20 @@ def test_model_card_without_evaluation_has_no_model_index():
     )
 
 
+def test_model_card_names_what_replaced_the_concept():
+    record = tiny_erasure_config()
+    record["concepts"][0]["substitute_prompts"] = [["a blue circle", "a green circle"], ["a blue disc"]]
+    row = next(
+        line for line in erased_model_card(record, evaluation_reports={}).content.splitlines() if "| circle |" in line
+    )
+    assert "(unconditional)" in row and "a blue disc" not in row  # esd: the anchors, the substitutes unused
+    record["forget_loss"] = "substitute"
+    row = next(
+        line for line in erased_model_card(record, evaluation_reports={}).content.splitlines() if "| circle |" in line
+    )
+    assert "`a blue circle`; `a blue disc`; `a green circle`" in row
+
+
 def test_read_evaluation_reports(tmp_path):
     assert read_evaluation_reports(tmp_path) == {}
     for concept in ("circle", "square"):

@@ -63,11 +63,12 @@ class ErasureTrainingConfig:
     forget_loss: str = option(
         "esd",
         "forget target: esd (negative guidance from the empty prompt), anchored_esd (negative guidance relative to "
-        "the anchor: removes only what the concept adds to it; equal to esd for an empty anchor) or anchor (map to "
-        "the anchor prompt's image)",
+        "the anchor: removes only what the concept adds to it; equal to esd for an empty anchor), anchor (map to "
+        "the anchor prompt's image) or substitute (anchored_esd relative to the preset's substitutes, default its "
+        "anchors, on x_t from the substitutes' own trajectories: the concept is replaced by each in turn)",
         choices=FORGET_LOSSES,
     )
-    negative_guidance: float = option(1.0, "eta of the esd and anchored_esd targets", low=0.0)
+    negative_guidance: float = option(1.0, "eta of the esd, anchored_esd and substitute targets", low=0.0)
     combiner: str = option("nash", "how the players' gradients are combined each step", choices=COMBINERS)
     combiner_weights: list[float] | None = option(
         None,
@@ -186,6 +187,11 @@ class ErasureTrainingConfig:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/sd14-no-nudity)")
         if self.latent_source == "images" and self.forget_image_dir is None:
             raise ValueError("--latent_source images needs --forget_image_dir (and optionally --preserve_image_dir)")
+        if self.forget_loss == "substitute" and self.forget_image_dir is not None:
+            raise ValueError(
+                "--forget_loss substitute draws x_t from the substitutes' own trajectories, not from "
+                "--forget_image_dir; drop one of the two (with images of the concept, use --forget_loss anchor)"
+            )
         self.concepts = self._resolved_concepts()
         self.preserve_prompts()
         self.neighbour_prompts()
@@ -256,15 +262,30 @@ class ErasureTrainingConfig:
                 )
             forget = read_prompt_file(self.forget_prompts_file)
             concepts[0] = replace(
-                concepts[0], forget_prompts=forget, anchor_prompts=(concepts[0].anchor_prompts[0],) * len(forget)
+                concepts[0],
+                forget_prompts=forget,
+                anchor_prompts=(concepts[0].anchor_prompts[0],) * len(forget),
+                substitute_prompts=(),
             )
         if self.preserve_prompts_file is not None:
             preserve = read_prompt_file(self.preserve_prompts_file)
             concepts = [replace(c, preserve_prompts=preserve) for c in concepts]
         if self.anchor_prompt is not None:
-            concepts = [replace(c, anchor_prompts=(self.anchor_prompt,) * len(c.forget_prompts)) for c in concepts]
+            concepts = [
+                replace(c, anchor_prompts=(self.anchor_prompt,) * len(c.forget_prompts), substitute_prompts=())
+                for c in concepts
+            ]
         # the overrides are now part of the concepts: a record re-read as a configuration applies them once
         self.forget_prompts_file = self.preserve_prompts_file = self.anchor_prompt = None
+        if self.forget_loss == "substitute":
+            forget = {p for c in concepts for p in c.forget_prompts}
+            for c in concepts:
+                erased = sorted(set(c.training_pairs("substitute")[1]) & forget)
+                if erased:
+                    raise ValueError(
+                        f"concept {c.name!r}: the substitute {erased[0]!r} is itself a forget prompt; replace it in "
+                        "the preset's 'substitutes' (or 'anchor') with a prompt that keeps the concept out"
+                    )
         return concepts
 
     def _kept(self, prompts: list[str]) -> list[str]:

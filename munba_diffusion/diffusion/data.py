@@ -82,8 +82,9 @@ def build_erasure_data(
     with torch.no_grad(), adapters_disabled(*text_encoders(pipe)):
         uncond = family.null_conditioning(pipe, device, resolution)
     preserve = config.preserve_prompts()
-    forget_ctx = [encode_prompts(pipe, list(c.forget_prompts), device, resolution) for c in config.concepts]
-    anchor_ctx = [encode_prompts(pipe, list(c.anchor_prompts), device, resolution) for c in config.concepts]
+    pairs = [c.training_pairs(config.forget_loss) for c in config.concepts]  # (forget, anchor) rows, aligned
+    forget_ctx = [encode_prompts(pipe, list(forget), device, resolution) for forget, _ in pairs]
+    anchor_ctx = [encode_prompts(pipe, list(anchors), device, resolution) for _, anchors in pairs]
     preserve_ctx = encode_prompts(pipe, preserve, device, resolution)
     scheduler, timestep_kwargs = family.trajectory_scheduler(pipe, latent_shape, config.sampler_steps)
     settings = SamplerSettings(config.sampler_steps, config.sampler_guidance_scale, latent_shape, timestep_kwargs)
@@ -114,8 +115,10 @@ def build_erasure_data(
             desc=desc,
         )
 
+    # substitute: each forget row's x_t come from its anchor's trajectories (the same prompt index)
+    trajectory_ctx = anchor_ctx if config.forget_loss == "substitute" else forget_ctx
     forget_sources = [
-        source(ctx, config.forget_image_dir, f"pool: {c.name}") for c, ctx in zip(config.concepts, forget_ctx)
+        source(ctx, config.forget_image_dir, f"pool: {c.name}") for c, ctx in zip(config.concepts, trajectory_ctx)
     ]
     preserve_source = source(preserve_ctx, config.preserve_image_dir, "pool: preserve")
     neighbour_source = neighbour_ctx = None
@@ -124,9 +127,7 @@ def build_erasure_data(
         neighbour_source = source(neighbour_ctx, None, "pool: neighbours")
     token_ids = None
     if config.lora.on_text_encoder:
-        token_ids = {
-            f"forget/{i}": family.token_ids(pipe, list(c.forget_prompts)) for i, c in enumerate(config.concepts)
-        }
+        token_ids = {f"forget/{i}": family.token_ids(pipe, list(forget)) for i, (forget, _) in enumerate(pairs)}
         token_ids["preserve"] = family.token_ids(pipe, preserve)
         if config.neighbour_player:
             token_ids[NEIGHBOURS] = family.token_ids(pipe, config.neighbour_prompts())

@@ -24,7 +24,7 @@ from .adversary import ADVERSARIAL
 from .family import denoise
 from .latents import LatentBatch, RowTokens
 from .lora import adapters_disabled
-from .losses import esd_target, forget_loss, preservation_loss
+from .losses import GUIDED_LOSSES, esd_target, forget_loss, preservation_loss
 
 NEIGHBOURS = "neighbours"  # the optional preservation player of the concepts' neighbours (--neighbour_player)
 
@@ -133,7 +133,7 @@ def frozen_targets(
     text_lora: TextLora | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every player's constant target from the frozen model (adapters disabled, no grad): the frozen prediction
-    on the preservation rows, and per forget player its ``esd``, ``anchored_esd`` or ``anchor`` target
+    on the preservation rows, and per forget player its ``esd``, ``anchored_esd`` or ``anchor`` / ``substitute`` target
     (:mod:`munba_diffusion.diffusion.losses`).
 
     The preserve rows go through the frozen model on their own, in the same batch shape as the LoRA forward of
@@ -158,7 +158,7 @@ def frozen_targets(
 
 def _forget_target(unet, lat: LatentBatch, ctx, anchor_ctx, uncond, loss: str, eta: float, device, dtype):
     """A forgetting player's target on its rows (call with the adapters disabled and no grad)."""
-    if loss in ("esd", "anchored_esd"):
+    if loss in GUIDED_LOSSES:
         reference = uncond.expand_as(ctx) if loss == "esd" else anchor_ctx  # what the concept is measured from
         b = lat.latents.shape[0]
         both = _predict(
@@ -240,11 +240,11 @@ def joint_frozen_targets(
     forget = forget_names(names)
     latents, timesteps, contexts = joint_rows(batch, names)
     sizes = [player_rows(batch, name, names)[0].latents.shape[0] for name in names]
-    guided = loss in ("esd", "anchored_esd")
+    guided = loss in GUIDED_LOSSES
     with torch.no_grad(), adapters_disabled(unet, *_encoders(text_lora)):
         if text_lora is not None:  # the same call shape as the LoRA model's contexts
             contexts = lora_contexts(batch, names, names, text_lora)
-        if not guided:  # anchor
+        if not guided:  # anchor, substitute
             contexts = torch.cat(
                 [
                     batch.forget[forget.index(n)][2].to(c.device, c.dtype) if n in forget else c

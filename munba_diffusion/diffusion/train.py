@@ -145,7 +145,9 @@ def _adversary(
         lr=config.adversarial_lr,
         kept=config.adversarial_prompts_kept,
     )
-    adversary = Adversary(pipe, [list(c.forget_prompts) for c in config.concepts], settings, device, resolution)
+    adversary = Adversary(
+        pipe, [list(c.training_pairs(config.forget_loss)[0]) for c in config.concepts], settings, device, resolution
+    )
     if resume_path is not None:
         adversary.load_state_dict(load_checkpoint_tensors(resume_path, ADVERSARY_CHECKPOINT))
     return adversary

@@ -19,6 +19,9 @@ pipeline as users call it. The result is a stock ``StableDiffusion3Pipeline`` fo
 
     python scripts/demo/train_flow_demo.py --output_dir munba_diffusion/demo/weights --seed 0
 
+``--init_from FOLDER`` continues from a saved flow pipeline's transformer instead (a fresh OneCycle schedule of
+``--steps`` at ``--learning_rate``; ``--seed`` also picks the rendered training set).
+
 This script builds the demo; it is not part of the installed package (which only loads what it made).
 """
 
@@ -146,9 +149,15 @@ def check_repeated_row_attention(transformer, pipe) -> float:
     return (full - short).abs().max().item()
 
 
-def train_flow(out: Path, seed: int, steps: int, batch: int = 32) -> None:
+def train_flow(
+    out: Path, seed: int, steps: int, batch: int = 32, learning_rate: float = 5e-4, init_from: Path | None = None
+) -> None:
+    """Train ``steps`` steps from scratch, or from the transformer of the flow pipeline folder ``init_from``."""
     torch.manual_seed(seed)
-    transformer = build_transformer()
+    if init_from is None:
+        transformer = build_transformer()
+    else:
+        transformer = SD3Transformer2DModel.from_pretrained(init_from / "transformer", torch_dtype=torch.float32)
     transformer.set_attn_processor(RepeatedLastRowAttention(ZERO_ROWS))
     pipe = assemble_pipeline(out, transformer)
     gap = check_repeated_row_attention(transformer, pipe)
@@ -176,8 +185,8 @@ def train_flow(out: Path, seed: int, steps: int, batch: int = 32) -> None:
 
     ema = copy.deepcopy(transformer).requires_grad_(False)
     scheduler = flow_scheduler()
-    opt = torch.optim.AdamW(transformer.parameters(), lr=5e-4, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-4, total_steps=steps, pct_start=0.03)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=learning_rate, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=learning_rate, total_steps=steps, pct_start=0.03)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     judge = DemoJudge.load(out / "judge")
@@ -209,12 +218,16 @@ def train_flow(out: Path, seed: int, steps: int, batch: int = 32) -> None:
             judged.set_progress_bar_config(disable=True)
             save_flow_pipeline(judged, out / "flow_pipeline")
             if step + 1 < steps:
-                logger.info("flow step %d judged %s", step + 1, judge_pipeline(judged, judge, seeds_per_caption=1))
+                logger.info(
+                    "flow step %d judged %s", step + 1, judge_pipeline(judged, judge, seeds_per_caption=2, steps=28)
+                )
     metrics = judge_pipeline(judged, judge, seeds_per_caption=4, steps=28)
     metrics.update(
         steps=steps,
         batch_size=batch,
         seed=seed,
+        learning_rate=learning_rate,
+        init_from=None if init_from is None else str(init_from),
         train_seconds=round(time.time() - start),
         parameters=sum(p.numel() for p in ema.parameters()),
         sampler="FlowMatchEulerDiscreteScheduler, shift 1",
@@ -235,11 +248,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", "--output-dir", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--learning_rate", "--learning-rate", type=float, default=5e-4, help="OneCycle peak")
+    parser.add_argument(
+        "--init_from",
+        "--init-from",
+        type=Path,
+        default=None,
+        help="continue from this flow pipeline folder's transformer (its EMA weights) instead of from scratch",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    train_flow(args.output_dir, args.seed, args.steps)
+    train_flow(args.output_dir, args.seed, args.steps, learning_rate=args.learning_rate, init_from=args.init_from)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,14 @@ def _anchor_cell(anchor_prompts: Sequence[str]) -> str:
     return _prompt_list(anchors)
 
 
+def _replaced_by(concept: dict[str, Any], record: dict[str, Any]) -> list[str]:
+    """What the forget prompts were mapped to: the substitutes under ``--forget_loss substitute``, else the anchors."""
+    substitutes = concept.get("substitute_prompts") or []
+    if record.get("forget_loss") == "substitute" and substitutes:
+        return [prompt for entry in substitutes for prompt in entry]
+    return concept["anchor_prompts"]
+
+
 def read_evaluation_reports(folder: str | Path) -> dict[str, dict[str, Any]]:
     """``folder/evaluation/<concept>/report.json`` of every evaluated concept, by concept ({} when none ran)."""
     reports = {}
@@ -194,7 +202,7 @@ def erased_model_card(
     )
     names = [concept["name"] for concept in record["concepts"]]
     concept_rows = "\n".join(
-        f"| {_table_cell(c['name'])} | {_prompt_list(c['forget_prompts'])} | {_anchor_cell(c['anchor_prompts'])} | "
+        f"| {_table_cell(c['name'])} | {_prompt_list(c['forget_prompts'])} | {_anchor_cell(_replaced_by(c, record))} | "
         f"{_prompt_list(c['preserve_prompts'])} |"
         for c in record["concepts"]
     )
