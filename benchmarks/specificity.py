@@ -282,6 +282,8 @@ def plot(results: dict, path: Path) -> None:
         unique = dict(zip(labels, handles))  # one entry per setting, not per concept
         if unique:
             ax.legend(unique.values(), unique.keys(), fontsize=7)
+        else:  # a benchmark of colours only (or shapes only) measured nothing here
+            ax.text(0.5, 0.5, f"no {title} in these runs", ha="center", va="center", transform=ax.transAxes)
         ax.grid(alpha=0.3)
     figure.tight_layout()
     save_figure(figure, path)
