@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -81,6 +81,39 @@ class ConceptPreset:
             "neighbours": list(self.neighbour_prompts),
             "substitutes": [list(s) for s in self.substitute_prompts],
         }
+
+
+def compose_substitutes(concepts: list[ConceptPreset]) -> list[ConceptPreset]:
+    """Substitutes for erasing ``concepts`` together: a substitute that another of the concepts forgets is replaced,
+    in turn, by that concept's substitutes for it.
+
+    Erasing red and circle at once, red's substitute "a blue circle" for "a red circle" is circle's forget prompt
+    and becomes circle's substitutes for it ("a blue square", "a blue triangle", "a blue cross"): each concept's
+    substitution is applied once, so every prompt that comes out is free of all the concepts that have
+    substitutes for it. A substitute that no other concept maps on (or that the concept forgets itself) is kept as
+    it is, for the caller to refuse. Idempotent; a single concept is returned unchanged.
+    """
+    owners: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    for c in concepts:
+        for prompt, subs in zip(c.forget_prompts, c.substitute_prompts):
+            owners.setdefault(prompt, []).append((c.name, subs))
+
+    def resolve(prompt: str, applied: frozenset[str]) -> list[str]:
+        for name, subs in owners.get(prompt, ()):
+            if name not in applied:
+                return [r for s in subs for r in resolve(s, applied | {name})]
+        return [prompt]
+
+    return [
+        replace(
+            c,
+            substitute_prompts=tuple(
+                tuple(dict.fromkeys(r for s in entry for r in resolve(s, frozenset({c.name}))))
+                for entry in c.substitute_prompts
+            ),
+        )
+        for c in concepts
+    ]
 
 
 def _presets_dir():

@@ -70,6 +70,28 @@ def test_substitutes_pair_each_forget_prompt_with_each_of_its_substitutes(tmp_pa
     assert overridden.training_pairs("substitute")[1] == ("an object", "an object")  # a named anchor wins
 
 
+def test_erasing_two_concepts_composes_their_substitutes(tmp_path):
+    """red + circle under ``substitute``: red's "a blue circle" is circle's forget prompt, so "a red circle" is
+    replaced by circle's substitutes of red's substitutes (every colour-but-red x shape-but-circle), and no
+    substitute left is a forget prompt of either concept; other targets and a single concept are untouched."""
+    together = ErasureTrainingConfig(
+        concepts=["red", "circle"], output_dir=tmp_path / "run", forget_loss="substitute"
+    ).concepts
+    red, circle = ({f: set(s) for f, s in zip(c.forget_prompts, c.substitute_prompts)} for c in together)
+    both = {
+        f"a {colour} {shape}" for colour in ("green", "blue", "yellow") for shape in ("square", "triangle", "cross")
+    }
+    assert red["a red circle"] == both == circle["a red circle"]
+    assert red["a red square"] == {"a green square", "a blue square", "a yellow square"}  # no circle to compose
+    assert circle["a blue circle"] == {"a blue square", "a blue triangle", "a blue cross"}
+    forget = {p for c in together for p in c.forget_prompts}
+    assert not forget & {s for c in together for subs in c.substitute_prompts for s in subs}
+    alone = ErasureTrainingConfig(concepts=["red"], output_dir=tmp_path / "one", forget_loss="substitute").concepts
+    assert alone == [load_preset("red")]
+    esd = ErasureTrainingConfig(concepts=["red", "circle"], output_dir=tmp_path / "esd").concepts
+    assert esd == [load_preset("red"), load_preset("circle")]
+
+
 def test_free_text_and_yaml_concepts(tmp_path):
     text = resolve_concept("text:a teddy bear")
     assert text.forget_prompts[0] == "a teddy bear" and text.source == "text"

@@ -18,7 +18,7 @@ from typing import Any
 from ..bargaining import COMBINERS
 from ..config import check_options, config_record, option
 from ..models import bundled_model_names
-from ..presets import ConceptPreset, read_prompt_file, resolve_concept
+from ..presets import ConceptPreset, compose_substitutes, read_prompt_file, resolve_concept
 from ..step import nonfinite_gradients_option, player_gradients_option
 from .adversary import ADVERSARIAL, adversarial_player_names
 from .latents import LATENT_SOURCES
@@ -278,6 +278,7 @@ class ErasureTrainingConfig:
         # the overrides are now part of the concepts: a record re-read as a configuration applies them once
         self.forget_prompts_file = self.preserve_prompts_file = self.anchor_prompt = None
         if self.forget_loss == "substitute":
+            concepts = compose_substitutes(concepts)
             forget = {p for c in concepts for p in c.forget_prompts}
             for c in concepts:
                 erased = sorted(set(c.training_pairs("substitute")[1]) & forget)

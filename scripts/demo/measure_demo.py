@@ -1,9 +1,12 @@
-"""Measure the bundled demo world and draw what its text-to-image model makes (the README's numbers and picture).
+"""Measure the bundled demo world and draw what its text-to-image models make (the README's numbers and pictures).
 
-    python scripts/demo/measure_demo.py --output_dir docs/demo
+    python scripts/demo/measure_demo.py --output_dir docs/demo                          # munba-demo
+    python scripts/demo/measure_demo.py --output_dir docs/demo --model munba-demo-flow  # the flow demo
 
 Writes ``demo_world.json`` (judge and CLIP accuracy on fresh renders, the VAE round trip, and how often the judge
-agrees with the text-to-image model for every shape x colour caption) and ``demo_grid.png``.
+agrees with the text-to-image model for every shape x colour caption, overall on the training scripts' judging seeds
+and caption by caption on seeds they never use: the quality bar is per caption) and ``demo_grid.png``; for the flow
+demo ``demo_world_flow.json`` and ``demo_grid_flow.png``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont
 from train_demo import clip_zero_shot_accuracy, judge_pipeline, load_tokenizer, render_dataset
 from transformers import CLIPModel
@@ -22,16 +25,62 @@ from munba_diffusion.demo import COLOURS, SHAPES, canonical_caption, demo_clip_p
 from munba_diffusion.models import DEMO_MODEL, resolve_model_path
 
 FRESH_SEED = 777_000  # renders no training stage has seen (training seeds are < 100)
+HELD_OUT_SEED = 5000  # generator seeds the training scripts never judge with (they use 1000 + i)
+SAMPLER_STEPS = {DEMO_MODEL: 25, "munba-demo-flow": 28}  # as each model's training script judges it
 
 
-def measure(seeds_per_caption: int = 4, steps: int = 25, guidance: float = 4.0) -> dict:
+def load_pipeline(model: str) -> DiffusionPipeline:
+    """The stock pipeline of a bundled model (the flow demo is SD3 without T5)."""
+    folder = resolve_model_path(model)
+    extra = (
+        {"text_encoder_3": None, "tokenizer_3": None}
+        if "text_encoder_3" in DiffusionPipeline.load_config(folder)
+        else {}
+    )
+    pipe = DiffusionPipeline.from_pretrained(folder, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def per_caption_judgement(pipe, judge, seeds_per_caption: int, steps: int, guidance: float) -> dict:
+    """Each "a {colour} {shape}" caption's share of images judged right for shape and for colour, over
+    ``seeds_per_caption`` held-out seeds (5000 + 100 k + caption index)."""
+    combos = [(shape, colour) for shape in SHAPES for colour in COLOURS]
+    right = {f"{colour} {shape}": [0, 0] for shape, colour in combos}
+    for k in range(seeds_per_caption):
+        images = pipe(
+            [canonical_caption(shape, colour) for shape, colour in combos],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=[torch.Generator().manual_seed(HELD_OUT_SEED + 100 * k + i) for i in range(len(combos))],
+            output_type="pt",
+        ).images
+        verdict = judge.classify(images)
+        for (shape, colour), s, c in zip(combos, verdict.shape.tolist(), verdict.colour.tolist()):
+            right[f"{colour} {shape}"][0] += SHAPES[s] == shape
+            right[f"{colour} {shape}"][1] += COLOURS[c] == colour
+    images = seeds_per_caption * len(combos)
+    return {
+        "images": images,
+        "seeds": f"{HELD_OUT_SEED} + 100 k + caption index, k < {seeds_per_caption}",
+        "shape_accuracy": sum(r[0] for r in right.values()) / images,
+        "colour_accuracy": sum(r[1] for r in right.values()) / images,
+        "per_caption": {
+            name: {"shape": s / seeds_per_caption, "colour": c / seeds_per_caption} for name, (s, c) in right.items()
+        },
+    }
+
+
+def measure(
+    model: str = DEMO_MODEL, seeds_per_caption: int = 4, held_out_seeds: int = 8, guidance: float = 4.0
+) -> dict:
+    steps = SAMPLER_STEPS[model]
     judge = load_demo_judge()
     images, shapes, colours = render_dataset(2000, FRESH_SEED)
     out = judge.classify(images)
     clip = CLIPModel.from_pretrained(demo_clip_path()).eval()
     zero_shot = clip_zero_shot_accuracy(clip, load_tokenizer(demo_clip_path()), images, shapes, colours)
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_model_path(DEMO_MODEL))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(model)
     with torch.no_grad():
         recon = pipe.vae.decode(pipe.vae.encode(images[:500] * 2 - 1).latent_dist.mean).sample
     judged_recon = judge.classify(((recon + 1) / 2).clamp(0, 1))
@@ -46,21 +95,25 @@ def measure(seeds_per_caption: int = 4, steps: int = 25, guidance: float = 4.0) 
             "shape_accuracy": (judged_recon.shape == shapes[:500]).float().mean().item(),
             "colour_accuracy": (judged_recon.colour == colours[:500]).float().mean().item(),
         },
+        "model": model,
         "text_to_image_judged": judge_pipeline(pipe, judge, seeds_per_caption, steps, guidance),
+        "text_to_image_per_caption": per_caption_judgement(pipe, judge, held_out_seeds, steps, guidance),
         "parameters": {
-            "unet": sum(p.numel() for p in pipe.unet.parameters()),
-            "vae": sum(p.numel() for p in pipe.vae.parameters()),
-            "text_encoder": sum(p.numel() for p in pipe.text_encoder.parameters()),
+            **{
+                name: sum(p.numel() for p in component.parameters())
+                for name, component in pipe.components.items()
+                if isinstance(component, torch.nn.Module)
+            },
             "clip": sum(p.numel() for p in clip.parameters()),
             "judge": sum(p.numel() for p in judge.parameters()),
         },
     }
 
 
-def caption_grid(seeds: int = 6, steps: int = 25, guidance: float = 4.0, cell: int = 48) -> Image.Image:
+def caption_grid(model: str = DEMO_MODEL, seeds: int = 6, guidance: float = 4.0, cell: int = 48) -> Image.Image:
     """One row per caption "a {colour} {shape}", one column per seed."""
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_model_path(DEMO_MODEL))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(model)
+    steps = SAMPLER_STEPS[model]
     captions = [canonical_caption(s, c) for s in SHAPES for c in COLOURS]
     side = 130
     grid = Image.new("RGB", (side + cell * seeds, cell * len(captions)), "white")
@@ -82,13 +135,15 @@ def caption_grid(seeds: int = 6, steps: int = 25, guidance: float = 4.0, cell: i
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", "--output-dir", type=Path, required=True)
+    parser.add_argument("--model", choices=sorted(SAMPLER_STEPS), default=DEMO_MODEL)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    results = measure()
-    (args.output_dir / "demo_world.json").write_text(json.dumps(results, indent=2) + "\n")
-    caption_grid().save(args.output_dir / "demo_grid.png")
+    suffix = "" if args.model == DEMO_MODEL else "_flow"
+    results = measure(args.model)
+    (args.output_dir / f"demo_world{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
+    caption_grid(args.model).save(args.output_dir / f"demo_grid{suffix}.png")
     print(json.dumps(results, indent=2))
 
 

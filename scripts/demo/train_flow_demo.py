@@ -19,8 +19,10 @@ pipeline as users call it. The result is a stock ``StableDiffusion3Pipeline`` fo
 
     python scripts/demo/train_flow_demo.py --output_dir munba_diffusion/demo/weights --seed 0
 
-``--init_from FOLDER`` continues from a saved flow pipeline's transformer instead (a fresh OneCycle schedule of
-``--steps`` at ``--learning_rate``; ``--seed`` also picks the rendered training set).
+Training runs in stages, each a fresh OneCycle schedule (``--steps`` and ``--learning_rate`` give one value per
+stage) that starts from the previous stage's saved EMA transformer, on a fresh render of the world (stage i uses
+seed ``--seed + i``): the shipped model is 4,000 steps from scratch at 5e-4, then 6,000 at 4e-4, then 3,000 at
+1e-4. ``--init_from FOLDER`` starts the first stage from a saved flow pipeline's transformer instead of from scratch.
 
 This script builds the demo; it is not part of the installed package (which only loads what it made).
 """
@@ -151,8 +153,9 @@ def check_repeated_row_attention(transformer, pipe) -> float:
 
 def train_flow(
     out: Path, seed: int, steps: int, batch: int = 32, learning_rate: float = 5e-4, init_from: Path | None = None
-) -> None:
-    """Train ``steps`` steps from scratch, or from the transformer of the flow pipeline folder ``init_from``."""
+) -> dict:
+    """Train ``steps`` steps from scratch, or from the transformer of the flow pipeline folder ``init_from``; save
+    the EMA weights as ``out/flow_pipeline`` and return the judge's verdict on them with the stage's settings."""
     torch.manual_seed(seed)
     if init_from is None:
         transformer = build_transformer()
@@ -232,8 +235,8 @@ def train_flow(
         parameters=sum(p.numel() for p in ema.parameters()),
         sampler="FlowMatchEulerDiscreteScheduler, shift 1",
     )
-    _write_metrics(out, "flow", metrics)
-    logger.info("final %s", metrics)
+    logger.info("stage done %s", metrics)
+    return metrics
 
 
 def _stock(transformer):
@@ -247,20 +250,39 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", "--output-dir", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--learning_rate", "--learning-rate", type=float, default=5e-4, help="OneCycle peak")
+    parser.add_argument("--steps", type=int, nargs="+", default=[4000, 6000, 3000], help="steps of each stage")
+    parser.add_argument(
+        "--learning_rate",
+        "--learning-rate",
+        type=float,
+        nargs="+",
+        default=[5e-4, 4e-4, 1e-4],
+        help="each stage's OneCycle peak",
+    )
     parser.add_argument(
         "--init_from",
         "--init-from",
         type=Path,
         default=None,
-        help="continue from this flow pipeline folder's transformer (its EMA weights) instead of from scratch",
+        help="start the first stage from this flow pipeline folder's transformer (its EMA weights), not from scratch",
     )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if len(args.steps) != len(args.learning_rate):
+        parser.error(
+            f"give one --learning_rate per stage of --steps ({len(args.steps)}), got {len(args.learning_rate)}"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    train_flow(args.output_dir, args.seed, args.steps, learning_rate=args.learning_rate, init_from=args.init_from)
+    stages = []
+    init_from = args.init_from
+    for index, (steps, learning_rate) in enumerate(zip(args.steps, args.learning_rate)):
+        stages.append(
+            train_flow(args.output_dir, args.seed + index, steps, learning_rate=learning_rate, init_from=init_from)
+        )
+        init_from = args.output_dir / "flow_pipeline"
+    # the final stage's verdict, and every stage's settings and verdict
+    _write_metrics(args.output_dir, "flow", {**stages[-1], "steps": sum(args.steps), "stages": stages})
 
 
 if __name__ == "__main__":
