@@ -16,30 +16,17 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont
 from train_demo import clip_zero_shot_accuracy, judge_pipeline, load_tokenizer, render_dataset
 from transformers import CLIPModel
 
 from munba_diffusion.demo import COLOURS, SHAPES, canonical_caption, demo_clip_path, load_demo_judge
-from munba_diffusion.models import DEMO_MODEL, resolve_model_path
+from munba_diffusion.diffusion.base_model import load_base_pipeline
+from munba_diffusion.models import DEMO_MODEL
 
 FRESH_SEED = 777_000  # renders no training stage has seen (training seeds are < 100)
 HELD_OUT_SEED = 5000  # generator seeds the training scripts never judge with (they use 1000 + i)
 SAMPLER_STEPS = {DEMO_MODEL: 25, "munba-demo-flow": 28}  # as each model's training script judges it
-
-
-def load_pipeline(model: str) -> DiffusionPipeline:
-    """The stock pipeline of a bundled model (the flow demo is SD3 without T5)."""
-    folder = resolve_model_path(model)
-    extra = (
-        {"text_encoder_3": None, "tokenizer_3": None}
-        if "text_encoder_3" in DiffusionPipeline.load_config(folder)
-        else {}
-    )
-    pipe = DiffusionPipeline.from_pretrained(folder, **extra)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def per_caption_judgement(pipe, judge, seeds_per_caption: int, steps: int, guidance: float) -> dict:
@@ -80,7 +67,8 @@ def measure(
     out = judge.classify(images)
     clip = CLIPModel.from_pretrained(demo_clip_path()).eval()
     zero_shot = clip_zero_shot_accuracy(clip, load_tokenizer(demo_clip_path()), images, shapes, colours)
-    pipe = load_pipeline(model)
+    pipe = load_base_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         recon = pipe.vae.decode(pipe.vae.encode(images[:500] * 2 - 1).latent_dist.mean).sample
     judged_recon = judge.classify(((recon + 1) / 2).clamp(0, 1))
@@ -112,7 +100,8 @@ def measure(
 
 def caption_grid(model: str = DEMO_MODEL, seeds: int = 6, guidance: float = 4.0, cell: int = 48) -> Image.Image:
     """One row per caption "a {colour} {shape}", one column per seed."""
-    pipe = load_pipeline(model)
+    pipe = load_base_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
     steps = SAMPLER_STEPS[model]
     captions = [canonical_caption(s, c) for s in SHAPES for c in COLOURS]
     side = 130
