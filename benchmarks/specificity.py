@@ -10,6 +10,7 @@ settings, generate the demo prompt set, judge it, and record
   kind: the other colours when erasing a colour),
 - what replaces the concept: the distribution of the judged value on the concept's prompts (is it always the same
   substitute?),
+- each other prompt's tally of images judged right (where the other prompts' accuracy is lost),
 
 each with a 95% Wilson interval over the images, and mean +- std over seeds, and the run's wall time (training and
 generation). ``sequential`` erases a concept set one concept after another, each a two-player ``nash`` erasure of the
@@ -123,8 +124,14 @@ def specificity_scores(folder: Path, concepts: list[str], judge) -> dict:
             "substitutes": dict(Counter(judged[kind][i] for i in own if judged[kind][i] != concept).most_common()),
         }
     others = [i for i in rows if all(asked[concept_kind(c)][i] != c for c in concepts)]
-    correct = sum(all(judged[k][i] == asked[k][i] for k in ("shape", "colour") if asked[k][i]) for i in others)
-    result["other_accuracy"] = wilson_interval(correct, len(others))
+    right = {i: all(judged[k][i] == asked[k][i] for k in ("shape", "colour") if asked[k][i]) for i in others}
+    result["other_accuracy"] = wilson_interval(sum(right.values()), len(others))
+    by_prompt: dict[str, list[int]] = {}
+    for i in others:
+        tally = by_prompt.setdefault(entries[i].field("prompt") or str(entries[i].path.name), [0, 0])
+        tally[0] += right[i]
+        tally[1] += 1
+    result["other_by_prompt"] = {prompt: {"right": r, "n": n} for prompt, (r, n) in sorted(by_prompt.items())}
     return result
 
 

@@ -534,7 +534,10 @@ def test_specificity_scores_a_concept_set_without_counting_its_own_concepts_as_k
         (("blue", "circle"), ("blue", "circle")),
         (("green", "square"), ("green", "triangle")),
     ]
-    entries = [ImageEntry(Path(f"{i}.png"), {"colour": c, "shape": s}) for i, ((c, s), _) in enumerate(asked_judged)]
+    entries = [
+        ImageEntry(Path(f"{i}.png"), {"colour": c, "shape": s, "prompt": f"a {c} {s}"})
+        for i, ((c, s), _) in enumerate(asked_judged)
+    ]
     judge = SimpleNamespace(
         classify=lambda images: SimpleNamespace(
             colour=torch.tensor([COLOURS.index(c) for _, (c, _) in asked_judged]),
@@ -553,3 +556,4 @@ def test_specificity_scores_a_concept_set_without_counting_its_own_concepts_as_k
     assert (circle["kept_attribute"]["rate"], circle["kept_attribute"]["n"]) == (1.0, 1)  # "a blue circle" only
     assert (circle["neighbour_accuracy"]["rate"], circle["neighbour_accuracy"]["n"]) == (0.5, 2)  # square, square
     assert (scores["other_accuracy"]["rate"], scores["other_accuracy"]["n"]) == (0.0, 1)  # the green triangle
+    assert scores["other_by_prompt"] == {"a green square": {"right": 0, "n": 1}}  # where the other prompts lose
