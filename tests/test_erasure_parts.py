@@ -39,6 +39,8 @@ def test_bundled_presets_cover_the_required_concepts():
         preset = load_preset(name)
         assert preset.forget_prompts and preset.preserve_prompts, name
         assert not set(preset.forget_prompts) & set(preset.preserve_prompts), name
+        # every bundled concept names its neighbours, so --neighbour_player works on each (issue 19)
+        assert preset.neighbour_prompts and not set(preset.forget_prompts) & set(preset.neighbour_prompts), name
 
 
 def test_demo_shape_preset_holds_out_a_synonym():
