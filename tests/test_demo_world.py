@@ -110,3 +110,39 @@ def test_bundled_files_are_safetensors_and_small():
     assert sum(p.stat().st_size for p in files) < 20 * 2**20
     recipe = json.loads((WEIGHTS_DIR / "training_metrics.json").read_text())
     assert {"clip", "judge", "vae", "unet"} <= set(recipe)
+
+
+def test_per_caption_judgement_reports_each_caption_with_its_interval_and_the_bar(monkeypatch):
+    """measure_demo's per-caption judgement (the demos' quality bar) on a scripted pipeline and judge: a caption's
+    rate is its own images' share, its interval is Wilson's, and a caption right 3 times of 4 is under the 90% bar."""
+    import importlib
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from munba_diffusion.evaluation.intervals import wilson_bounds
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts" / "demo"))
+    measure_demo = importlib.import_module("measure_demo")
+    combos = [(s, c) for s in SHAPES for c in COLOURS]
+    calls = []
+
+    def pipe(prompts, generator, **kwargs):
+        calls.append(prompts)
+        return SimpleNamespace(images=torch.zeros(len(prompts), 3, 32, 32))
+
+    def classify(images):
+        k = len(calls) - 1  # the red cross is drawn as a square on the first seed only, the blue circle is green
+        shape = [
+            SHAPES.index("square") if (s, c) == ("cross", "red") and k == 0 else SHAPES.index(s) for s, c in combos
+        ]
+        colour = [COLOURS.index("green") if (s, c) == ("circle", "blue") else COLOURS.index(c) for s, c in combos]
+        return SimpleNamespace(shape=torch.tensor(shape), colour=torch.tensor(colour))
+
+    result = measure_demo.per_caption_judgement(pipe, SimpleNamespace(classify=classify), 4, steps=2, guidance=4.0)
+    assert calls == [[canonical_caption(s, c) for s, c in combos]] * 4 and result["images"] == 64
+    red_cross = result["per_caption"]["red cross"]
+    assert red_cross["shape"]["rate"] == 0.75 and red_cross["shape"]["ci95"] == list(wilson_bounds(3, 4))
+    assert red_cross["colour"]["rate"] == 1.0 and red_cross["shape"]["n"] == 4
+    assert result["per_caption"]["blue circle"]["colour"]["rate"] == 0.0
+    assert result["captions_under_bar"] == ["blue circle", "red cross"]
+    assert result["shape_accuracy"] == 63 / 64 and result["colour_accuracy"] == 60 / 64

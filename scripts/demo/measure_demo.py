@@ -22,18 +22,21 @@ from transformers import CLIPModel
 
 from munba_diffusion.demo import COLOURS, SHAPES, canonical_caption, demo_clip_path, load_demo_judge
 from munba_diffusion.diffusion.base_model import load_base_pipeline
+from munba_diffusion.evaluation.intervals import rate_entry, rate_fields
 from munba_diffusion.models import DEMO_MODEL
 
 FRESH_SEED = 777_000  # renders no training stage has seen (training seeds are < 100)
 HELD_OUT_SEED = 5000  # generator seeds the training scripts never judge with (they use 1000 + i)
 SAMPLER_STEPS = {DEMO_MODEL: 25, "munba-demo-flow": 28}  # as each model's training script judges it
+QUALITY_BAR = 0.9  # every caption judged right at least this often, for shape and for colour
 
 
 def per_caption_judgement(pipe, judge, seeds_per_caption: int, steps: int, guidance: float) -> dict:
-    """Each "a {colour} {shape}" caption's share of images judged right for shape and for colour, over
-    ``seeds_per_caption`` held-out seeds (5000 + 100 k + caption index)."""
+    """Each "a {colour} {shape}" caption's share of images judged right for shape and for colour, with its 95%
+    Wilson interval, over ``seeds_per_caption`` held-out seeds (5000 + 100 k + caption index), and the captions
+    under the quality bar (right less than 90% of the time for shape or for colour)."""
     combos = [(shape, colour) for shape in SHAPES for colour in COLOURS]
-    right = {f"{colour} {shape}": [0, 0] for shape, colour in combos}
+    hits = {f"{colour} {shape}": ([], []) for shape, colour in combos}
     for k in range(seeds_per_caption):
         images = pipe(
             [canonical_caption(shape, colour) for shape, colour in combos],
@@ -44,22 +47,29 @@ def per_caption_judgement(pipe, judge, seeds_per_caption: int, steps: int, guida
         ).images
         verdict = judge.classify(images)
         for (shape, colour), s, c in zip(combos, verdict.shape.tolist(), verdict.colour.tolist()):
-            right[f"{colour} {shape}"][0] += SHAPES[s] == shape
-            right[f"{colour} {shape}"][1] += COLOURS[c] == colour
-    images = seeds_per_caption * len(combos)
+            hits[f"{colour} {shape}"][0].append(SHAPES[s] == shape)
+            hits[f"{colour} {shape}"][1].append(COLOURS[c] == colour)
+    per_caption = {
+        name: {"shape": rate_entry(shape_hits), "colour": rate_entry(colour_hits)}
+        for name, (shape_hits, colour_hits) in hits.items()
+    }
     return {
-        "images": images,
+        "images": seeds_per_caption * len(combos),
         "seeds": f"{HELD_OUT_SEED} + 100 k + caption index, k < {seeds_per_caption}",
-        "shape_accuracy": sum(r[0] for r in right.values()) / images,
-        "colour_accuracy": sum(r[1] for r in right.values()) / images,
-        "per_caption": {
-            name: {"shape": s / seeds_per_caption, "colour": c / seeds_per_caption} for name, (s, c) in right.items()
-        },
+        "steps": steps,
+        "guidance_scale": guidance,
+        **rate_fields("shape_accuracy", [h for shape_hits, _ in hits.values() for h in shape_hits]),
+        **rate_fields("colour_accuracy", [h for _, colour_hits in hits.values() for h in colour_hits]),
+        "quality_bar": QUALITY_BAR,
+        "captions_under_bar": sorted(
+            name for name, rates in per_caption.items() if min(r["rate"] for r in rates.values()) < QUALITY_BAR
+        ),
+        "per_caption": per_caption,
     }
 
 
 def measure(
-    model: str = DEMO_MODEL, seeds_per_caption: int = 4, held_out_seeds: int = 8, guidance: float = 4.0
+    model: str = DEMO_MODEL, seeds_per_caption: int = 4, held_out_seeds: int = 32, guidance: float = 4.0
 ) -> dict:
     steps = SAMPLER_STEPS[model]
     judge = load_demo_judge()
@@ -125,12 +135,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", "--output-dir", type=Path, required=True)
     parser.add_argument("--model", choices=sorted(SAMPLER_STEPS), default=DEMO_MODEL)
+    parser.add_argument(
+        "--held_out_seeds",
+        "--held-out-seeds",
+        type=int,
+        default=32,
+        help="seeds per caption for the per-caption judgement (32: a caption's 90%% bar is then 29 of 32)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.held_out_seeds < 1:
+        parser.error(f"--held_out_seeds must be at least 1, got {args.held_out_seeds}")
     torch.set_num_threads(args.threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.model == DEMO_MODEL else "_flow"
-    results = measure(args.model)
+    results = measure(args.model, held_out_seeds=args.held_out_seeds)
     (args.output_dir / f"demo_world{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
     caption_grid(args.model).save(args.output_dir / f"demo_grid{suffix}.png")
     print(json.dumps(results, indent=2))
