@@ -1,4 +1,4 @@
-"""Train the demo world's flow-matching model (``munba-demo-flow``) from scratch on a CPU (about an hour on one core).
+"""Train the demo world's flow-matching model (``munba-demo-flow``) from scratch on a CPU (3 hours of one thread).
 
 An SD3-style MMDiT (``SD3Transformer2DModel``, joint attention over image patches and text tokens) trained with the
 rectified-flow objective of diffusers' SD3 training script: x_t = (1 - s) x_0 + s eps with s drawn logit-normal,
@@ -10,19 +10,28 @@ is (a ``CLIPTextModelWithProjection`` with an identity projection), and SD3 runs
 token stream from T5 only (CLIP gives it just a pooled vector), so a FLUX demo would need a T5 trained here too.
 The VAE is the demo's (its config gains ``shift_factor: 0.0``, which SD3's pipeline reads).
 
-Without T5, SD3's pipeline appends ``max_sequence_length`` (256 by default) zero rows to the 77 CLIP rows. Those rows
-are identical at every layer (same input, no position embedding on text), so attending to 256 copies of one key and
-value is exactly attending to one copy with ``log 256`` added to its logit. Training uses that one row and the
-logit offset (:class:`RepeatedLastRowAttention`): 78 text rows instead of 333, about 4x faster; the script checks
-the equivalence against the stock processor before training and the final quality is judged with the stock
-pipeline as users call it. The result is a stock ``StableDiffusion3Pipeline`` folder::
+The transformer sees the 16x16 latent with patch 1 (256 image tokens of one latent pixel, each 2x2 image pixels):
+with patch 2 (8x8 tokens of 4x4 pixels) a cross's arms, a few pixels wide, fall inside single tokens, and a
+patch-2 model of width 96 drew crosses right only 53-72% of the time on held-out seeds, against 81-91% for this
+one after its three stages (BENCHMARKS.md section 10). Width 64 (4 heads of 16, 6 joint blocks, 0.89M parameters)
+keeps a patch-1 step within the CPU budget.
+
+The pipeline's CLIP tokenizer is saved with ``model_max_length`` 20 (``TEXT_TOKENS``): the world's captions take at
+most 10 tokens, 15 with an attack's 5-token prefix, and 20 CLIP rows instead of 77 make every step cheaper, in
+training and in a user's pipeline. Without T5, SD3's pipeline appends ``max_sequence_length`` (256 by default) zero
+rows to the CLIP rows. Those rows are identical at every layer (same input, no position embedding on text), so
+attending to 256 copies of one key and value is exactly attending to one copy with ``log 256`` added to its logit.
+Training uses that one row and the logit offset (:class:`RepeatedLastRowAttention`): 21 text rows instead of 276;
+the script checks the equivalence against the stock processor before training and the final quality is judged with
+the stock pipeline as users call it. The result is a stock ``StableDiffusion3Pipeline`` folder::
 
     python scripts/demo/train_flow_demo.py --output_dir munba_diffusion/demo/weights --seed 0
 
 Training runs in stages, each a fresh OneCycle schedule (``--steps`` and ``--learning_rate`` give one value per
 stage) that starts from the previous stage's saved EMA transformer, on a fresh render of the world (stage i uses
-seed ``--seed + i``): the shipped model is 4,000 steps from scratch at 5e-4, then 6,000 at 4e-4, then 3,000 at
-1e-4. ``--init_from FOLDER`` starts the first stage from a saved flow pipeline's transformer instead of from scratch.
+seed ``--seed + i``): the shipped model is 9,000 steps from scratch at 5e-4, then 5,000 at 3e-4, then 3,000 at
+2e-4 (85, 30 and 31 minutes; the second stage on two threads, the others on one). ``--init_from FOLDER`` starts
+the first stage from a saved flow pipeline's transformer instead of from scratch.
 
 This script builds the demo; it is not part of the installed package (which only loads what it made).
 """
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import math
 import time
@@ -49,6 +59,7 @@ from munba_diffusion.demo.judge import DemoJudge
 
 logger = logging.getLogger("train_flow_demo")
 ZERO_ROWS = 256  # StableDiffusion3Pipeline's default max_sequence_length: the zero rows standing in for T5
+TEXT_TOKENS = 20  # the flow pipeline's CLIP rows: the longest caption, an attack's prefix included, is 15 tokens
 
 
 class RepeatedLastRowAttention:
@@ -80,14 +91,14 @@ class RepeatedLastRowAttention:
 def build_transformer() -> SD3Transformer2DModel:
     return SD3Transformer2DModel(
         sample_size=16,
-        patch_size=2,
+        patch_size=1,
         in_channels=4,
         out_channels=4,
         num_layers=6,
-        attention_head_dim=24,
+        attention_head_dim=16,
         num_attention_heads=4,
         joint_attention_dim=128,  # the two CLIP slots' penultimate states side by side (64 + 64)
-        caption_projection_dim=96,
+        caption_projection_dim=64,
         pooled_projection_dim=128,  # the two CLIP slots' pooled projections (64 + 64)
         pos_embed_max_size=16,
     )
@@ -116,6 +127,7 @@ def assemble_pipeline(out: Path, transformer) -> StableDiffusion3Pipeline:
     vae.register_to_config(shift_factor=0.0)
     encoder = text_encoder_with_projection(clip)
     tokenizer = load_tokenizer(out / "clip")
+    tokenizer.model_max_length = TEXT_TOKENS
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=flow_scheduler(),
@@ -130,24 +142,29 @@ def assemble_pipeline(out: Path, transformer) -> StableDiffusion3Pipeline:
 
 
 def save_flow_pipeline(pipe, directory: Path) -> None:
-    """Save with the transformer's weights in float16 (half the package size; diffusers loads them as float32)."""
+    """Save with the transformer's weights in float16 (half the package size; diffusers loads them as float32) and
+    without the ``_name_or_path`` entries that record where this machine loaded each part from."""
     transformer = pipe.transformer
     pipe.transformer = copy.deepcopy(transformer).to(torch.float16)
     try:
         pipe.save_pretrained(directory, safe_serialization=True)
     finally:
         pipe.transformer = transformer
+    for config in directory.glob("*/config.json"):
+        entries = json.loads(config.read_text())
+        if entries.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
 
 
 def check_repeated_row_attention(transformer, pipe) -> float:
-    """Largest difference between the stock model on the pipeline's 333 text rows and the training model on 78."""
+    """Largest difference between the stock model on the pipeline's 276 text rows and the training model on 21."""
     stock = copy.deepcopy(transformer)
     stock.set_attn_processor(JointAttnProcessor2_0())
     embeds, _, pooled, _ = pipe.encode_prompt("a red circle", None, None, do_classifier_free_guidance=False)
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([300.0, 800.0])
     with torch.no_grad():
         full = stock(x, embeds.expand(2, -1, -1), pooled.expand(2, -1), t).sample
-        short = transformer(x, embeds[:, :78].expand(2, -1, -1), pooled.expand(2, -1), t).sample
+        short = transformer(x, embeds[:, : TEXT_TOKENS + 1].expand(2, -1, -1), pooled.expand(2, -1), t).sample
     return (full - short).abs().max().item()
 
 
@@ -232,6 +249,7 @@ def train_flow(
         learning_rate=learning_rate,
         init_from=None if init_from is None else str(init_from),
         train_seconds=round(time.time() - start),
+        threads=torch.get_num_threads(),
         parameters=sum(p.numel() for p in ema.parameters()),
         sampler="FlowMatchEulerDiscreteScheduler, shift 1",
     )
@@ -250,13 +268,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", "--output-dir", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, nargs="+", default=[4000, 6000, 3000], help="steps of each stage")
+    parser.add_argument("--steps", type=int, nargs="+", default=[9000, 5000, 3000], help="steps of each stage")
     parser.add_argument(
         "--learning_rate",
         "--learning-rate",
         type=float,
         nargs="+",
-        default=[5e-4, 4e-4, 1e-4],
+        default=[5e-4, 3e-4, 2e-4],
         help="each stage's OneCycle peak",
     )
     parser.add_argument(
