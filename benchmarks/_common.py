@@ -662,6 +662,35 @@ def select_runs(plan: list, finished: Callable[[Any], bool], report_only: bool, 
     return plan, []
 
 
+def check_run_settings(
+    path: Path, settings: Mapping[str, Any], *, runs: Path | None = None, replace: bool = False
+) -> None:
+    """Record in ``path`` the settings a resumable benchmark's runs (the JSON files in ``runs``, by default the
+    folder of ``path``) are made with, and refuse (one-line ``ValueError``) to continue or report runs made with
+    other ones: a finished run would otherwise be reported under settings it never had. ``replace`` records the new
+    settings anyway (the caller has cleared the runs); so does a folder holding no run yet."""
+    runs = path.parent if runs is None else runs
+    if path.is_file() and not replace:
+        changed = _changed_settings(json.loads(path.read_text()), json.loads(json.dumps(settings)))
+        if changed and any(run != path for run in runs.glob("*.json")):
+            raise ValueError(
+                f"{runs} holds runs made with other settings ({'; '.join(changed)}); "
+                "use those settings, or pass a new output folder"
+            )
+    write_json_atomic(path, settings)
+
+
+def _changed_settings(recorded: Any, now: Any, prefix: str = "") -> list[str]:
+    """``"name: recorded there, now here"`` for every leaf setting that differs (nested dicts by dotted name)."""
+    if isinstance(recorded, dict) and isinstance(now, dict):
+        return [
+            change
+            for key in sorted(set(recorded) | set(now))
+            for change in _changed_settings(recorded.get(key), now.get(key), f"{prefix}{key}.")
+        ]
+    return [] if recorded == now else [f"{prefix.rstrip('.')}: {recorded!r} there, {now!r} now"]
+
+
 @contextmanager
 def work_folder(path: Path | None, prefix: str) -> Iterator[Path]:
     """Scratch space for erased models and images: ``path`` (must be new or empty; kept) or a temporary

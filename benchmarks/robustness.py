@@ -41,6 +41,7 @@ from ._common import (  # noqa: E402
     RESULTS_ROOT,
     DemoBenchmarkOptions,
     check_results,
+    check_run_settings,
     concept_scores,
     generate_for_eval,
     markdown_table,
@@ -76,7 +77,11 @@ class RobustnessConfig(DemoBenchmarkOptions):
     attack_lr: float = option(0.01, "white-box: AdamW learning rate of the prefix", low=0, low_open=True)
     runs_limit: int | None = option(None, "stop after this many runs (the rest is reported as missing)", low=1)
     report_only: bool = option(False, "write the results of the runs already in runs/ and train nothing")
-    output_dir: Path = option(RESULTS_ROOT / "robustness", "folder for runs/, results.json, results.md, results.png")
+    output_dir: Path = option(
+        RESULTS_ROOT / "robustness",
+        "folder for runs/ (a rerun with the same settings continues; runs/settings.json records them and other "
+        "settings are refused), results.json, results.md, results.png",
+    )
 
 
 def _prompt_path(name: str) -> Path:
@@ -250,6 +255,9 @@ def run(config: RobustnessConfig) -> dict:
     check_results(config.output_dir, config.overwrite)
     runs_dir = config.output_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
+    check_run_settings(
+        runs_dir / "settings.json", {"erasure": config.erasure_record(), "evaluation": asdict(config.evaluation)}
+    )
     judge = load_demo_judge()
     plan = [(m, s) for s in config.seeds for m in config.methods]  # seed-major: a cut-short run has every method
     plan, skipped = select_runs(

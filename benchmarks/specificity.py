@@ -49,6 +49,7 @@ from ._common import (  # noqa: E402
     RESULTS_ROOT,
     DemoBenchmarkOptions,
     check_results,
+    check_run_settings,
     generate_for_eval,
     markdown_table,
     run_erasure,
@@ -86,7 +87,8 @@ class SpecificityConfig(DemoBenchmarkOptions):
     report_only: bool = option(False, "write the results of the runs already finished in runs/ and train nothing")
     output_dir: Path = option(
         RESULTS_ROOT / "specificity",
-        "folder for runs/ (one JSON per finished run: a rerun continues), results.json, results.md and results.png",
+        "folder for runs/ (one JSON per finished run: a rerun with the same settings continues; runs/settings.json "
+        "records them and other settings are refused), results.json, results.md and results.png",
     )
 
 
@@ -320,6 +322,7 @@ def run(config: SpecificityConfig) -> dict:
     settings = config.erasure_record()
     runs_dir = config.output_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
+    check_run_settings(runs_dir / "settings.json", {"erasure": settings, "evaluation": asdict(evaluation)})
     judge = load_demo_judge()
     plan = [
         (concept_set, loss, combiner, neighbours, seed)

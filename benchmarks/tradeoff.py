@@ -39,6 +39,7 @@ from ._common import (
     DemoBenchmarkOptions,
     ErasureSettings,
     EvalSettings,
+    check_run_settings,
     concept_scores,
     generate_for_eval,
     markdown_table,
@@ -368,10 +369,7 @@ def run(config: TradeoffConfig) -> dict:
     evaluation = config.evaluation
     two = config.concept_sets
     settings = {"erasure": config.erasure_record(), "evaluation": asdict(evaluation)}
-    settings_path = runs_dir.parent / "settings.json"
-    if settings_path.exists() and config.resume and json.loads(settings_path.read_text()) != settings:
-        raise ValueError(f"--resume with other settings than {settings_path}; use the same ones or --overwrite")
-    write_json_atomic(settings_path, settings)
+    check_run_settings(runs_dir.parent / "settings.json", settings, runs=runs_dir, replace=not config.resume)
     jobs = [(m, METHODS[m], s, [config.concept]) for s in config.seeds for m in config.methods]
     if two:
         jobs += [(m, TWO_CONCEPT_METHODS[m], s, two) for s in config.seeds for m in config.two_concept_methods]

@@ -27,7 +27,7 @@ from benchmarks import (
     specificity,
     tradeoff,
 )
-from benchmarks._common import STEP_VARIANTS, build_unet, erasure_gradients, random_erasure_batch
+from benchmarks._common import STEP_VARIANTS, build_unet, check_run_settings, erasure_gradients, random_erasure_batch
 from munba_diffusion.config import build_parser, parse_config
 from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
 from tests.tiny_sd import save_tiny_sd
@@ -220,6 +220,25 @@ def test_tradeoff_runs_resumes_and_summarises(tiny_sd, tmp_path):
         tradeoff.main([*args, "--resume", "--learning-rate", "0.5"])
 
 
+def test_run_settings_refuse_runs_made_with_other_settings(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    record = runs / "settings.json"
+    settings = {"erasure": {"learning_rate": 3e-3, "model": "munba-demo-flow"}, "evaluation": {"steps": 25}}
+    check_run_settings(record, settings)
+    assert json.loads(record.read_text()) == settings
+    changed = {**settings, "erasure": {"learning_rate": 2e-3, "model": "munba-demo-flow"}}
+    check_run_settings(record, changed)  # no run finished yet: the new settings are recorded
+    assert json.loads(record.read_text()) == changed
+    (runs / "nash-seed0.json").write_text("{}")
+    check_run_settings(record, changed)  # the same settings continue
+    with pytest.raises(ValueError, match=r"other settings \(erasure.learning_rate: 0.002 there, 0.003 now\)"):
+        check_run_settings(record, settings)
+    assert json.loads(record.read_text()) == changed  # refused: the record is kept
+    check_run_settings(record, settings, replace=True)
+    assert json.loads(record.read_text()) == settings
+
+
 def test_pareto_front_marks_dominated_methods():
     points = {"a": (0.1, 0.9), "b": (0.2, 0.8), "c": (0.05, 0.5), "d": (0.1, 0.9)}
     dominated = tradeoff.pareto_front(points)
@@ -368,20 +387,11 @@ def test_wilson_interval_matches_the_formula_and_stays_in_bounds():
 def test_specificity_runs_at_tiny_size(tmp_path):
 
     out = tmp_path / "specificity"
+    tiny = ["--steps", "2", "--sampler_steps", "2", "--pool_trajectories", "1", "--max_eval_prompts", "1"]
+    tiny += ["--eval_steps", "2", "--grid_steps", "1"]
     specificity.main(
         [
-            "--steps",
-            "2",
-            "--sampler_steps",
-            "2",
-            "--pool_trajectories",
-            "1",
-            "--max_eval_prompts",
-            "1",
-            "--eval_steps",
-            "2",
-            "--grid_steps",
-            "1",
+            *tiny,
             "--concept_sets",
             "red",
             "--forget_losses",
@@ -399,8 +409,11 @@ def test_specificity_runs_at_tiny_size(tmp_path):
     assert row["forget_loss"] == "anchored_esd" and row["concept"] == "red" and row["seeds"] == [0]
     assert 0.0 <= row["concept_rate"]["mean"] <= 1.0 and (out / "results.png").is_file()
     assert "anchored_esd" in (out / "results.md").read_text()
+    with pytest.raises(ValueError, match=r"other settings \(.*erasure.steps: 2 there, 200 now"):
+        specificity.main(["--report_only", "--concept_sets", "red", "--output_dir", str(out), "--overwrite"])
     report = specificity.main(
         [
+            *tiny,
             "--report_only",
             "--concept_sets",
             "red",
