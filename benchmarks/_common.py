@@ -484,6 +484,10 @@ class DemoBenchmarkOptions(ErasureSettings):
     def evaluation(self) -> EvalSettings:
         return EvalSettings(self.eval_prompts, self.eval_steps, self.eval_guidance, self.max_eval_prompts)
 
+    def run_settings(self) -> dict[str, Any]:
+        """What results record as ``settings`` and what resumed runs must share (:func:`check_run_settings`)."""
+        return {"erasure": self.erasure_record(), "evaluation": dataclasses.asdict(self.evaluation)}
+
 
 def run_erasure(
     settings: ErasureSettings,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -255,9 +255,7 @@ def run(config: RobustnessConfig) -> dict:
     check_results(config.output_dir, config.overwrite)
     runs_dir = config.output_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    check_run_settings(
-        runs_dir / "settings.json", {"erasure": config.erasure_record(), "evaluation": asdict(config.evaluation)}
-    )
+    check_run_settings(runs_dir / "settings.json", config.run_settings())
     judge = load_demo_judge()
     plan = [(m, s) for s in config.seeds for m in config.methods]  # seed-major: a cut-short run has every method
     plan, skipped = select_runs(
@@ -282,7 +280,7 @@ def run(config: RobustnessConfig) -> dict:
     results = {
         "benchmark": "robustness",
         "concept": config.concept,
-        "settings": {"erasure": config.erasure_record(), "evaluation": asdict(config.evaluation)},
+        "settings": config.run_settings(),
         "original": {
             "concept_rate": own["concept_rate"],
             "kept_attribute": own["kept_attribute_accuracy"],

@@ -28,7 +28,7 @@ import math
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -319,10 +319,9 @@ def run(config: SpecificityConfig) -> dict:
     torch.set_num_threads(config.threads)
     check_results(config.output_dir, config.overwrite)
     evaluation = config.evaluation
-    settings = config.erasure_record()
     runs_dir = config.output_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    check_run_settings(runs_dir / "settings.json", {"erasure": settings, "evaluation": asdict(evaluation)})
+    check_run_settings(runs_dir / "settings.json", config.run_settings())
     judge = load_demo_judge()
     plan = [
         (concept_set, loss, combiner, neighbours, seed)
@@ -374,7 +373,7 @@ def run(config: SpecificityConfig) -> dict:
     runs = [json.loads((runs_dir / f"{run_name(*p)}.json").read_text()) for p in plan]
     results = {
         "benchmark": "specificity",
-        "settings": {"erasure": settings, "evaluation": asdict(evaluation)},
+        "settings": config.run_settings(),
         "original": {
             f"{s}: {c}" if "+" in s else c: original_row(original_scores[s], c)
             for s in config.concept_sets

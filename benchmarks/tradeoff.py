@@ -23,7 +23,7 @@ import math
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -368,7 +368,7 @@ def run(config: TradeoffConfig) -> dict:
     machine = machine_record()
     evaluation = config.evaluation
     two = config.concept_sets
-    settings = {"erasure": config.erasure_record(), "evaluation": asdict(evaluation)}
+    settings = config.run_settings()
     check_run_settings(runs_dir.parent / "settings.json", settings, runs=runs_dir, replace=not config.resume)
     jobs = [(m, METHODS[m], s, [config.concept]) for s in config.seeds for m in config.methods]
     if two:
