@@ -34,6 +34,7 @@ __all__ = [
     "is_bundled_model",
     "model_license",
     "resolve_model_path",
+    "same_world",
 ]
 
 MODEL_KINDS = ("pipeline", "clip")
@@ -56,6 +57,13 @@ def bundled_model_names(kind: str | None = None) -> tuple[str, ...]:
 def is_bundled_model(name_or_path: str | Path, kind: str | None = None) -> bool:
     """Whether ``name_or_path`` is a bundled model name (that has a folder of ``kind``, when given)."""
     return str(name_or_path) in bundled_model_names(kind)
+
+
+def same_world(model: str | Path, written_for: str | Path) -> bool:
+    """Whether ``model`` draws the world that something ``written_for`` a model (a preset's evaluation set, its
+    judge) can judge: the same id, or two bundled text-to-image models, which all draw the one demo world."""
+    pipelines = bundled_model_names("pipeline")
+    return str(model) == str(written_for) or (str(model) in pipelines and str(written_for) in pipelines)
 
 
 def _check_kind(kind: str | None) -> None:

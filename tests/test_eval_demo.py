@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -266,3 +267,11 @@ def test_end_of_run_evaluation_keeps_every_seed_of_the_concepts_prompts_and_one_
     config = ErasureTrainingConfig(pretrained_model_name_or_path="munba-demo", concepts=["red"], output_dir=tmp_path)
     assert "**red**" in erasure.evaluate_erasure(config, tmp_path / "staging")
     assert [r.index for r in seen["p"].records] == [r.index for r in red.records]
+    # the flow demo draws the same world: its erasures get the same set; a model of another world gets none
+    seen.clear()
+    flow = replace(config, pretrained_model_name_or_path="munba-demo-flow")
+    assert "**red**" in erasure.evaluate_erasure(flow, tmp_path / "staging")
+    assert [r.index for r in seen["p"].records] == [r.index for r in red.records]
+    seen.clear()
+    other = replace(config, pretrained_model_name_or_path=str(tmp_path / "some-sd-folder"))
+    assert erasure.evaluate_erasure(other, tmp_path / "staging") is None and not seen

@@ -14,6 +14,7 @@ from munba_diffusion.models import (
     is_bundled_model,
     model_license,
     resolve_model_path,
+    same_world,
 )
 
 PACKAGE = Path(models.__file__).resolve().parent
@@ -37,6 +38,11 @@ def test_the_demo_resolves_to_its_packaged_folders():
     assert bundled_model_names("pipeline") == ("munba-demo", "munba-demo-flow")
     assert set(bundled_model_names("clip")) == {"munba-demo", "munba-demo-flow", "munba-demo-clip"}
     assert set(bundled_model_names()) == set(BUNDLED_MODELS)
+    # what is written for one demo model judges the other's images: they draw the one world
+    assert same_world("munba-demo-flow", "munba-demo") and same_world("munba-demo", "munba-demo-flow")
+    assert same_world("CompVis/stable-diffusion-v1-4", "CompVis/stable-diffusion-v1-4")
+    assert not same_world("CompVis/stable-diffusion-v1-4", "munba-demo")
+    assert not same_world("munba-demo-clip", "munba-demo") and not same_world("./munba-demo", "munba-demo")
 
 
 @pytest.mark.parametrize(

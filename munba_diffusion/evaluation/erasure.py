@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..diffusion.config import ErasureTrainingConfig
+from ..models import same_world
 from ..presets import eval_prompts_path
 from .demo import concept_prompt_set
 from .evaluate import MetricOptions, evaluate_models
@@ -43,7 +44,8 @@ def evaluate_erasure(config: ErasureTrainingConfig, erased_dir: Path) -> str | N
     returns the Markdown tables, or None when no concept has an evaluation set for this base model.
 
     A preset names its evaluation set (``eval``) and the model it was written for (``default_model``); the set
-    runs when the base model is that model, so a set is never scored on a model it cannot judge.
+    runs when the base model is that model or draws the same world (:func:`munba_diffusion.models.same_world`: the
+    demo presets' set runs on both bundled demo models), so a set is never scored on a model it cannot judge.
 
     Images go through the image cache (:class:`.generate.ImageCache`, shared with ``eval/evaluate.py``): the
     original model's images are made by the first run and copied by every later one with the same settings.
@@ -53,7 +55,7 @@ def evaluate_erasure(config: ErasureTrainingConfig, erased_dir: Path) -> str | N
     """
     tables = []
     for concept in config.concepts:
-        if not concept.eval_prompts or concept.default_model != config.pretrained_model_name_or_path:
+        if not concept.eval_prompts or not same_world(config.pretrained_model_name_or_path, concept.default_model):
             continue
         prompts, metrics, options = evaluation_plan(concept.eval_prompts, concept.name)
         table = evaluate_models(
