@@ -11,12 +11,12 @@ the ESD way's peak memory (a second bf16 UNet as teacher, the cross-attention la
 with AdamW) for the memory comparison at 512 px. Prints one table; writes ``results.json`` / ``results.md``.
 
 ``--architecture flux``: FLUX.1-dev's transformer (12B parameters, guidance embedding) from its config, random
-weights initialised on the device (float32, then cast to bf16), float32 LoRA on every attention projection (``attn``: text stream, image
-stream, single-stream blocks; rank 4), called through the trainer's ``denoise`` (latents (B, 16, H, W) packed into
-2x2-patch tokens inside it; per row 512 random T5 states plus the packed row ``[pooled 768, guidance 3.5, 0...]``;
-float timesteps, sigma x 1000). The default latent size is 128 (1024 px). Only the bargained steps are timed here
-(its default attention processor, PyTorch SDPA): the ESD way's memory and the robustness costs are measured on
-UNets only.
+weights initialised on the device (float32, then cast to bf16), float32 LoRA on every attention projection and
+the prompt's embeddings (``attn``: text stream, image stream, single-stream blocks; rank 4), called through the
+trainer's ``denoise`` (latents (B, 16, H, W) packed into 2x2-patch tokens inside it; per row 512 random T5 states
+plus the packed row ``[pooled 768, guidance 3.5, 0...]``; float timesteps, sigma x 1000). The default latent size
+is 128 (1024 px). Only the bargained steps are timed here (its default attention processor, PyTorch SDPA): the ESD
+way's memory and the robustness costs are measured on UNets only.
 
     bash benchmarks/gpu_check.sh                                   # on the GPU machine (see the script)
     python -m benchmarks.gpu_check --device cpu --tiny --output_dir /tmp/gpu-dry-run   # CPU dry run
@@ -52,7 +52,8 @@ from ._common import (
 VARIANTS = ("nash", "sum_plain", "single_backward")
 ARCHITECTURES = ("sd15", "sdxl", "flux")
 NATIVE_LATENT_SIZES = {"sd15": 64, "sdxl": 128, "flux": 128}
-LORA_TARGETS = {"sd15": "xattn", "sdxl": "xattn", "flux": "attn"}  # flux: text stream, image stream, single blocks
+# flux: the text and image streams, the single blocks and the prompt's embeddings
+LORA_TARGETS = {"sd15": "xattn", "sdxl": "xattn", "flux": "attn"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -3,8 +3,8 @@
 # 512 px (64x64 latents), bf16, batch 1 and 4 per player, nash vs sum vs one backward, SDPA vs xformers (when it
 # imports), plus the ESD way's peak memory, the white-box attack's cost per prompt and the robust mode's step; then
 # SDXL base's UNet at 1024 px (batch 1, bf16, with and without gradient checkpointing); then FLUX.1-dev's transformer
-# (12B, ~24 GB in bf16) at 512 and 1024 px (batch 1, bf16, LoRA on every attention projection, gradient
-# checkpointing, 512 T5 tokens). Random weights: nothing is downloaded. Each part has its own timeout (SD 1.5 220 s,
+# (12B, ~24 GB in bf16) at 512 and 1024 px (batch 1, bf16, LoRA on every attention projection and the prompt's
+# embeddings, gradient checkpointing, 512 T5 tokens). Random weights: nothing is downloaded. Each part has its own timeout (SD 1.5 220 s,
 # SDXL 2 x 75 s, FLUX 90 + 120 s: 580 s in all), so the whole script ends in under 10 minutes.
 #
 #   bash benchmarks/gpu_check.sh                       # writes benchmarks/results/gpu_check/ (or $OUT when set)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from benchmarks import (
     classifier,
@@ -21,6 +22,7 @@ from benchmarks import (
     gpu_check,
     memory,
     overhead,
+    prompt_channels,
     robustness,
     run_all,
     sampling,
@@ -29,7 +31,8 @@ from benchmarks import (
 )
 from benchmarks._common import STEP_VARIANTS, build_unet, check_run_settings, erasure_gradients, random_erasure_batch
 from munba_diffusion.config import build_parser, parse_config
-from munba_diffusion.diffusion.lora import ErasureLoraConfig, add_erasure_lora
+from munba_diffusion.diffusion.base_model import load_base_pipeline
+from munba_diffusion.diffusion.lora import TRANSFORMER_TARGET_SETS_REVISION, ErasureLoraConfig, add_erasure_lora
 from tests.tiny_sd import save_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +59,7 @@ COMMANDS = {  # what a documented command runs -> the configuration its parser i
     "benchmarks.tradeoff": tradeoff.TradeoffConfig,
     "benchmarks.specificity": specificity.SpecificityConfig,
     "benchmarks.robustness": robustness.RobustnessConfig,
+    "benchmarks.prompt_channels": prompt_channels.PromptChannelsConfig,
     "benchmarks.gpu_check": gpu_check.GpuCheckConfig,
     "benchmarks.run_all": run_all.RunAllConfig,
     "benchmarks.classifier": classifier.ClassifierCommand,
@@ -237,6 +241,21 @@ def test_run_settings_refuse_runs_made_with_other_settings(tmp_path):
     assert json.loads(record.read_text()) == changed  # refused: the record is kept
     check_run_settings(record, settings, replace=True)
     assert json.loads(record.read_text()) == settings
+
+
+def test_runs_on_a_transformer_record_the_meaning_of_its_target_sets(tmp_path, tiny_sd):
+    """xattn / attn on SD3 and FLUX gained the prompt's embeddings: runs made before (no revision recorded) are not
+    continued under the new meaning; a UNet's settings carry no revision (its sets did not change)."""
+    flow = specificity.SpecificityConfig(model="munba-demo-flow").run_settings()
+    assert flow["erasure"]["transformer_target_sets"] == TRANSFORMER_TARGET_SETS_REVISION
+    assert "transformer_target_sets" not in specificity.SpecificityConfig(model=tiny_sd).run_settings()["erasure"]
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    before = {**flow, "erasure": {k: v for k, v in flow["erasure"].items() if k != "transformer_target_sets"}}
+    check_run_settings(runs / "settings.json", before)
+    (runs / "red-seed0.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"erasure.transformer_target_sets: None there, 2 now"):
+        check_run_settings(runs / "settings.json", flow)
 
 
 def test_pareto_front_marks_dominated_methods():
@@ -570,3 +589,37 @@ def test_specificity_scores_a_concept_set_without_counting_its_own_concepts_as_k
     assert (circle["neighbour_accuracy"]["rate"], circle["neighbour_accuracy"]["n"]) == (0.5, 2)  # square, square
     assert (scores["other_accuracy"]["rate"], scores["other_accuracy"]["n"]) == (0.0, 1)  # the green triangle
     assert scores["other_by_prompt"] == {"a green square": {"right": 0, "n": 1}}  # where the other prompts lose
+
+
+def test_prompt_channels_feeds_each_channel_its_own_caption(tmp_path):
+    """A caption given as both tokens and pooled vector draws exactly the pipeline's own images of it, and a swap
+    draws others; every image of a swapped pair is counted once, as whose attribute it shows. A UNet model is
+    refused in one line before anything is written."""
+    results = prompt_channels.main(["--images", "2", "--steps", "2", "--output_dir", str(tmp_path / "out")])
+    config = parse_config(prompt_channels.PromptChannelsConfig, ["--images", "2", "--steps", "2"])
+    pipe = load_base_pipeline(config.model)
+    own = pipe(
+        ["a red cross"] * 2,
+        num_inference_steps=2,
+        guidance_scale=config.guidance,
+        generator=[torch.Generator().manual_seed(prompt_channels.SEED + k) for k in range(2)],
+        output_type="pt",
+    ).images
+    assert torch.equal(prompt_channels.images_of(pipe, "a red cross", "a red cross", config), own)
+    assert not torch.equal(prompt_channels.images_of(pipe, "a red cross", "a blue cross", config), own)
+    pairs = results["pairs"]
+    assert len(pairs) == len(prompt_channels.swapped_pairs()) == 16
+    assert all(sum(p[c] for c in prompt_channels.CHANNELS) == 2 for p in pairs)
+    assert {("a red circle", "a blue circle"), ("a red cross", "a red circle")} <= {
+        (p["tokens_of"], p["pooled_of"]) for p in pairs
+    }
+    for attribute in ("colour", "shape"):
+        assert sum(results["summary"][attribute][c]["rate"] for c in prompt_channels.CHANNELS) == pytest.approx(1.0)
+    assert "follows the pooled vector" in (tmp_path / "out" / "results.md").read_text()
+    with Image.open(tmp_path / "out" / "pairs.png") as picture:  # one labelled row per swapped pair
+        assert picture.height > 16 * 50
+    with pytest.raises(
+        ValueError, match="munba-demo is Stable Diffusion; this benchmark takes an SD3 model of the demo world"
+    ):
+        prompt_channels.main(["--model", "munba-demo", "--output_dir", str(tmp_path / "unet")])
+    assert not (tmp_path / "unet").exists()

@@ -22,6 +22,7 @@ from munba_diffusion.diffusion.family import (
     unpack_flux_latents,
 )
 from munba_diffusion.diffusion.latents import LatentBatch, SamplerSettings, ddim_trajectory
+from munba_diffusion.diffusion.lora import transformer_module_names
 from munba_diffusion.diffusion.losses import esd_target
 from munba_diffusion.diffusion.players import ErasureBatch, frozen_targets
 from tests.tiny_flow import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
@@ -215,3 +216,23 @@ def test_unet_families_refuse_the_transformer_target_sets(tmp_path):
     assert "--lora_target image does not exist for Stable Diffusion; choose one of xattn, noxattn, attn, full" in (
         str(error.value.code)
     )
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux-dev"])
+def test_xattn_adapts_the_prompts_embeddings_and_the_text_stream_only(name):
+    """xattn on a transformer is the prompt's own layers: the text stream's attention projections and both
+    embeddings of the prompt (its tokens' ``context_embedder``, its pooled vector's ``text_embedder``, which
+    conditions every block through the timestep embedding); never the image stream, the timestep (or FLUX
+    guidance) embedding or a block's modulation. ``attn`` holds it, ``noxattn`` none of it."""
+    transformer = BUILDERS[name]().transformer
+    xattn = set(transformer_module_names(transformer, "xattn"))
+    embeddings = {
+        "context_embedder",
+        "time_text_embed.text_embedder.linear_1",
+        "time_text_embed.text_embedder.linear_2",
+    }
+    assert embeddings <= xattn
+    assert {"transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.add_v_proj"} <= xattn
+    assert all(n in embeddings or ".attn.add_" in n or ".attn.to_add_out" in n for n in xattn)
+    assert xattn <= set(transformer_module_names(transformer, "attn"))
+    assert not xattn & set(transformer_module_names(transformer, "noxattn"))

@@ -2,7 +2,7 @@
 pipelines/munba_flux.py), on tiny pipelines: SD3 with and without T5, FLUX.1-dev and -schnell.
 
 Each folder comes from the exporter itself: a random LoRA on the tiny transformer (image- and text-stream attention
-projections), written by ``write_erased_model``. Then the three ways to load it and the LoRA file on the base model
+projections and the prompt's two embeddings, the layers ``xattn`` adds there), written by ``write_erased_model``. Then the three ways to load it and the LoRA file on the base model
 must all give the erased model's images, and ``erasure_scale = 0`` the base model's.
 """
 
@@ -43,7 +43,11 @@ PROMPT = "a red circle"
 STEPS = 2
 SIZE = 32
 # attention of both streams (FLUX: also its single-stream blocks'); FLUX needs more than to_q for a visible change
-FLOW_TARGETS = r"^(single_)?transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|add_k_proj|add_v_proj|to_out\.0)$"
+# the joint and single blocks' attention, and the prompt's embeddings (tokens and pooled vector) that xattn adapts
+FLOW_TARGETS = (
+    r"^((single_)?transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|add_k_proj|add_v_proj|to_out\.0)"
+    r"|context_embedder|time_text_embed\.text_embedder\.linear_[12])$"
+)
 FUSED_VS_LORA_ATOL = 1e-4  # fused W0 + dW versus W0 x + dW x: float rounding only
 CLEARLY_DIFFERENT = 0.05  # the random LoRA moves pixels by far more; the tolerances above are far below this
 DYNAMIC_MODULE = "diffusers_modules.local.munba"  # where diffusers' loader executes every local folder's munba.py

@@ -94,7 +94,7 @@ class ErasureTrainingConfig:
     lora_target: str = option(
         "xattn",
         "which denoiser layers the LoRA adapts (UNet: xattn, noxattn, attn, full; SD3 / FLUX transformers also "
-        "image, FLUX also single; xattn is the text stream there: see diffusion/lora.py)",
+        "image, FLUX also single; xattn is the text stream and the prompt's embeddings there: see diffusion/lora.py)",
         choices=TARGET_SETS,
     )
     lora_on: str = option(

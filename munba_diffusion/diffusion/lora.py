@@ -17,13 +17,20 @@ UNet target sets (names as in ESD / MUNBa):
 Transformer target sets (SD3's and FLUX's MMDiT, where text and image tokens share joint attention and there is
 no separate cross-attention):
 
-- ``xattn``:   the text stream's projections (``attn.add_q_proj/add_k_proj/add_v_proj/to_add_out``): what
-  the text conditioning flows through (the image tokens read the prompt through its keys and values), the
-  nearest analogue of the UNet's cross-attention;
+- ``xattn``:   the prompt's own layers, the nearest analogue of the UNet's cross-attention: the text stream's
+  projections (``attn.add_q_proj/add_k_proj/add_v_proj/to_add_out``, through whose keys and values the image
+  tokens read the prompt) and the prompt's two embeddings, ``context_embedder`` (its tokens) and
+  ``time_text_embed.text_embedder`` (its pooled CLIP vector). The pooled vector is added to the timestep
+  embedding that modulates every block, so it conditions the image without any attention: on the bundled flow
+  demo it alone decides colour and shape (tokens of "a red circle" with the pooled vector of "a blue circle" draw
+  blue circles: ``benchmarks/prompt_channels.py``), and a LoRA on the text stream alone has to fight it
+  (BENCHMARKS.md section 10);
 - ``image``:   the image stream's projections in the joint blocks (``attn.to_q/to_k/to_v/to_out.0``);
 - ``single``:  FLUX's single-stream blocks (``attn.to_q/to_k/to_v``, ``proj_mlp``, ``proj_out``; FLUX only);
-- ``attn``:    every attention projection (text stream, image stream, and FLUX's single-stream attention);
-- ``noxattn``: every Linear in the transformer blocks except the text stream's projections;
+- ``attn``:    every attention projection (text stream, image stream, and FLUX's single-stream attention) and,
+  as ``xattn``, the prompt's embeddings;
+- ``noxattn``: every Linear in the transformer blocks except the text stream's projections (the prompt's
+  embeddings are outside the blocks);
 - ``full``:    every Linear layer.
 """
 
@@ -41,8 +48,14 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 TARGET_SETS = ("xattn", "noxattn", "attn", "full", "image", "single")
+# Bumped whenever a transformer target set adapts other layers, so that results made under one meaning of a name
+# are never continued under another. 2 (2026-12-01): xattn and attn gained the prompt's embeddings.
+TRANSFORMER_TARGET_SETS_REVISION = 2
 UNET_TARGET_SETS = ("xattn", "noxattn", "attn", "full")
-_TEXT_STREAM = r"attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)$"
+_PROMPT_LAYERS = (  # xattn on a transformer: the text stream's projections and the prompt's two embeddings
+    r"(attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|^context_embedder|^time_text_embed\.text_embedder\.linear_[12])$"
+)
 _IMAGE_STREAM = r"^transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)$"
 _SINGLE_ATTN = r"^single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)$"
 _SINGLE = r"^single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)$"
@@ -89,7 +102,7 @@ def transformer_module_names(model: nn.Module, target: str) -> list[str]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        text = re.search(_TEXT_STREAM, name) is not None
+        text = re.search(_PROMPT_LAYERS, name) is not None
         in_blocks = name.startswith(("transformer_blocks.", "single_transformer_blocks."))
         keep = {
             "xattn": text,

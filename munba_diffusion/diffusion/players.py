@@ -244,7 +244,7 @@ def joint_frozen_targets(
     with torch.no_grad(), adapters_disabled(unet, *_encoders(text_lora)):
         if text_lora is not None:  # the same call shape as the LoRA model's contexts
             contexts = lora_contexts(batch, names, names, text_lora)
-        if not guided:  # anchor, substitute
+        if not guided:  # anchor: the target is the anchor prompt's own prediction
             contexts = torch.cat(
                 [
                     batch.forget[forget.index(n)][2].to(c.device, c.dtype) if n in forget else c
