@@ -26,6 +26,20 @@ RESULTS = "benchmarks/results"
 # The demo runs use the scripts' defaults: README.md's demo erasure settings (LoRA attn rank 4, batch 4, 200 steps,
 # lr 1e-3, sampler 10 DDIM steps at guidance 4; scores from 25 steps at guidance 4), recorded in each results.json.
 
+# the specificity benchmark erasing red from the flow demo over seeds 0-2 (section 10's commands start so)
+FLOW_DEMO_RED = (
+    "-m",
+    "benchmarks.specificity",
+    "--model",
+    "munba-demo-flow",
+    "--concept_sets",
+    "red",
+    "--seeds",
+    "0",
+    "1",
+    "2",
+)
+
 BENCHMARKS: dict[str, list[str]] = {
     "overhead_demo": [
         "-m",
@@ -134,49 +148,16 @@ BENCHMARKS: dict[str, list[str]] = {
     "prompt_channels": ["-m", "benchmarks.prompt_channels", "--output_dir", f"{RESULTS}/prompt_channels"],
     # the flow demo's erasure (section 10): the quick start's settings, three forget targets
     "flow_demo_quick_start": [
-        *(
-            "-m",
-            "benchmarks.specificity",
-            "--model",
-            "munba-demo-flow",
-            "--concept_sets",
-            "red",
-            "--seeds",
-            "0",
-            "1",
-            "2",
-        ),
+        *FLOW_DEMO_RED,
         *("--forget_losses", "substitute", "--combiners", "nash", "sum", "--lora_target", "xattn"),
         *("--negative_guidance", "0.5", "--output_dir", f"{RESULTS}/flow_demo_quick_start"),
     ],
     "flow_demo_esd": [
-        *(
-            "-m",
-            "benchmarks.specificity",
-            "--model",
-            "munba-demo-flow",
-            "--concept_sets",
-            "red",
-            "--seeds",
-            "0",
-            "1",
-            "2",
-        ),
+        *FLOW_DEMO_RED,
         *("--forget_losses", "esd", "--combiners", "nash", "--output_dir", f"{RESULTS}/flow_demo_esd"),
     ],
     "flow_demo_anchored_esd": [
-        *(
-            "-m",
-            "benchmarks.specificity",
-            "--model",
-            "munba-demo-flow",
-            "--concept_sets",
-            "red",
-            "--seeds",
-            "0",
-            "1",
-            "2",
-        ),
+        *FLOW_DEMO_RED,
         *(
             "--forget_losses",
             "anchored_esd",
