@@ -25,6 +25,7 @@ import torch
 
 from munba_diffusion.config import check_options, option
 from munba_diffusion.diffusion.base_model import base_model_family
+from munba_diffusion.diffusion.family import FlowFamily
 from munba_diffusion.diffusion.lora import TARGET_SETS, TRANSFORMER_TARGET_SETS_REVISION
 from munba_diffusion.io import atomic_write, check_results_dir, machine_record, write_json_atomic, write_text_atomic
 from munba_diffusion.models import DEMO_MODEL
@@ -489,7 +490,7 @@ class DemoBenchmarkOptions(ErasureSettings):
         """What results record as ``settings`` and what resumed runs must share (:func:`check_run_settings`); on an
         SD3 / FLUX model also the revision of the transformer target sets (what ``--lora_target`` names there)."""
         erasure = self.erasure_record()
-        if "image" in base_model_family(self.model).target_sets:
+        if isinstance(base_model_family(self.model), FlowFamily):  # SD3 and FLUX
             erasure["transformer_target_sets"] = TRANSFORMER_TARGET_SETS_REVISION
         return {"erasure": erasure, "evaluation": dataclasses.asdict(self.evaluation)}
 
