@@ -22,7 +22,13 @@ from munba_diffusion.diffusion.family import (
     unpack_flux_latents,
 )
 from munba_diffusion.diffusion.latents import LatentBatch, SamplerSettings, ddim_trajectory
-from munba_diffusion.diffusion.lora import transformer_module_names
+from munba_diffusion.diffusion.lora import (
+    ErasureLoraConfig,
+    add_erasure_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    transformer_module_names,
+)
 from munba_diffusion.diffusion.losses import esd_target
 from munba_diffusion.diffusion.players import ErasureBatch, frozen_targets
 from tests.tiny_flow import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
@@ -236,3 +242,24 @@ def test_xattn_adapts_the_prompts_embeddings_and_the_text_stream_only(name):
     assert all(n in embeddings or ".attn.add_" in n or ".attn.to_add_out" in n for n in xattn)
     assert xattn <= set(transformer_module_names(transformer, "attn"))
     assert not xattn & set(transformer_module_names(transformer, "noxattn"))
+
+
+def test_a_transformer_checkpoint_from_before_the_embeddings_were_targets_is_refused_with_its_cause():
+    """A checkpoint saved when xattn on SD3 / FLUX was the text stream alone (target sets revision 1) lacks the
+    embeddings' LoRA weights: resuming it says so and names the fix, not the generic "same --lora_target?" hint;
+    a checkpoint of the same run loads back exactly."""
+    transformer = build_tiny_sd3_pipeline().transformer
+    add_erasure_lora(transformer, ErasureLoraConfig(rank=2, target="xattn"))
+    state = lora_state_dict(transformer)
+    load_lora_state_dict(transformer, state)
+    assert all(torch.equal(state[k], v) for k, v in lora_state_dict(transformer).items())
+
+    old = {k: v for k, v in state.items() if not k.startswith(("context_embedder.", "time_text_embed."))}
+    assert len(old) < len(state)
+    with pytest.raises(
+        ValueError, match=r"^checkpoint LoRA has no weights for the prompt's embeddings .*start a new run"
+    ):
+        load_lora_state_dict(transformer, old)
+    block = {k: v for k, v in state.items() if not k.startswith("transformer_blocks.0.")}
+    with pytest.raises(ValueError, match="was it made with the same --lora_target, --lora_on and --rank"):
+        load_lora_state_dict(transformer, block)

@@ -259,7 +259,16 @@ def load_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`lora_state_dict` (strict: every adapter weight must be present)."""
     result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
     missing = [k for k in getattr(result, "missing_keys", []) if "lora" in k]
-    if missing:
+    if not missing:
+        return
+    embeddings = [k for k in missing if k.startswith(("context_embedder.", "time_text_embed.text_embedder."))]
+    if embeddings:  # a transformer checkpoint from before target-set revision 2
         raise ValueError(
-            f"checkpoint LoRA is missing {len(missing)} weights (e.g. {missing[0]}); was it made with the same --lora_target, --lora_on and --rank?"
+            f"checkpoint LoRA has no weights for the prompt's embeddings (e.g. {embeddings[0]}): it was made before "
+            f"xattn and attn on SD3 / FLUX reached them (target sets revision {TRANSFORMER_TARGET_SETS_REVISION}); it "
+            "cannot be continued, start a new run (a new --output_dir, or drop --resume_from_checkpoint)"
         )
+    raise ValueError(
+        f"checkpoint LoRA is missing {len(missing)} weights (e.g. {missing[0]}); was it made with the same "
+        "--lora_target, --lora_on and --rank?"
+    )
