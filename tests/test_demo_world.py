@@ -124,10 +124,11 @@ def test_per_caption_judgement_reports_each_caption_with_its_interval_and_the_ba
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts" / "demo"))
     measure_demo = importlib.import_module("measure_demo")
     combos = [(s, c) for s in SHAPES for c in COLOURS]
-    calls = []
+    calls, seeds = [], []
 
     def pipe(prompts, generator, **kwargs):
         calls.append(prompts)
+        seeds.append([g.initial_seed() for g in generator])
         return SimpleNamespace(images=torch.zeros(len(prompts), 3, 32, 32))
 
     def classify(images):
@@ -146,3 +147,9 @@ def test_per_caption_judgement_reports_each_caption_with_its_interval_and_the_ba
     assert result["per_caption"]["blue circle"]["colour"]["rate"] == 0.0
     assert result["captions_under_bar"] == ["blue circle", "red cross"]
     assert result["shape_accuracy"] == 63 / 64 and result["colour_accuracy"] == 60 / 64
+    assert seeds[1] == [5100 + i for i in range(16)]  # seed k of caption i is first_seed + 100 k + i
+
+    calls.clear(), seeds.clear()  # a fresh set of seeds: none shared with the default set
+    fresh = measure_demo.per_caption_judgement(pipe, SimpleNamespace(classify=classify), 2, 2, 7.0, first_seed=8200)
+    assert seeds == [[8200 + i for i in range(16)], [8300 + i for i in range(16)]]
+    assert fresh["seeds"].startswith("8200 + 100 k") and fresh["guidance_scale"] == 7.0

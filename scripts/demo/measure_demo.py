@@ -32,10 +32,12 @@ QUALITY_BAR = 0.9  # every caption judged right at least this often, for shape a
 HELD_OUT_SEEDS = 32  # per caption: the bar is then 29 of 32, where at 8 one image moved a caption 12.5 points
 
 
-def per_caption_judgement(pipe, judge, seeds_per_caption: int, steps: int, guidance: float) -> dict:
+def per_caption_judgement(
+    pipe, judge, seeds_per_caption: int, steps: int, guidance: float, first_seed: int = HELD_OUT_SEED
+) -> dict:
     """Each "a {colour} {shape}" caption's share of images judged right for shape and for colour, with its 95%
-    Wilson interval, over ``seeds_per_caption`` held-out seeds (5000 + 100 k + caption index), and the captions
-    under the quality bar (right less than 90% of the time for shape or for colour)."""
+    Wilson interval, over ``seeds_per_caption`` held-out seeds (``first_seed`` + 100 k + caption index), and the
+    captions under the quality bar (right less than 90% of the time for shape or for colour)."""
     combos = [(shape, colour) for shape in SHAPES for colour in COLOURS]
     hits = {f"{colour} {shape}": ([], []) for shape, colour in combos}
     for k in range(seeds_per_caption):
@@ -43,7 +45,7 @@ def per_caption_judgement(pipe, judge, seeds_per_caption: int, steps: int, guida
             [canonical_caption(shape, colour) for shape, colour in combos],
             num_inference_steps=steps,
             guidance_scale=guidance,
-            generator=[torch.Generator().manual_seed(HELD_OUT_SEED + 100 * k + i) for i in range(len(combos))],
+            generator=[torch.Generator().manual_seed(first_seed + 100 * k + i) for i in range(len(combos))],
             output_type="pt",
         ).images
         verdict = judge.classify(images)
@@ -56,7 +58,7 @@ def per_caption_judgement(pipe, judge, seeds_per_caption: int, steps: int, guida
     }
     return {
         "images": seeds_per_caption * len(combos),
-        "seeds": f"{HELD_OUT_SEED} + 100 k + caption index, k < {seeds_per_caption}",
+        "seeds": f"{first_seed} + 100 k + caption index, k < {seeds_per_caption}",
         "steps": steps,
         "guidance_scale": guidance,
         **rate_fields("shape_accuracy", [h for shape_hits, _ in hits.values() for h in shape_hits]),
@@ -70,7 +72,11 @@ def per_caption_judgement(pipe, judge, seeds_per_caption: int, steps: int, guida
 
 
 def measure(
-    model: str = DEMO_MODEL, seeds_per_caption: int = 4, held_out_seeds: int = HELD_OUT_SEEDS, guidance: float = 4.0
+    model: str = DEMO_MODEL,
+    seeds_per_caption: int = 4,
+    held_out_seeds: int = HELD_OUT_SEEDS,
+    guidance: float = 4.0,
+    held_out_seed: int = HELD_OUT_SEED,
 ) -> dict:
     steps = SAMPLER_STEPS[model]
     judge = load_demo_judge()
@@ -96,7 +102,7 @@ def measure(
         },
         "model": model,
         "text_to_image_judged": judge_pipeline(pipe, judge, seeds_per_caption, steps, guidance),
-        "text_to_image_per_caption": per_caption_judgement(pipe, judge, held_out_seeds, steps, guidance),
+        "text_to_image_per_caption": per_caption_judgement(pipe, judge, held_out_seeds, steps, guidance, held_out_seed),
         "parameters": {
             **{
                 name: sum(p.numel() for p in component.parameters())
@@ -143,16 +149,33 @@ def main(argv: list[str] | None = None) -> None:
         default=HELD_OUT_SEEDS,
         help=f"seeds per caption for the per-caption judgement (default {HELD_OUT_SEEDS})",
     )
+    parser.add_argument(
+        "--held_out_seed",
+        "--held-out-seed",
+        type=int,
+        default=HELD_OUT_SEED,
+        help=f"first generator seed of the per-caption judgement (default {HELD_OUT_SEED}; a fresh set: 8200 and up, "
+        "past the default's last seed 5000 + 100 x 31 + 15)",
+    )
+    parser.add_argument(
+        "--guidance", type=float, default=4.0, help="guidance of every judged image and of the grid (default 4)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.held_out_seeds < 1:
         parser.error(f"--held_out_seeds must be at least 1, got {args.held_out_seeds}")
+    if args.held_out_seed < 0:
+        parser.error(f"--held_out_seed must be at least 0, got {args.held_out_seed}")
+    if args.guidance < 0:
+        parser.error(f"--guidance must be at least 0, got {args.guidance}")
     torch.set_num_threads(args.threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.model == DEMO_MODEL else "_flow"
-    results = measure(args.model, held_out_seeds=args.held_out_seeds)
+    results = measure(
+        args.model, held_out_seeds=args.held_out_seeds, guidance=args.guidance, held_out_seed=args.held_out_seed
+    )
     (args.output_dir / f"demo_world{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
-    caption_grid(args.model).save(args.output_dir / f"demo_grid{suffix}.png")
+    caption_grid(args.model, guidance=args.guidance).save(args.output_dir / f"demo_grid{suffix}.png")
     print(json.dumps(results, indent=2))
 
 
