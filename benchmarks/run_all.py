@@ -167,6 +167,19 @@ BENCHMARKS: dict[str, list[str]] = {
             f"{RESULTS}/flow_demo_anchored_esd",
         ),
     ],
+    # the same with one substitute per red prompt (the blue one) instead of the preset's three
+    "flow_demo_one_substitute": [
+        *FLOW_DEMO_RED,
+        *("--forget_losses", "substitute", "--combiners", "nash", "--lora_target", "xattn"),
+        *("--negative_guidance", "0.5", "--one_substitute", "blue"),
+        *("--output_dir", f"{RESULTS}/flow_demo_one_substitute"),
+    ],
+    # the quick start's erasure scored at the stock StableDiffusion3Pipeline's guidance 7
+    "flow_demo_guidance7": [
+        *FLOW_DEMO_RED,
+        *("--forget_losses", "substitute", "--combiners", "nash", "--lora_target", "xattn"),
+        *("--negative_guidance", "0.5", "--eval_guidance", "7", "--output_dir", f"{RESULTS}/flow_demo_guidance7"),
+    ],
     "robustness": [
         "-m",
         "benchmarks.robustness",

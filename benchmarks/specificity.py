@@ -30,12 +30,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from munba_diffusion.config import option, parse_config  # noqa: E402
 from munba_diffusion.demo import COLOURS, SHAPES, load_demo_judge  # noqa: E402
@@ -44,6 +46,7 @@ from munba_diffusion.evaluation.demo import concept_kind  # noqa: E402
 from munba_diffusion.evaluation.intervals import wilson_interval  # noqa: E402
 from munba_diffusion.evaluation.manifest import collect_images, images_to_tensor, load_rgb, require_field  # noqa: E402
 from munba_diffusion.io import write_json_atomic  # noqa: E402
+from munba_diffusion.presets import PRESET_KEYS, ConceptPreset, resolve_concept  # noqa: E402
 
 from ._common import (  # noqa: E402
     RESULTS_ROOT,
@@ -82,6 +85,12 @@ class SpecificityConfig(DemoBenchmarkOptions):
         "folded: neighbours inside the preservation player; player: their own player",
         choices=("folded", "player"),
     )
+    one_substitute: str | None = option(
+        None,
+        "under the substitute target, replace each forget prompt by its one substitute that names this colour or "
+        "shape (e.g. blue) instead of the preset's mixture of substitutes",
+        choices=(*COLOURS, *SHAPES),
+    )
     seeds: tuple[int, ...] = option((0, 1, 2), "training seeds")
     runs_limit: int | None = option(None, "stop after this many runs (the rest is reported as missing)", low=1)
     report_only: bool = option(False, "write the results of the runs already finished in runs/ and train nothing")
@@ -90,6 +99,57 @@ class SpecificityConfig(DemoBenchmarkOptions):
         "folder for runs/ (one JSON per finished run: a rerun with the same settings continues; runs/settings.json "
         "records them and other settings are refused), results.json, results.md and results.png",
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.one_substitute is not None and set(self.forget_losses) != {"substitute"}:
+            raise ValueError(
+                "--one_substitute applies to --forget_losses substitute only; drop the other targets or the flag"
+            )
+        if self.one_substitute is not None:  # each concept must name exactly one such substitute: known before training
+            for concept in {c for s in self.concept_sets for c in s.split("+")}:
+                one_substitute_preset(resolve_concept(concept), self.one_substitute)
+
+    def run_settings(self) -> dict[str, Any]:
+        """The shared run settings, and ``one_substitute`` when it is set (runs with the presets' own substitutes
+        record nothing new, so their folders stay valid)."""
+        settings = super().run_settings()
+        if self.one_substitute is not None:
+            settings["erasure"]["one_substitute"] = self.one_substitute
+        return settings
+
+
+def one_substitute_preset(preset: ConceptPreset, value: str) -> ConceptPreset:
+    """``preset`` with each forget prompt's substitutes cut to the one that names ``value`` (a word of it): "a red
+    circle" -> ("a blue circle",) for ``value`` "blue", where the red preset has the green, blue and yellow circles."""
+    if not preset.substitute_prompts:
+        raise ValueError(f"concept {preset.name!r} names no substitutes; --one_substitute needs a preset that does")
+    kept = []
+    for prompt, substitutes in zip(preset.forget_prompts, preset.substitute_prompts):
+        naming = [s for s in substitutes if value in s.split()]
+        if len(naming) != 1:
+            raise ValueError(
+                f"concept {preset.name!r}: {len(naming)} substitutes of {prompt!r} name {value!r}, "
+                "--one_substitute needs exactly one; pick another value"
+            )
+        kept.append((naming[0],))
+    return replace(preset, substitute_prompts=tuple(kept))
+
+
+def erasure_concepts(config: SpecificityConfig, concepts: list[str], folder: Path) -> list[str]:
+    """What the trainer's ``--concept`` gets: the preset names, or under ``--one_substitute`` each preset cut to one
+    substitute per forget prompt, written as a preset file beside ``folder`` (its name, hence its scoring, kept)."""
+    if config.one_substitute is None:
+        return concepts
+    specs = []
+    for name in concepts:
+        preset = one_substitute_preset(resolve_concept(name), config.one_substitute)
+        path = folder.with_name(f"{folder.name}-{name}-one-substitute.yaml")
+        fields = {k: v for k, v in preset.to_dict().items() if k in PRESET_KEYS and v not in (None, "", [])}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(fields, sort_keys=False))
+        specs.append(str(path))
+    return specs
 
 
 def specificity_scores(folder: Path, concepts: list[str], judge) -> dict:
@@ -304,13 +364,14 @@ def erase(
 ) -> Path:
     """Train the run's erasure under ``folder``; returns the erased model's folder."""
     options = {"seed": seed, "forget_loss": loss, "neighbour_player": neighbours == "player"}
+    specs = erasure_concepts(config, concepts, folder)
     if combiner != "sequential":
-        run_erasure(config, concepts, folder, combiner=combiner, **options)
+        run_erasure(config, specs, folder, combiner=combiner, **options)
         return folder
     stage_settings = config
-    for index, concept in enumerate(concepts):
+    for index, (concept, spec) in enumerate(zip(concepts, specs)):
         stage = folder / f"stage{index}-{concept}"
-        run_erasure(stage_settings, [concept], stage, combiner="nash", **options)
+        run_erasure(stage_settings, [spec], stage, combiner="nash", **options)
         stage_settings = replace(config, model=str(stage))
     return stage
 

@@ -550,6 +550,32 @@ def test_specificity_sequential_erases_each_concept_from_the_previous_stage(tmp_
     assert calls == [(config.model, ["red", "blue"], tmp_path / "one", "sum", 0)]
 
 
+def test_specificity_one_substitute_trains_each_concept_on_a_preset_cut_to_that_substitute(tmp_path, monkeypatch):
+    """--one_substitute blue hands the trainer a preset file where each red prompt has only its blue substitute (the
+    rest of the preset as it was), records the setting, and refuses what it cannot do before anything trains."""
+    from munba_diffusion.presets import resolve_concept
+
+    calls = []
+    monkeypatch.setattr(specificity, "run_erasure", lambda settings, concepts, output_dir, **kw: calls.append(concepts))
+    config = specificity.SpecificityConfig(
+        concept_sets=("red",), forget_losses=("substitute",), one_substitute="blue", output_dir=tmp_path / "out"
+    )
+    specificity.erase(config, tmp_path / "run", ["red"], "nash", 0, "substitute", "folded")
+    (spec,) = calls[0]
+    cut, red = resolve_concept(spec), resolve_concept("red")
+    assert cut.name == "red" and cut.forget_prompts == red.forget_prompts
+    assert cut.substitute_prompts[1] == ("a blue circle",) and len(red.substitute_prompts[1]) == 3
+    assert all(len(s) == 1 and "blue" in s[0].split() for s in cut.substitute_prompts)
+    assert cut.preserve_prompts == red.preserve_prompts and cut.neighbour_prompts == red.neighbour_prompts
+    assert config.run_settings()["erasure"]["one_substitute"] == "blue"
+    assert "one_substitute" not in specificity.SpecificityConfig().run_settings()["erasure"]
+
+    with pytest.raises(ValueError, match="--one_substitute applies to --forget_losses substitute only"):
+        specificity.SpecificityConfig(forget_losses=("esd", "substitute"), one_substitute="blue")
+    with pytest.raises(ValueError, match="0 substitutes of 'a red object' name 'circle'"):
+        specificity.SpecificityConfig(concept_sets=("red",), forget_losses=("substitute",), one_substitute="circle")
+
+
 def test_specificity_scores_a_concept_set_without_counting_its_own_concepts_as_kept_or_neighbours(monkeypatch):
     """red + circle erased together: "a red circle" keeps nothing for either concept (its shape is erased too), "a blue
     circle" is a colour neighbour of red and keeps its colour for circle; only prompts with neither are "other"."""
