@@ -130,7 +130,7 @@ def one_substitute_preset(preset: ConceptPreset, value: str) -> ConceptPreset:
         if len(naming) != 1:
             raise ValueError(
                 f"concept {preset.name!r}: {len(naming)} substitutes of {prompt!r} name {value!r}, "
-                "--one_substitute needs exactly one; pick another value"
+                "--one_substitute needs exactly one in every concept it erases; pick a value each of them names once"
             )
         kept.append((naming[0],))
     return replace(preset, substitute_prompts=tuple(kept))

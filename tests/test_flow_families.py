@@ -244,22 +244,44 @@ def test_xattn_adapts_the_prompts_embeddings_and_the_text_stream_only(name):
     assert not xattn & set(transformer_module_names(transformer, "noxattn"))
 
 
-def test_a_transformer_checkpoint_from_before_the_embeddings_were_targets_is_refused_with_its_cause():
+def test_resuming_a_transformer_run_from_before_the_embeddings_were_targets_names_the_cause(tmp_path, monkeypatch):
     """A checkpoint saved when xattn on SD3 / FLUX was the text stream alone (target sets revision 1) lacks the
-    embeddings' LoRA weights: resuming it says so and names the fix, not the generic "same --lora_target?" hint;
-    a checkpoint of the same run loads back exactly."""
+    prompt's embeddings' LoRA weights: resuming it says so in one line and names the fix, instead of calling the
+    checkpoint damaged or asking for "the same --lora_target"; the same run's own checkpoints resume."""
+    import munba_diffusion.diffusion.lora as lora
+
+    base = tmp_path / "base"
+    build_tiny_sd3_pipeline().save_pretrained(base)
+    flags = ("--lora_target", "xattn", "--checkpointing_steps", "2")
+    monkeypatch.setattr(lora, "_PROMPT_LAYERS", r"attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)$")  # revision 1
+    _erase(base, tmp_path / "old", "--max_train_steps", "3", *flags)  # checkpoint-2 stays
+    monkeypatch.undo()
+
+    with pytest.raises(SystemExit) as error:
+        _erase(base, tmp_path / "old", "--max_train_steps", "3", "--resume_from_checkpoint", "latest", *flags)
+    message = str(error.value.code)
+    assert "\n" not in message and "damaged" not in message
+    assert "error: checkpoint LoRA has no weights for the prompt's embeddings" in message
+    assert message.endswith("start a new run (a new --output_dir, or --overwrite_output_dir)")
+
+    now = tmp_path / "now"
+    _erase(base, now, "--max_train_steps", "3", *flags)
+    log = _erase(base, now, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", *flags)
+    assert [r["step"] for r in log][-1] == 3
+
+
+def test_load_lora_state_dict_blames_the_target_sets_only_when_just_the_embeddings_are_missing():
+    """The revision message is for a state missing exactly the embeddings' weights; a state missing other weights
+    too gets the generic hint; a full state loads back exactly (into a LoRA whose weights were changed first)."""
     transformer = build_tiny_sd3_pipeline().transformer
     add_erasure_lora(transformer, ErasureLoraConfig(rank=2, target="xattn"))
-    state = lora_state_dict(transformer)
+    state = {k: torch.randn_like(v) for k, v in lora_state_dict(transformer).items()}
     load_lora_state_dict(transformer, state)
     assert all(torch.equal(state[k], v) for k, v in lora_state_dict(transformer).items())
 
     old = {k: v for k, v in state.items() if not k.startswith(("context_embedder.", "time_text_embed."))}
-    assert len(old) < len(state)
-    with pytest.raises(
-        ValueError, match=r"^checkpoint LoRA has no weights for the prompt's embeddings .*start a new run"
-    ):
+    with pytest.raises(ValueError, match="^checkpoint LoRA has no weights for the prompt's embeddings"):
         load_lora_state_dict(transformer, old)
-    block = {k: v for k, v in state.items() if not k.startswith("transformer_blocks.0.")}
+    other = {k: v for k, v in old.items() if not k.startswith("transformer_blocks.0.")}
     with pytest.raises(ValueError, match="was it made with the same --lora_target, --lora_on and --rank"):
-        load_lora_state_dict(transformer, block)
+        load_lora_state_dict(transformer, other)

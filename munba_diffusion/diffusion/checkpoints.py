@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ..io import write_json_atomic, write_text_atomic
 from .config import CHECKPOINTS_DIR, ErasureTrainingConfig
-from .lora import load_lora_state_dict, lora_state_dict
+from .lora import StaleLoraTargetsError, load_lora_state_dict, lora_state_dict
 
 LORA_CHECKPOINT_NAMES = {
     "unet": "erasure_lora.safetensors",
@@ -183,10 +183,12 @@ def save_checkpoint(
 
 def load_checkpoint(accelerator, models: Mapping[str, torch.nn.Module], path: Path) -> int:
     """Restore the state saved by :func:`save_checkpoint`; returns its step. A damaged file is one line."""
-    try:
-        accelerator.load_state(str(path))
+    try:  # the LoRA first: a LoRA of other layers also fails the optimizer's load, which cannot say why
         for component, model in models.items():
             load_lora_state_dict(model, load_file(str(path / LORA_CHECKPOINT_NAMES[component])))
+        accelerator.load_state(str(path))
+    except StaleLoraTargetsError:  # its own one line: every checkpoint of that run is alike, none is damaged
+        raise
     except Exception as error:  # truncated, tampered or foreign files: safetensors, torch and peft raise many types
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise ValueError(

@@ -255,6 +255,10 @@ def lora_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
 
 
+class StaleLoraTargetsError(ValueError):
+    """A checkpoint's LoRA was made with an older meaning of its target set (no file of it is damaged)."""
+
+
 def load_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`lora_state_dict` (strict: every adapter weight must be present)."""
     result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
@@ -262,11 +266,11 @@ def load_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
     if not missing:
         return
     embeddings = [k for k in missing if k.startswith(("context_embedder.", "time_text_embed.text_embedder."))]
-    if embeddings:  # a transformer checkpoint from before target-set revision 2
-        raise ValueError(
-            f"checkpoint LoRA has no weights for the prompt's embeddings (e.g. {embeddings[0]}): it was made before "
-            f"xattn and attn on SD3 / FLUX reached them (target sets revision {TRANSFORMER_TARGET_SETS_REVISION}); it "
-            "cannot be continued, start a new run (a new --output_dir, or drop --resume_from_checkpoint)"
+    if len(embeddings) == len(missing):  # exactly the weights revision 2 added: a transformer run made before it
+        raise StaleLoraTargetsError(
+            f"checkpoint LoRA has no weights for the prompt's embeddings ({embeddings[0]}): it was made before xattn "
+            f"and attn on SD3 / FLUX reached them (target sets revision {TRANSFORMER_TARGET_SETS_REVISION}) and cannot "
+            "be continued; start a new run (a new --output_dir, or --overwrite_output_dir)"
         )
     raise ValueError(
         f"checkpoint LoRA is missing {len(missing)} weights (e.g. {missing[0]}); was it made with the same "

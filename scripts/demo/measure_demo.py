@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         "--held-out-seed",
         type=int,
         default=HELD_OUT_SEED,
-        help=f"first generator seed of the per-caption judgement (default {HELD_OUT_SEED}; a fresh set: 8200 and up, "
-        "past the default's last seed 5000 + 100 x 31 + 15)",
+        help=f"first generator seed of the per-caption judgement (default {HELD_OUT_SEED}; seed k of caption i is this + "
+        "100 k + i, so with 32 seeds per caption 8200 and up share none with the default's)",
     )
     parser.add_argument(
         "--guidance", type=float, default=4.0, help="guidance of every judged image and of the grid (default 4)"
