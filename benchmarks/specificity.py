@@ -102,13 +102,14 @@ class SpecificityConfig(DemoBenchmarkOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.one_substitute is not None and set(self.forget_losses) != {"substitute"}:
+        if self.one_substitute is None:
+            return
+        if set(self.forget_losses) != {"substitute"}:
             raise ValueError(
                 "--one_substitute applies to --forget_losses substitute only; drop the other targets or the flag"
             )
-        if self.one_substitute is not None:  # each concept must name exactly one such substitute: known before training
-            for concept in {c for s in self.concept_sets for c in s.split("+")}:
-                one_substitute_preset(resolve_concept(concept), self.one_substitute)
+        for concept in {c for s in self.concept_sets for c in s.split("+")}:  # refused before training, not during
+            one_substitute_preset(resolve_concept(concept), self.one_substitute)
 
     def run_settings(self) -> dict[str, Any]:
         """The shared run settings, and ``one_substitute`` when it is set (runs with the presets' own substitutes
