@@ -295,6 +295,11 @@ CASES: tuple[Case, ...] = (
         "--flux_guidance is for guidance-distilled FLUX-dev; Stable Diffusion 3 takes no guidance input",
     ),
     T(
+        "sharding the base over a one-process launch",
+        f"{RUN} --pretrained_model_name_or_path sd3 --shard_base",
+        "--shard_base splits the base model across processes and this launch has one: launch several",
+    ),
+    T(
         "robust mode on a flow transformer",
         f"{RUN} --pretrained_model_name_or_path sd3 --robust",
         "--robust is not supported on Stable Diffusion 3 yet",

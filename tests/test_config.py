@@ -133,6 +133,7 @@ BAD_TRAINING_VALUES = {
     "gradient_accumulation_steps": (0, "gradient_accumulation_steps (--gradient_accumulation_steps) must be >= 1"),
     "gradient_checkpointing": (1, "gradient_checkpointing (--gradient_checkpointing) must be True or False"),
     "use_8bit_adam": ("yes", "use_8bit_adam (--use_8bit_adam) must be True or False"),
+    "shard_base": ("no", "shard_base (--shard_base) must be True or False"),
     "flux_guidance": (-1.0, "flux_guidance (--flux_guidance) must be >= 0"),
     "learning_rate": (-1e-3, "learning_rate (--learning_rate) must be > 0"),
     "lr_scheduler": ("exponential", "lr_scheduler (--lr_scheduler) must be one of linear"),

@@ -224,6 +224,23 @@ def test_unet_families_refuse_the_transformer_target_sets(tmp_path):
     )
 
 
+def test_unet_families_refuse_sharding_before_any_weight_loads(tmp_path, monkeypatch):
+    from tests.tiny_sd import save_tiny_sd
+
+    base = save_tiny_sd(tmp_path / "sd", seed=0)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # past the one-process check: the family's own line comes first
+    monkeypatch.setattr("munba_diffusion.diffusion.train.load_base_pipeline", _no_loading)
+    with pytest.raises(SystemExit) as error:
+        _erase(base, tmp_path / "out", "--shard_base")
+    assert "--shard_base shards SD3 and FLUX transformers; a Stable Diffusion base fits one GPU" in str(
+        error.value.code
+    )
+
+
+def _no_loading(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
 @pytest.mark.parametrize("name", ["sd3", "flux-dev"])
 def test_xattn_adapts_the_prompts_embeddings_and_the_text_stream_only(name):
     """xattn on a transformer is the prompt's own layers: the text stream's attention projections and both

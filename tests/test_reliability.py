@@ -202,11 +202,13 @@ def test_processes_that_each_run_alone_are_refused(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("variable", "engine"), [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+    ("variable", "expected"),
+    [("ACCELERATE_USE_FSDP", "not Accelerate's FSDP plugin"), ("ACCELERATE_USE_DEEPSPEED", "not support DeepSpeed")],
 )
-def test_a_sharded_launch_is_refused_before_any_model_loads(monkeypatch, tmp_path, variable, engine):
-    """`accelerate launch` with an FSDP or DeepSpeed config sets these variables; the trainer would ignore the
-    sharding (it prepares no model with the accelerator) and copy the whole base to every GPU."""
+def test_a_sharded_launch_is_refused_before_any_model_loads(monkeypatch, tmp_path, variable, expected):
+    """`accelerate launch` with an FSDP or DeepSpeed config sets these variables; the trainer prepares no model with
+    the accelerator, so the plugin would shard nothing and copy the whole base to every GPU: the line names the
+    data-parallel launch and --shard_base instead."""
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
@@ -216,10 +218,40 @@ def test_a_sharded_launch_is_refused_before_any_model_loads(monkeypatch, tmp_pat
     with pytest.raises(SystemExit) as error:
         train_erase.main(["--concept", "red", "--output_dir", str(tmp_path / "out")])
     message = str(error.value.code)
-    assert f"does not support {engine} yet" in message and "--multi_gpu" in message and "\n" not in message
+    assert expected in message and "--multi_gpu" in message and "--shard_base" in message and "\n" not in message
     assert not (tmp_path / "out").exists()
     monkeypatch.setenv(variable, "false")  # what accelerate sets for a plain launch
     preflight.check_run_environment(ErasureTrainingConfig(concepts=["red"], output_dir=tmp_path / "out"))
+
+
+def test_sharding_one_process_is_refused_before_any_model_loads(monkeypatch, tmp_path):
+    """--shard_base splits the base across processes: a one-process launch has nothing to split it over."""
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("munba_diffusion.diffusion.train.base_model_family", no_loading)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as error:
+        train_erase.main(["--concept", "red", "--output_dir", str(tmp_path / "out"), "--shard_base"])
+    message = str(error.value.code)
+    assert "--shard_base" in message and "launch several" in message and "\n" not in message
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    preflight.check_run_environment(ErasureTrainingConfig(concepts=["red"], output_dir=tmp_path / "o", shard_base=True))
+
+
+def test_sharding_on_a_pytorch_without_fsdp2s_ignored_params_is_refused(monkeypatch, tmp_path):
+    from torch.torch_version import TorchVersion
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(preflight.torch, "__version__", TorchVersion("2.6.0+cu124"))
+    config = ErasureTrainingConfig(concepts=["red"], output_dir=tmp_path / "out", shard_base=True)
+    with pytest.raises(
+        ValueError, match=r"--shard_base needs PyTorch 2.7 or newer .* 2.6.0\+cu124: pip install -U torch"
+    ):
+        preflight.check_run_environment(config)
+    monkeypatch.setattr(preflight.torch, "__version__", TorchVersion("2.7.1"))
+    preflight.check_run_environment(config)
 
 
 def test_accelerate_asked_for_two_processes_but_started_one(tmp_path):

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 import train_erase
@@ -385,6 +388,35 @@ torch.save({"initial": initial, "trained": trained, "rows": rows}, os.path.join(
 """
 
 
+def _two_flux_processes(base: Path, out: Path, ranks: Path, *extra: str) -> str:
+    """train_erase.py on ``base`` as README's CPU multi-process command launches it (two gloo processes), each
+    rank's LoRA weights and rows saved under ``ranks``; returns the launch's output."""
+    ranks.mkdir()
+    recorder = ranks / "record_ranks.py"
+    recorder.write_text(_RANK_RECORDER)
+    args = [
+        *("--pretrained_model_name_or_path", str(base), "--concept", "text:a red circle", "--output_dir", str(out)),
+        *("--max_train_steps", "3", "--train_batch_size", "1", "--resolution", "32", "--lora_target", "attn"),
+        *("--learning_rate", "5e-3", "--sampler_steps", "2", "--pool_trajectories", "1"),
+        *("--validation_inference_steps", "1", "--validation_seeds", "1", "--no_evaluation", *extra),
+    ]
+    env = {**_env(), "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, str(recorder), str(ranks), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _ranks(folder: Path) -> list[dict]:
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def _train_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+
+
 def test_two_processes_erase_flux_identically(tmp_path):
     """README's CPU multi-process command (ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 train_erase.py) on a
     tiny FLUX.1-dev: the two ranks draw different rows, the players' gradients are averaged across them before
@@ -393,22 +425,8 @@ def test_two_processes_erase_flux_identically(tmp_path):
 
     base, out, ranks = tmp_path / "flux", tmp_path / "erased", tmp_path / "ranks"
     build_tiny_flux_pipeline(0).save_pretrained(base)
-    ranks.mkdir()
-    recorder = tmp_path / "record_ranks.py"
-    recorder.write_text(_RANK_RECORDER)
-    args = [
-        *("--pretrained_model_name_or_path", str(base), "--concept", "text:a red circle", "--output_dir", str(out)),
-        *("--max_train_steps", "3", "--train_batch_size", "1", "--resolution", "32", "--lora_target", "attn"),
-        *("--learning_rate", "5e-3", "--sampler_steps", "2", "--pool_trajectories", "1"),
-        *("--validation_inference_steps", "1", "--validation_seeds", "1", "--no_evaluation"),
-    ]
-    env = {**_env(), "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(
-        [*cmd, str(recorder), str(ranks), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    first, second = (torch.load(ranks / f"rank{r}.pt", weights_only=True) for r in range(2))
+    _two_flux_processes(base, out, ranks)
+    first, second = _ranks(ranks)
     assert len(first["rows"]) == len(second["rows"]) == 3  # one micro-batch per step on each rank
     # each rank draws its own rows (from a small pool here, so a step's rows may coincide)
     assert any(not torch.equal(a, b) for a, b in zip(first["rows"], second["rows"]))
@@ -416,21 +434,58 @@ def test_two_processes_erase_flux_identically(tmp_path):
         assert len(first[name]) == len(second[name]) > 0
         assert all(torch.equal(a, b) for a, b in zip(first[name], second[name])), name
     assert any(not torch.equal(a, b) for a, b in zip(first["initial"], first["trained"]))  # the LoRA did train
-    records = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in _train_log(out)] == [1, 2, 3]
     assert (out / "erasure_config.json").is_file()  # rank 0 exported the folder
 
 
-def test_fsdp_config_is_an_accelerate_config_for_the_flux_blocks():
-    """accelerate_config_fsdp.yaml parses as accelerate's launch config and names FLUX's block classes (only the
-    file is checked: FSDP needs GPUs, see its comments)."""
-    from accelerate.commands.config.config_args import load_config_from_file
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+def test_a_sharded_base_trains_as_data_parallel_does_and_resumes_exactly(tmp_path):
+    """--shard_base on two gloo processes (tiny FLUX.1-dev): each process stores half of the frozen transformer;
+    both ranks take the same bargained steps, bit for bit, and the same ones as the unsharded launch up to float
+    rounding (FSDP gathers the weights into other buffers): losses, LoRA weights, the exported fused transformer
+    and the before/after grid. A checkpoint of the sharded run resumes to the same weights, bit for bit."""
+    from tests.tiny_flow import build_tiny_flux_pipeline
 
-    config = load_config_from_file(str(ROOT / "accelerate_config_fsdp.yaml"))
-    assert config.distributed_type == "FSDP" and config.mixed_precision == "bf16"
-    fsdp = config.fsdp_config
-    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
-    assert fsdp["fsdp_use_orig_params"] is True
-    classes = fsdp["fsdp_transformer_layer_cls_to_wrap"].split(",")
-    assert classes == [FluxTransformerBlock.__name__, FluxSingleTransformerBlock.__name__]
+    base = tmp_path / "flux"
+    build_tiny_flux_pipeline(0).save_pretrained(base)
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    _two_flux_processes(base, plain, tmp_path / "plain_ranks")
+    output = _two_flux_processes(
+        base, sharded, tmp_path / "sharded_ranks", "--shard_base", "--checkpointing_steps", "2"
+    )
+
+    held = [tuple(map(int, m)) for m in re.findall(r"this process holds (\d+) of the base transformer's (\d+)", output)]
+    assert len(held) == 2 and all(0 < mine <= total // 2 for mine, total in held), held
+    first, second = _ranks(tmp_path / "sharded_ranks")
+    assert all(torch.equal(a, b) for a, b in zip(first["trained"], second["trained"]))
+    reference = _ranks(tmp_path / "plain_ranks")[0]
+    assert all(torch.equal(a, b) for a, b in zip(first["rows"], reference["rows"]))  # the same data
+    moved = max(float((t - i).abs().max()) for t, i in zip(reference["trained"], reference["initial"]))
+    gap = max(float((a - b).abs().max()) for a, b in zip(first["trained"], reference["trained"]))
+    assert moved > 1e-3 and gap < 1e-4, (moved, gap)  # Adam magnifies rounding only where a gradient is near zero
+    for ours, theirs in zip(_train_log(sharded), _train_log(plain)):
+        for key in ("loss/preserve", "loss/forget", "weight/preserve", "weight/forget"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-9), key
+    fused = [load_file(next((run / "transformer").glob("*.safetensors"))) for run in (sharded, plain)]
+    assert fused[0].keys() == fused[1].keys()
+    assert all(torch.allclose(fused[0][k], fused[1][k], atol=1e-5) for k in fused[0])
+    grids = [np.asarray(Image.open(run / "images" / "before_after.png"), dtype=int) for run in (sharded, plain)]
+    assert np.abs(grids[0] - grids[1]).max() <= 2
+
+    _two_flux_processes(
+        base, sharded, tmp_path / "resumed_ranks", "--shard_base", "--checkpointing_steps", "2",
+        "--resume_from_checkpoint", "checkpoint-2",
+    )  # fmt: skip
+    resumed = _ranks(tmp_path / "resumed_ranks")[1]
+    assert len(resumed["rows"]) == 1  # only step 3 ran
+    assert all(torch.equal(a, b) for a, b in zip(resumed["trained"], first["trained"]))
+
+
+def test_the_multi_gpu_config_launches_data_parallel_and_documents_sharding():
+    """accelerate_config_multi_gpu.yaml is an accelerate launch config for data parallelism in bf16 (not Accelerate's
+    FSDP, which the trainer refuses), and its comments give the --shard_base launch for bases no GPU holds."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = ROOT / "accelerate_config_multi_gpu.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type == "MULTI_GPU" and config.mixed_precision == "bf16" and config.num_processes > 1
+    assert "train_erase.py ... --shard_base" in path.read_text()

@@ -96,6 +96,24 @@ def load_base_pipeline(
     return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
 
 
+def load_base_denoiser(
+    name_or_path: str,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """The base pipeline's denoiser alone (its ``unet/`` or ``transformer/``), as :func:`load_base_pipeline` loads
+    and casts it, without the other components."""
+    path, _ = _checked_base_model(name_or_path, revision)
+    offline = is_offline() and not is_local_path(path)
+    index = DiffusionPipeline.load_config(path, revision=revision, local_files_only=offline)
+    component = "unet" if (index.get("unet") or [None])[0] else "transformer"
+    cls = getattr(diffusers, index[component][1])
+    model = cls.from_pretrained(path, subfolder=component, revision=revision, variant=variant, local_files_only=offline)
+    return model if torch_dtype == torch.float32 else model.to(dtype=torch_dtype)
+
+
 def check_required_components(index: dict, family: ModelFamily, folder: Path | None = None) -> None:
     """A FLUX model needs its T5 encoder (``text_encoder_2``): one line before any weight loads when the index or
     the folder lacks it (SD3 runs without its T5, ``text_encoder_3``, by design)."""

@@ -137,6 +137,11 @@ class ErasureTrainingConfig:
     gradient_checkpointing: bool = option(
         False, "recompute the denoiser's activations in the backward pass to save memory"
     )
+    shard_base: bool = option(
+        False,
+        "SD3 / FLUX on GPUs the base does not fit: shard the frozen transformer across the launch's processes "
+        "(PyTorch FSDP2, one unit per block; the LoRA stays whole on each, every process takes the same step)",
+    )
     use_8bit_adam: bool = option(False, "bitsandbytes' 8-bit AdamW (GPU; pip install bitsandbytes)")
     learning_rate: float = option(1e-4, "AdamW learning rate", low=0.0, low_open=True)
     lr_scheduler: str = option("constant", "learning-rate schedule", choices=LR_SCHEDULERS)

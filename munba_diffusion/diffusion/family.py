@@ -146,6 +146,7 @@ class ModelFamily:
     target_sets: tuple[str, ...] = UNET_TARGET_SETS  # the LoRA target sets (:mod:`.lora`) this family has
     classifier_free_guidance: bool = True  # whether the latent pool's sampler guides with the unconditional branch
     prompt_prefixes: bool = True  # soft prompt prefixes: --robust, the white-box attack, a text-encoder LoRA
+    shard_blocks: tuple[str, ...] = ()  # the denoiser's block lists, one FSDP unit per block (--shard_base)
 
     denoiser = staticmethod(denoiser)
 
@@ -368,6 +369,7 @@ class FlowFamily(ModelFamily):
     title: str = "Stable Diffusion 3"
     target_sets: tuple[str, ...] = ("xattn", "noxattn", "attn", "full", "image")
     prompt_prefixes: bool = False
+    shard_blocks: tuple[str, ...] = ("transformer_blocks",)
 
     def describe(self, pipe) -> str:
         return f"{self.title} (flow matching, {self.native_resolution(pipe)} px)"
@@ -494,6 +496,7 @@ class FluxFamily(FlowFamily):
     title: str = "FLUX.1"
     target_sets: tuple[str, ...] = ("xattn", "noxattn", "attn", "full", "image", "single")
     classifier_free_guidance: bool = False
+    shard_blocks: tuple[str, ...] = ("transformer_blocks", "single_transformer_blocks")
 
     def describe(self, pipe) -> str:
         kind = "dev, guidance-distilled" if self.denoiser(pipe).config.guidance_embeds else "schnell, no guidance"

@@ -114,11 +114,20 @@ def _evaluate(evaluate, config: ErasureTrainingConfig, staging: Path) -> str | N
         return None
 
 
+def validation_grid(config: ErasureTrainingConfig, pipe) -> tuple[Image.Image, list]:
+    """:func:`before_after_grid` of the run's validation prompts, seeds, sampler steps and guidance."""
+    prompts = config.validation_prompts or default_validation_prompts(config.concepts)
+    return before_after_grid(
+        pipe, prompts, config.validation_seeds, config.validation_inference_steps, config.validation_guidance_scale
+    )
+
+
 def finish_erasure(
     config: ErasureTrainingConfig,
     pipe,
     names: list[str],
     *,
+    drawn_grid: tuple[Image.Image, list] | None = None,
     train_seconds: float,
     pool_seconds: float,
     resolution: int,
@@ -127,7 +136,8 @@ def finish_erasure(
 ) -> Image.Image:
     """Grid; then model, record, images, evaluation and model card into a staging folder swapped in once; upload.
 
-    Returns the before/after grid (the trainer logs it to the trackers).
+    Returns the before/after grid (the trainer logs it to the trackers); ``drawn_grid``: one :func:`validation_grid`
+    already drew (with ``--shard_base`` every process draws it together).
 
     ``evaluate(config, erased_folder)`` writes its reports under ``erased_folder/evaluation`` and returns the
     Markdown for the model card; the numbers of its ``evaluation/<concept>/report.json`` become the card's
@@ -137,10 +147,7 @@ def finish_erasure(
     output_dir = check_output_dir(
         config.output_dir, config.overwrite_output_dir or config.resume_from_checkpoint is not None
     )
-    prompts = config.validation_prompts or default_validation_prompts(config.concepts)
-    grid, widget_images = before_after_grid(
-        pipe, prompts, config.validation_seeds, config.validation_inference_steps, config.validation_guidance_scale
-    )
+    grid, widget_images = drawn_grid or validation_grid(config, pipe)
     record = run_record(
         config,
         players=names,

@@ -10,6 +10,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+import torch
 from huggingface_hub import get_token
 
 from ..io import is_offline
@@ -34,13 +35,26 @@ def check_run_environment(config: ErasureTrainingConfig) -> None:
         )
     if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("--use_8bit_adam needs bitsandbytes (GPU): pip install bitsandbytes, or drop the flag")
-    for engine, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
-        if os.environ.get(variable, "false").lower() in ("true", "1"):
-            raise ValueError(
-                f"the trainer does not support {engine} yet (it would copy the whole model to every GPU): launch data "
-                f"parallel on GPUs the bf16 base fits (`{MULTI_GPU_COMMAND}`), or one GPU with "
-                "--gradient_checkpointing and --use_8bit_adam"
-            )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1"):
+        raise ValueError(
+            "the trainer shards with its own --shard_base, not Accelerate's FSDP plugin (which would shard the LoRA "
+            f"too): launch data parallel (`{MULTI_GPU_COMMAND}`) and add --shard_base when the base does not fit a GPU"
+        )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1"):
+        raise ValueError(
+            "the trainer does not support DeepSpeed (it would copy the whole model to every GPU): launch data parallel "
+            f"(`{MULTI_GPU_COMMAND}`), with --shard_base on SD3 / FLUX when the base does not fit a GPU"
+        )
+    if config.shard_base and torch.__version__ < "2.7":  # TorchVersion compares as a version
+        raise ValueError(
+            f"--shard_base needs PyTorch 2.7 or newer (FSDP2's fully_shard with ignored_params), this is "
+            f"{torch.__version__}: pip install -U torch, or drop --shard_base"
+        )
+    if config.shard_base and launched_processes() < 2:
+        raise ValueError(
+            "--shard_base splits the base model across processes and this launch has one: launch several "
+            f"(`{MULTI_GPU_COMMAND}`; on CPUs `{MULTI_CPU_COMMAND}`), or drop --shard_base"
+        )
     if config.push_to_hub:
         if is_offline():
             raise ValueError(

@@ -40,10 +40,11 @@ from .config import ErasureTrainingConfig
 from .data import build_erasure_data
 from .export import OutputDirLock, check_output_dir
 from .family import FLUX, GUIDANCE_ATTRIBUTE, STABLE_DIFFUSION_XL, family_of_pipeline
-from .finish import finish_erasure
+from .finish import finish_erasure, validation_grid
 from .lora import ErasureLoraConfig, add_erasure_loras, denoiser, text_encoders
 from .players import TextLora, erasure_players
 from .preflight import check_processes, check_run_environment
+from .sharding import gathered_denoiser, local_elements, shard_frozen_denoiser
 from .trackers import log_images, tracker_scalars
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,11 @@ def check_family_options(config: ErasureTrainingConfig, family) -> None:
         raise ValueError(
             f"--flux_guidance is for guidance-distilled FLUX-dev; {family.title} takes no guidance input: drop it"
         )
+    if config.shard_base and not family.shard_blocks:
+        raise ValueError(
+            f"--shard_base shards SD3 and FLUX transformers; a {family.title} base fits one GPU: drop it (a "
+            "data-parallel launch without it still spreads the rows)"
+        )
     if config.lora_target == "full" and family is STABLE_DIFFUSION_XL:
         raise ValueError(
             f"--lora_target full on {family.title} adapts add_embedding, which the ComfyUI / A1111 (kohya) file cannot "
@@ -107,7 +113,8 @@ def check_family_options(config: ErasureTrainingConfig, family) -> None:
 def _prepare_denoiser(config: ErasureTrainingConfig, pipe, device) -> None:
     for module in (pipe.vae, *text_encoders(pipe), denoiser(pipe)):
         module.requires_grad_(False)
-        module.to(device)
+        if not (config.shard_base and module is denoiser(pipe)):  # sharding places it: only a slice reaches device
+            module.to(device)
     if config.enable_xformers_memory_efficient_attention:
         denoiser(pipe).enable_xformers_memory_efficient_attention()
     if config.gradient_checkpointing:
@@ -222,6 +229,10 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     latent_shape = family.latent_shape(pipe, resolution)
 
     params = add_erasure_loras(pipe, config.lora)
+    if config.shard_base:
+        shard_frozen_denoiser(unet, family.shard_blocks, params, device)
+        held, total = local_elements(unet)
+        logger.info("--shard_base: this process holds %d of the base transformer's %d weights", held, total)
     text_lora = TextLora(pipe, family, resolution) if config.lora.on_text_encoder else None  # re-encodes the rows
     lora_module = trained_module(pipe, config.lora)
     names = config.player_names()
@@ -332,11 +343,17 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     accelerator.wait_for_everyone()
     for encoder in text_encoders(pipe):
         encoder.to(device)
+    drawn_grid = None
+    if config.shard_base:  # the sharded transformer's forwards are collective: every process draws the grid
+        drawn_grid = validation_grid(config, pipe)
+        if accelerator.is_main_process:
+            pipe.transformer = gathered_denoiser(config, unet, dtype)
     if accelerator.is_main_process:
         grid = finish_erasure(
             config,
             pipe,
             names,
+            drawn_grid=drawn_grid,
             train_seconds=train_seconds,
             pool_seconds=pool_seconds,
             resolution=resolution,
