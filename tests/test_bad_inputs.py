@@ -300,6 +300,11 @@ CASES: tuple[Case, ...] = (
         "--shard_base splits the base model across processes and this launch has one: launch several",
     ),
     T(
+        "sharding the base with latents drawn afresh",
+        f"{RUN} --shard_base --latent_source fresh",
+        "--latent_source fresh runs a different number of transformer passes on each process",
+    ),
+    T(
         "robust mode on a flow transformer",
         f"{RUN} --pretrained_model_name_or_path sd3 --robust",
         "--robust is not supported on Stable Diffusion 3 yet",

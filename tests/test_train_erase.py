@@ -381,16 +381,23 @@ def erasure_players(unet, batch, *args, **kwargs):
     return players(unet, batch, *args, **kwargs)
 
 
+def reloaded_transformer(*args, **kwargs):
+    raise OSError("could not load the base (it moved)")
+
+
 train.add_erasure_loras, train.erasure_players = add_erasure_loras, erasure_players
+if os.environ.get("FAIL_EXPORT_RELOAD"):  # the base cannot be reloaded for the export of a --shard_base run
+    train.reloaded_transformer = reloaded_transformer
 train_erase.main(sys.argv[2:])
 trained = [p.detach().clone() for p in params]
 torch.save({"initial": initial, "trained": trained, "rows": rows}, os.path.join(folder, f"rank{rank}.pt"))
 """
 
 
-def _two_flux_processes(base: Path, out: Path, ranks: Path, *extra: str) -> str:
+def _two_flux_processes(base: Path, out: Path, ranks: Path, *extra: str, fail_export_reload: bool = False) -> str:
     """train_erase.py on ``base`` as README's CPU multi-process command launches it (two gloo processes), each
-    rank's LoRA weights and rows saved under ``ranks``; returns the launch's output."""
+    rank's LoRA weights and rows saved under ``ranks``; returns the launch's output. ``fail_export_reload``: the
+    export cannot reload the base, and the launch must fail."""
     ranks.mkdir()
     recorder = ranks / "record_ranks.py"
     recorder.write_text(_RANK_RECORDER)
@@ -401,11 +408,13 @@ def _two_flux_processes(base: Path, out: Path, ranks: Path, *extra: str) -> str:
         *("--validation_inference_steps", "1", "--validation_seeds", "1", "--no_evaluation", *extra),
     ]
     env = {**_env(), "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
+    if fail_export_reload:
+        env["FAIL_EXPORT_RELOAD"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
         [*cmd, str(recorder), str(ranks), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert (proc.returncode != 0) == fail_export_reload, (proc.stdout + proc.stderr)[-3000:]
     return proc.stdout + proc.stderr
 
 
@@ -441,43 +450,48 @@ def test_two_processes_erase_flux_identically(tmp_path):
 def test_a_sharded_base_trains_as_data_parallel_does_and_resumes_exactly(tmp_path):
     """--shard_base on two gloo processes (tiny FLUX.1-dev): each process stores half of the frozen transformer;
     both ranks take the same bargained steps, bit for bit, and the same ones as the unsharded launch up to float
-    rounding (FSDP gathers the weights into other buffers): losses, LoRA weights, the exported fused transformer
-    and the before/after grid. A checkpoint of the sharded run resumes to the same weights, bit for bit."""
+    rounding (FSDP gathers the weights into other buffers). A checkpoint resumes bit for bit. When the export cannot
+    reload the base, the final checkpoint keeps the LoRA and `--resume_from_checkpoint latest` exports it: the same
+    fused transformer and before/after grid as the unsharded launch."""
     from tests.tiny_flow import build_tiny_flux_pipeline
 
     base = tmp_path / "flux"
     build_tiny_flux_pipeline(0).save_pretrained(base)
     plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    shard = ("--shard_base", "--checkpointing_steps", "2")
     _two_flux_processes(base, plain, tmp_path / "plain_ranks")
-    output = _two_flux_processes(
-        base, sharded, tmp_path / "sharded_ranks", "--shard_base", "--checkpointing_steps", "2"
-    )
+    output = _two_flux_processes(base, sharded, tmp_path / "sharded_ranks", *shard, fail_export_reload=True)
 
     held = [tuple(map(int, m)) for m in re.findall(r"this process holds (\d+) of the base transformer's (\d+)", output)]
-    assert len(held) == 2 and all(0 < mine <= total // 2 for mine, total in held), held
-    first, second = _ranks(tmp_path / "sharded_ranks")
-    assert all(torch.equal(a, b) for a, b in zip(first["trained"], second["trained"]))
+    assert len(held) == 2 and held[0][1] == held[1][1] == held[0][0] + held[1][0], held
+    assert all(mine < 0.6 * total for mine, total in held), held
+    message = "could not load the base (it moved); the trained LoRA is safe in"
+    assert message in output and "rerun the same command with --resume_from_checkpoint latest" in output
+    assert not (sharded / "erasure_config.json").exists()
+    assert {d.name for d in (sharded / "checkpoints").iterdir()} == {"checkpoint-2", "checkpoint-3"}
     reference = _ranks(tmp_path / "plain_ranks")[0]
-    assert all(torch.equal(a, b) for a, b in zip(first["rows"], reference["rows"]))  # the same data
+    for ours, theirs in zip(_train_log(sharded), _train_log(plain), strict=True):
+        for key in ("loss/preserve", "loss/forget", "weight/preserve", "weight/forget"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-9), key
+
+    _two_flux_processes(base, sharded, tmp_path / "continued_ranks", *shard, "--resume_from_checkpoint", "checkpoint-2")
+    first, second = _ranks(tmp_path / "continued_ranks")
+    assert len(first["rows"]) == 1  # only step 3 ran
+    assert all(torch.equal(a, b) for a, b in zip(first["trained"], second["trained"]))
+    assert all(torch.equal(a, b) for a, b in zip(first["rows"], reference["rows"][2:]))  # the same data
     moved = max(float((t - i).abs().max()) for t, i in zip(reference["trained"], reference["initial"]))
     gap = max(float((a - b).abs().max()) for a, b in zip(first["trained"], reference["trained"]))
     assert moved > 1e-3 and gap < 1e-4, (moved, gap)  # Adam magnifies rounding only where a gradient is near zero
-    for ours, theirs in zip(_train_log(sharded), _train_log(plain)):
-        for key in ("loss/preserve", "loss/forget", "weight/preserve", "weight/forget"):
-            assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-9), key
+
+    _two_flux_processes(base, sharded, tmp_path / "exported_ranks", *shard, "--resume_from_checkpoint", "latest")
+    exported = _ranks(tmp_path / "exported_ranks")[0]
+    assert exported["rows"] == []  # nothing left to train: the final checkpoint, then the export
+    assert all(torch.equal(a, b) for a, b in zip(exported["trained"], first["trained"]))  # the resumed step 3, exactly
     fused = [load_file(next((run / "transformer").glob("*.safetensors"))) for run in (sharded, plain)]
     assert fused[0].keys() == fused[1].keys()
     assert all(torch.allclose(fused[0][k], fused[1][k], atol=1e-5) for k in fused[0])
     grids = [np.asarray(Image.open(run / "images" / "before_after.png"), dtype=int) for run in (sharded, plain)]
     assert np.abs(grids[0] - grids[1]).max() <= 2
-
-    _two_flux_processes(
-        base, sharded, tmp_path / "resumed_ranks", "--shard_base", "--checkpointing_steps", "2",
-        "--resume_from_checkpoint", "checkpoint-2",
-    )  # fmt: skip
-    resumed = _ranks(tmp_path / "resumed_ranks")[1]
-    assert len(resumed["rows"]) == 1  # only step 3 ran
-    assert all(torch.equal(a, b) for a, b in zip(resumed["trained"], first["trained"]))
 
 
 def test_the_multi_gpu_config_launches_data_parallel_and_documents_sharding():

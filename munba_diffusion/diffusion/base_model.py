@@ -87,31 +87,40 @@ def load_base_pipeline(
             extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe = cls.from_pretrained(path, revision=revision, variant=variant, local_files_only=offline, **extra)
     except OSError as error:  # unreachable Hub, missing files, wrong revision
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise OSError(
-            f"could not load {name_or_path!r} ({first}); check the id/revision and your connection, or "
-            f"pass a local diffusers folder or {_BUNDLED}"
-        ) from None
+        raise _load_error(name_or_path, error) from None
     # cast after loading: the load-time dtype keyword was renamed across diffusers versions
     return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
 
 
-def load_base_denoiser(
+def load_base_transformer(
     name_or_path: str,
     *,
     revision: str | None = None,
     variant: str | None = None,
     torch_dtype: torch.dtype = torch.float32,
 ) -> torch.nn.Module:
-    """The base pipeline's denoiser alone (its ``unet/`` or ``transformer/``), as :func:`load_base_pipeline` loads
-    and casts it, without the other components."""
+    """An SD3 / FLUX base's ``transformer/`` alone, loaded and cast as :func:`load_base_pipeline` does, with the same
+    one-line error."""
     path, _ = _checked_base_model(name_or_path, revision)
     offline = is_offline() and not is_local_path(path)
-    index = DiffusionPipeline.load_config(path, revision=revision, local_files_only=offline)
-    component = "unet" if (index.get("unet") or [None])[0] else "transformer"
-    cls = getattr(diffusers, index[component][1])
-    model = cls.from_pretrained(path, subfolder=component, revision=revision, variant=variant, local_files_only=offline)
+    try:
+        index = DiffusionPipeline.load_config(path, revision=revision, local_files_only=offline)
+        cls = getattr(diffusers, index["transformer"][1])
+        model = cls.from_pretrained(
+            path, subfolder="transformer", revision=revision, variant=variant, local_files_only=offline
+        )
+    except OSError as error:
+        raise _load_error(name_or_path, error) from None
     return model if torch_dtype == torch.float32 else model.to(dtype=torch_dtype)
+
+
+def _load_error(name_or_path: str, error: OSError) -> OSError:
+    """One line for an unreachable Hub, missing files or a wrong revision."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return OSError(
+        f"could not load {name_or_path!r} ({first}); check the id/revision and your connection, or "
+        f"pass a local diffusers folder or {_BUNDLED}"
+    )
 
 
 def check_required_components(index: dict, family: ModelFamily, folder: Path | None = None) -> None:

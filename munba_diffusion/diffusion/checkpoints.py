@@ -48,6 +48,7 @@ RESUMABLE_CHANGES = frozenset(
         "save_dtype",
         "nonfinite_gradients",
         "gradient_checkpointing",
+        "shard_base",
         "enable_xformers_memory_efficient_attention",
     }
 )
@@ -132,8 +133,8 @@ def check_same_run(config: ErasureTrainingConfig, checkpoint: Path) -> None:
                 f"{checkpoint.name} was trained with {name}={_short(saved.get(name))}, this run asks for "
                 f"{_short(current.get(name))}; resume with the same --{name} or start over with --overwrite_output_dir"
             )
-    if step >= config.max_train_steps:
-        raise ValueError(f"{checkpoint.name} is at step {step}, not before --max_train_steps {config.max_train_steps}")
+    if step > config.max_train_steps:  # equal: the final checkpoint of a --shard_base run, exported again
+        raise ValueError(f"{checkpoint.name} is at step {step}, past --max_train_steps {config.max_train_steps}")
 
 
 def _short(value: object) -> str:
@@ -177,8 +178,21 @@ def save_checkpoint(
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
         write_json_atomic(tmp / STEP_FILE, {"global_step": step})
         write_json_atomic(tmp / RUN_CONFIG_FILE, config.record())
-        os.replace(tmp, final)
+        _replace_dir(tmp, final)
     accelerator.wait_for_everyone()
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Move ``new`` to ``final``; a ``final`` already there (this run's own checkpoint of that step, made before it
+    resumed from an earlier one) is set aside first and removed once ``new`` is in place."""
+    if not final.exists():
+        os.replace(new, final)
+        return
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old)
 
 
 def load_checkpoint(accelerator, models: Mapping[str, torch.nn.Module], path: Path) -> int:

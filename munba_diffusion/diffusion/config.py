@@ -190,6 +190,11 @@ class ErasureTrainingConfig:
         self._check_robust()
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/sd14-no-nudity)")
+        if self.shard_base and self.latent_source == "fresh":
+            raise ValueError(
+                "--latent_source fresh runs a different number of transformer passes on each process, and with "
+                "--shard_base every pass is collective: use --latent_source pool (the default) or images"
+            )
         if self.latent_source == "images" and self.forget_image_dir is None:
             raise ValueError("--latent_source images needs --forget_image_dir (and optionally --preserve_image_dir)")
         if self.forget_loss == "substitute" and self.forget_image_dir is not None:

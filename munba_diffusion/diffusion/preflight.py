@@ -45,7 +45,7 @@ def check_run_environment(config: ErasureTrainingConfig) -> None:
             "the trainer does not support DeepSpeed (it would copy the whole model to every GPU): launch data parallel "
             f"(`{MULTI_GPU_COMMAND}`), with --shard_base on SD3 / FLUX when the base does not fit a GPU"
         )
-    if config.shard_base and torch.__version__ < "2.7":  # TorchVersion compares as a version
+    if config.shard_base and tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 7):
         raise ValueError(
             f"--shard_base needs PyTorch 2.7 or newer (FSDP2's fully_shard with ignored_params), this is "
             f"{torch.__version__}: pip install -U torch, or drop --shard_base"

@@ -15,7 +15,9 @@ expect one prepared model per optimizer. Accelerate still launches the processes
 
 Every forward of the sharded transformer is collective: all processes run it together (training, and the
 before/after grid). The base never changes, so the export reloads it whole on the main process and copies the
-trained LoRA in (:func:`gathered_denoiser`).
+trained LoRA in (:func:`reloaded_transformer`). The trainer saves a checkpoint first, so a reload that
+fails (the base moved, the Hub unreachable) loses nothing: the same command with ``--resume_from_checkpoint latest``
+exports again.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from .base_model import load_base_denoiser
+from .base_model import load_base_transformer
 from .lora import add_erasure_lora, load_lora_state_dict, lora_state_dict
 
 
@@ -53,7 +55,7 @@ def shard_frozen_denoiser(
 
 
 def local_elements(model: nn.Module) -> tuple[int, int]:
-    """``(held here, in all)``: the frozen weights' elements this process stores, and the model's total."""
+    """``(held here, in all)`` of the frozen weights' elements: what this process stores, and the model's total."""
     held = total = 0
     for param in model.parameters():
         if param.requires_grad:
@@ -64,11 +66,12 @@ def local_elements(model: nn.Module) -> tuple[int, int]:
     return held, total
 
 
-def gathered_denoiser(config, sharded: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The erased denoiser whole, on the CPU, for the export (main process): the base reloaded from
+def reloaded_transformer(config, sharded: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The erased transformer whole, on the CPU, for the export (main process): the base reloaded from
     ``config.pretrained_model_name_or_path`` in the training dtype (it never changed: only the LoRA trained), with
-    the adapter of ``config.lora`` attached and the trained LoRA of ``sharded`` (whole on every process) copied in."""
-    model = load_base_denoiser(
+    the adapter of ``config.lora`` attached and the trained LoRA of ``sharded`` (whole on every process) copied in
+    (every adapter weight, or an error)."""
+    model = load_base_transformer(
         config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant, torch_dtype=dtype
     )
     add_erasure_lora(model, config.lora)

@@ -36,7 +36,7 @@ from .checkpoints import (
     save_checkpoint,
     truncate_log,
 )
-from .config import ErasureTrainingConfig
+from .config import CHECKPOINTS_DIR, ErasureTrainingConfig
 from .data import build_erasure_data
 from .export import OutputDirLock, check_output_dir
 from .family import FLUX, GUIDANCE_ATTRIBUTE, STABLE_DIFFUSION_XL, family_of_pipeline
@@ -44,7 +44,7 @@ from .finish import finish_erasure, validation_grid
 from .lora import ErasureLoraConfig, add_erasure_loras, denoiser, text_encoders
 from .players import TextLora, erasure_players
 from .preflight import check_processes, check_run_environment
-from .sharding import gathered_denoiser, local_elements, shard_frozen_denoiser
+from .sharding import local_elements, reloaded_transformer, shard_frozen_denoiser
 from .trackers import log_images, tracker_scalars
 
 logger = logging.getLogger(__name__)
@@ -184,6 +184,18 @@ def _start_log(path: Path, resume_step: int | None) -> None:
         path.write_text("")
     else:
         truncate_log(path, resume_step)
+
+
+def _reloaded_for_export(config: ErasureTrainingConfig, sharded, dtype: torch.dtype):
+    """:func:`.sharding.reloaded_transformer`; a failure says where the trained LoRA is and how to export it."""
+    try:
+        return reloaded_transformer(config, sharded, dtype)
+    except (OSError, ValueError) as error:
+        saved = config.output_dir / CHECKPOINTS_DIR / f"checkpoint-{config.max_train_steps}"
+        raise type(error)(
+            f"{error}; the trained LoRA is safe in {saved}: fix that and rerun the same command with "
+            "--resume_from_checkpoint latest to export it"
+        ) from None
 
 
 def train_erasure(
@@ -345,9 +357,11 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
         encoder.to(device)
     drawn_grid = None
     if config.shard_base:  # the sharded transformer's forwards are collective: every process draws the grid
+        if start_step < config.max_train_steps:  # what the export's reload of the base may not lose
+            save_checkpoint(accelerator, lora_models(pipe, config.lora), config, config.max_train_steps)
         drawn_grid = validation_grid(config, pipe)
         if accelerator.is_main_process:
-            pipe.transformer = gathered_denoiser(config, unet, dtype)
+            pipe.transformer = _reloaded_for_export(config, unet, dtype)
     if accelerator.is_main_process:
         grid = finish_erasure(
             config,
