@@ -394,8 +394,8 @@ torch.save({"initial": initial, "trained": trained, "rows": rows}, os.path.join(
 """
 
 
-def _two_flux_processes(base: Path, out: Path, ranks: Path, *extra: str, fail_export_reload: bool = False) -> str:
-    """train_erase.py on ``base`` as README's CPU multi-process command launches it (two gloo processes), each
+def _two_processes(base: Path, out: Path, ranks: Path, *extra: str, fail_export_reload: bool = False) -> str:
+    """train_erase.py on ``base`` (a tiny FLUX or SD3) as README's CPU multi-process command launches it (two gloo processes), each
     rank's LoRA weights and rows saved under ``ranks``; returns the launch's output. ``fail_export_reload``: the
     export cannot reload the base, and the launch must fail."""
     ranks.mkdir()
@@ -434,7 +434,7 @@ def test_two_processes_erase_flux_identically(tmp_path):
 
     base, out, ranks = tmp_path / "flux", tmp_path / "erased", tmp_path / "ranks"
     build_tiny_flux_pipeline(0).save_pretrained(base)
-    _two_flux_processes(base, out, ranks)
+    _two_processes(base, out, ranks)
     first, second = _ranks(ranks)
     assert len(first["rows"]) == len(second["rows"]) == 3  # one micro-batch per step on each rank
     # each rank draws its own rows (from a small pool here, so a step's rows may coincide)
@@ -459,8 +459,8 @@ def test_a_sharded_base_trains_as_data_parallel_does_and_resumes_exactly(tmp_pat
     build_tiny_flux_pipeline(0).save_pretrained(base)
     plain, sharded = tmp_path / "plain", tmp_path / "sharded"
     shard = ("--shard_base", "--checkpointing_steps", "2")
-    _two_flux_processes(base, plain, tmp_path / "plain_ranks")
-    output = _two_flux_processes(base, sharded, tmp_path / "sharded_ranks", *shard, fail_export_reload=True)
+    _two_processes(base, plain, tmp_path / "plain_ranks")
+    output = _two_processes(base, sharded, tmp_path / "sharded_ranks", *shard, fail_export_reload=True)
 
     held = [tuple(map(int, m)) for m in re.findall(r"this process holds (\d+) of the base transformer's (\d+)", output)]
     assert len(held) == 2 and held[0][1] == held[1][1] == held[0][0] + held[1][0], held
@@ -474,7 +474,7 @@ def test_a_sharded_base_trains_as_data_parallel_does_and_resumes_exactly(tmp_pat
         for key in ("loss/preserve", "loss/forget", "weight/preserve", "weight/forget"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-9), key
 
-    _two_flux_processes(base, sharded, tmp_path / "continued_ranks", *shard, "--resume_from_checkpoint", "checkpoint-2")
+    _two_processes(base, sharded, tmp_path / "continued_ranks", *shard, "--resume_from_checkpoint", "checkpoint-2")
     first, second = _ranks(tmp_path / "continued_ranks")
     assert len(first["rows"]) == 1  # only step 3 ran
     assert all(torch.equal(a, b) for a, b in zip(first["trained"], second["trained"]))
@@ -483,7 +483,7 @@ def test_a_sharded_base_trains_as_data_parallel_does_and_resumes_exactly(tmp_pat
     gap = max(float((a - b).abs().max()) for a, b in zip(first["trained"], reference["trained"]))
     assert moved > 1e-3 and gap < 1e-4, (moved, gap)  # Adam magnifies rounding only where a gradient is near zero
 
-    _two_flux_processes(base, sharded, tmp_path / "exported_ranks", *shard, "--resume_from_checkpoint", "latest")
+    _two_processes(base, sharded, tmp_path / "exported_ranks", *shard, "--resume_from_checkpoint", "latest")
     exported = _ranks(tmp_path / "exported_ranks")[0]
     assert exported["rows"] == []  # nothing left to train: the final checkpoint, then the export
     assert all(torch.equal(a, b) for a, b in zip(exported["trained"], first["trained"]))  # the resumed step 3, exactly
@@ -492,6 +492,25 @@ def test_a_sharded_base_trains_as_data_parallel_does_and_resumes_exactly(tmp_pat
     assert all(torch.allclose(fused[0][k], fused[1][k], atol=1e-5) for k in fused[0])
     grids = [np.asarray(Image.open(run / "images" / "before_after.png"), dtype=int) for run in (sharded, plain)]
     assert np.abs(grids[0] - grids[1]).max() <= 2
+
+
+def test_a_sharded_sd3_in_bf16_with_gradient_checkpointing_takes_the_same_steps_on_both_ranks(tmp_path):
+    """--shard_base on SD3's block list (JointTransformerBlock), with the memory levers it is meant to go with: bf16
+    frozen weights (float32 LoRA) and gradient checkpointing. Each process holds half the transformer; both ranks
+    end with the same LoRA, bit for bit, and it trained."""
+    from tests.tiny_flow import build_tiny_sd3_pipeline
+
+    base, ranks = tmp_path / "sd3", tmp_path / "ranks"
+    build_tiny_sd3_pipeline(0).save_pretrained(base)
+    levers = ("--mixed_precision", "bf16", "--gradient_checkpointing")
+    output = _two_processes(base, tmp_path / "erased", ranks, "--shard_base", *levers)
+    held = [tuple(map(int, m)) for m in re.findall(r"this process holds (\d+) of the base transformer's (\d+)", output)]
+    assert len(held) == 2 and held[0][1] == held[0][0] + held[1][0] and max(h for h, _ in held) < 0.6 * held[0][1]
+    first, second = _ranks(ranks)
+    assert all(p.dtype == torch.float32 for p in first["trained"])
+    assert all(torch.equal(a, b) for a, b in zip(first["trained"], second["trained"]))
+    assert any(not torch.equal(a, b) for a, b in zip(first["initial"], first["trained"]))
+    assert (tmp_path / "erased" / "erasure_config.json").is_file()
 
 
 def test_the_multi_gpu_config_launches_data_parallel_and_documents_sharding():
