@@ -169,10 +169,17 @@ def check_repeated_row_attention(transformer, pipe) -> float:
 
 
 def train_flow(
-    out: Path, seed: int, steps: int, batch: int = 32, learning_rate: float = 5e-4, init_from: Path | None = None
+    out: Path,
+    seed: int,
+    steps: int,
+    batch: int = 32,
+    learning_rate: float = 5e-4,
+    init_from: Path | None = None,
+    logit_mean: float = 0.0,
 ) -> dict:
-    """Train ``steps`` steps from scratch, or from the transformer of the flow pipeline folder ``init_from``; save
-    the EMA weights as ``out/flow_pipeline`` and return the judge's verdict on them with the stage's settings."""
+    """Train ``steps`` steps from scratch, or from the transformer of the flow pipeline folder ``init_from``, with
+    timesteps drawn logit-normal around ``logit_mean`` (above 0: more of the noisy steps, where a shape's layout is
+    decided); save the EMA weights as ``out/flow_pipeline`` and return the judge's verdict with the stage's settings."""
     torch.manual_seed(seed)
     if init_from is None:
         transformer = build_transformer()
@@ -217,7 +224,9 @@ def train_flow(
         context, pooled = encode(texts)
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
-        u = compute_density_for_timestep_sampling("logit_normal", batch, logit_mean=0.0, logit_std=1.0, generator=gen)
+        u = compute_density_for_timestep_sampling(
+            "logit_normal", batch, logit_mean=logit_mean, logit_std=1.0, generator=gen
+        )
         timesteps = scheduler.timesteps[(u * scheduler.config.num_train_timesteps).long()]
         sigma = (timesteps / scheduler.config.num_train_timesteps).view(-1, 1, 1, 1)
         pred = transformer((1 - sigma) * x0 + sigma * noise, context, pooled, timesteps).sample
@@ -248,6 +257,7 @@ def train_flow(
         seed=seed,
         learning_rate=learning_rate,
         init_from=None if init_from is None else str(init_from),
+        logit_mean=logit_mean,
         train_seconds=round(time.time() - start),
         threads=torch.get_num_threads(),
         parameters=sum(p.numel() for p in ema.parameters()),
@@ -284,6 +294,13 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="start the first stage from this flow pipeline folder's transformer (its EMA weights), not from scratch",
     )
+    parser.add_argument(
+        "--logit_mean",
+        "--logit-mean",
+        type=float,
+        default=0.0,
+        help="centre of the logit-normal timestep density of every stage (0: SD3's; above 0: noisier steps)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if len(args.steps) != len(args.learning_rate):
@@ -296,7 +313,14 @@ def main(argv: list[str] | None = None) -> None:
     init_from = args.init_from
     for index, (steps, learning_rate) in enumerate(zip(args.steps, args.learning_rate)):
         stages.append(
-            train_flow(args.output_dir, args.seed + index, steps, learning_rate=learning_rate, init_from=init_from)
+            train_flow(
+                args.output_dir,
+                args.seed + index,
+                steps,
+                learning_rate=learning_rate,
+                init_from=init_from,
+                logit_mean=args.logit_mean,
+            )
         )
         init_from = args.output_dir / "flow_pipeline"
     # the final stage's verdict, and every stage's settings and verdict
