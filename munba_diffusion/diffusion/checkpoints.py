@@ -54,6 +54,11 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is saved: ``output_dir/checkpoints/checkpoint-<step>``."""
+    return output_dir / CHECKPOINTS_DIR / f"checkpoint-{step}"
+
+
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     """The complete checkpoints of ``output_dir``, oldest first."""
     root = output_dir / CHECKPOINTS_DIR
@@ -164,7 +169,7 @@ def save_checkpoint(
     output_dir = config.output_dir
     if accelerator.is_main_process:
         prune_checkpoints(output_dir, config.checkpoints_total_limit)
-    final = output_dir / CHECKPOINTS_DIR / f"checkpoint-{step}"
+    final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)

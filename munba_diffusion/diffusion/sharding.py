@@ -40,10 +40,6 @@ def shard_frozen_denoiser(
     ``device``. Buffers and frozen shards move to ``device`` as FSDP places them."""
     from torch.distributed.fsdp import fully_shard  # noqa: PLC0415 (PyTorch 2.6+; preflight asks for 2.7)
 
-    if not torch.distributed.is_initialized():
-        raise ValueError(
-            "--shard_base needs a distributed launch (several processes); launch with accelerate or torchrun"
-        )
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     for param in trained:
         param.data = param.data.to(device)

@@ -30,13 +30,14 @@ from .adversary import CHECKPOINT_NAME as ADVERSARY_CHECKPOINT
 from .adversary import Adversary, AdversarySettings
 from .base_model import base_model_family, load_base_pipeline
 from .checkpoints import (
+    checkpoint_dir,
     checkpoint_to_resume,
     load_checkpoint,
     load_checkpoint_tensors,
     save_checkpoint,
     truncate_log,
 )
-from .config import CHECKPOINTS_DIR, ErasureTrainingConfig
+from .config import ErasureTrainingConfig
 from .data import build_erasure_data
 from .export import OutputDirLock, check_output_dir
 from .family import FLUX, GUIDANCE_ATTRIBUTE, STABLE_DIFFUSION_XL, family_of_pipeline
@@ -191,7 +192,7 @@ def _reloaded_for_export(config: ErasureTrainingConfig, sharded, dtype: torch.dt
     try:
         return reloaded_transformer(config, sharded, dtype)
     except (OSError, ValueError) as error:
-        saved = config.output_dir / CHECKPOINTS_DIR / f"checkpoint-{config.max_train_steps}"
+        saved = checkpoint_dir(config.output_dir, config.max_train_steps)
         raise type(error)(
             f"{error}; the trained LoRA is safe in {saved}: fix that and rerun the same command with "
             "--resume_from_checkpoint latest to export it"
