@@ -354,18 +354,31 @@ def test_erasure_scale_on_the_demo_output(uninterrupted):
     assert fused.erased_concepts == with_lora.erased_concepts == ["circle"]
 
 
-# Run by torchrun in each process of test_two_processes_erase_flux_identically: train_erase.py's main, with each rank's
-# LoRA weights (as initialised and as trained) and the rows it drew saved under RANKS_DIR.
+# Run by torchrun in each process of the two-process tests: train_erase.py's main, with each rank's LoRA weights (as
+# initialised and as trained) and the rows it drew saved under the folder given first; rank 1 saves checkpoints late.
 _RANK_RECORDER = """
 import os
 import sys
 
+import time
+
 import torch
+from accelerate import Accelerator
 
 import munba_diffusion.diffusion.train as train
 import train_erase
 
 rank, folder = int(os.environ["RANK"]), sys.argv[1]
+save_state = Accelerator.save_state
+
+
+def late_save_state(self, *args, **kwargs):  # the other rank saves its part of a checkpoint late, as under load
+    if rank:
+        time.sleep(1.5)
+    return save_state(self, *args, **kwargs)
+
+
+Accelerator.save_state = late_save_state
 params, initial, rows = [], [], []
 add_loras, players = train.add_erasure_loras, train.erasure_players
 
@@ -414,8 +427,19 @@ def _two_processes(base: Path, out: Path, ranks: Path, *extra: str, fail_export_
     proc = subprocess.run(
         [*cmd, str(recorder), str(ranks), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
-    assert (proc.returncode != 0) == fail_export_reload, (proc.stdout + proc.stderr)[-3000:]
-    return proc.stdout + proc.stderr
+    output = proc.stdout + proc.stderr
+    assert (proc.returncode != 0) == fail_export_reload, _first_failure(output)
+    for checkpoint in (out / "checkpoints").glob("*"):  # each rank's random state in it, though rank 1 saved late
+        assert checkpoint.name.startswith("checkpoint-") and checkpoint.name[11:].isdigit(), checkpoint.name
+        assert {f"random_states_{r}.pkl" for r in range(2)} <= {f.name for f in checkpoint.iterdir()}, checkpoint
+    return output
+
+
+def _first_failure(output: str) -> str:
+    """What a failed launch's ranks said: each one-line error (the rank that stopped first, which the tail of the
+    launcher's report of the ranks it took down hides), then that tail."""
+    errors = [line for line in output.splitlines() if "train_erase.py: error:" in line or line.startswith("[rank")]
+    return "\n".join(errors[:20]) + "\n...\n" + output[-2000:]
 
 
 def _ranks(folder: Path) -> list[dict]:

@@ -175,6 +175,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # optimizer, lr scheduler, RNG states
+    accelerator.wait_for_everyone()  # every process's files are in tmp before the main process moves it
     if accelerator.is_main_process:
         for component, model in models.items():
             state = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
