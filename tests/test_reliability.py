@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from safetensors import safe_open
 
 import munba_diffusion.diffusion.preflight as preflight
+import munba_diffusion.diffusion.train as train
 import train_erase
 from munba_diffusion.diffusion.base_model import load_base_pipeline
 from munba_diffusion.diffusion.checkpoints import truncate_log
@@ -150,6 +151,23 @@ def test_a_damaged_checkpoint_is_one_line(checkpointed_run, tmp_path):
         )
     message = str(exit_info.value.code)
     assert "\n" not in message and "checkpoint-2 is damaged" in message and "earlier checkpoint" in message
+
+
+def test_a_checkpoint_past_the_runs_last_step_is_refused_before_the_model_loads(
+    checkpointed_run, tmp_path, monkeypatch
+):
+    """A checkpoint whose step file says more steps than its run's --max_train_steps (copied in from elsewhere or
+    edited) would export a longer run under a smaller count: one line, nothing loaded, nothing changed."""
+    out = shutil.copytree(checkpointed_run[0], tmp_path / "erased")
+    (out / "checkpoints" / "checkpoint-2" / "step.json").write_text('{"global_step": 7}')
+    before = _files(out)
+    monkeypatch.setattr(train, "load_base_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    argv = ["--pretrained_model_name_or_path", DEMO_MODEL, "--concept", "circle", "--output_dir", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        train_erase.main([*argv, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", *FAST])
+    message = str(exit_info.value.code)
+    assert "\n" not in message and "checkpoint-2 is at step 7, past --max_train_steps 3" in message
+    assert _files(out) == before
 
 
 def test_a_log_torn_by_a_kill_is_truncated_cleanly(tmp_path):
