@@ -302,3 +302,44 @@ def test_load_lora_state_dict_blames_the_target_sets_only_when_just_the_embeddin
     other = {k: v for k, v in old.items() if not k.startswith("transformer_blocks.0.")}
     with pytest.raises(ValueError, match="was it made with the same --lora_target, --lora_on and --rank"):
         load_lora_state_dict(transformer, other)
+
+
+def test_the_sharded_export_reloads_the_base_the_run_loaded_not_a_newer_hub_commit(tmp_path, monkeypatch):
+    """--shard_base's export reloads the base whole from the files the run loaded. When the Hub's main moves to a new
+    commit during the run (here: a second snapshot in the cache and refs/main pointing at it, as a download by any
+    other program would leave them), the exported transformer is still the base the LoRA trained on."""
+    import huggingface_hub.constants as constants
+
+    from munba_diffusion.config import parse_config
+    from munba_diffusion.diffusion.base_model import load_base_pipeline, load_base_transformer
+    from munba_diffusion.diffusion.config import ErasureTrainingConfig
+    from munba_diffusion.diffusion.sharding import reloaded_transformer
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-flux"
+    started_on, pushed_later = "0" * 40, "1" * 40
+    for seed, commit in enumerate((started_on, pushed_later)):
+        build_tiny_flux_pipeline(seed).save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(started_on)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    argv = ["--pretrained_model_name_or_path", "someone/tiny-flux", "--concept", "text:a red circle"]
+    config = parse_config(
+        ErasureTrainingConfig, [*argv, "--output_dir", str(tmp_path / "out"), "--lora_target", "attn"]
+    )
+    pipe = load_base_pipeline(config.pretrained_model_name_or_path)
+    add_erasure_lora(pipe.transformer, config.lora)
+    with torch.no_grad():
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_" in name:
+                param.normal_()  # a trained LoRA
+
+    (repo / "refs" / "main").write_text(pushed_later)
+    newer = load_base_transformer(config.pretrained_model_name_or_path).state_dict()
+    reloaded = reloaded_transformer(config, pipe.transformer, torch.float32).state_dict()
+    trained = pipe.transformer.state_dict()
+    assert reloaded.keys() == trained.keys()
+    assert all(torch.equal(reloaded[k], trained[k]) for k in trained)  # the run's base and its LoRA, exactly
+    assert any(not torch.equal(newer[k], trained[k]) for k in newer)  # what re-resolving the id would have given

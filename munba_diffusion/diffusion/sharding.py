@@ -14,8 +14,8 @@ as a slice; Accelerate enables the plugin on GPU launches only, so no CPU run co
 expect one prepared model per optimizer. Accelerate still launches the processes and owns the process group.
 
 Every forward of the sharded transformer is collective: all processes run it together (training, and the
-before/after grid). The base never changes, so the export reloads it whole on the main process and copies the
-trained LoRA in (:func:`reloaded_transformer`). The trainer saves a checkpoint first, so a reload that
+before/after grid). The base never changes, so the export reloads it whole on the main process, from the files the
+run loaded, and copies the trained LoRA in (:func:`reloaded_transformer`). The trainer saves a checkpoint first, so a reload that
 fails (the base moved, the Hub unreachable) loses nothing: the same command with ``--resume_from_checkpoint latest``
 exports again.
 """
@@ -23,6 +23,7 @@ exports again.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -63,13 +64,20 @@ def local_elements(model: nn.Module) -> tuple[int, int]:
 
 
 def reloaded_transformer(config, sharded: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The erased transformer whole, on the CPU, for the export (main process): the base reloaded from
-    ``config.pretrained_model_name_or_path`` in the training dtype (it never changed: only the LoRA trained), with
-    the adapter of ``config.lora`` attached and the trained LoRA of ``sharded`` (whole on every process) copied in
-    (every adapter weight, or an error)."""
-    model = load_base_transformer(
-        config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant, torch_dtype=dtype
-    )
+    """The erased transformer whole, on the CPU, for the export (main process): the base reloaded in the training
+    dtype (it never changed: only the LoRA trained), with the adapter of ``config.lora`` attached and the trained LoRA
+    of ``sharded`` (whole on every process) copied in (every adapter weight, or an error).
+
+    The base is read from the pipeline folder ``sharded`` was loaded from: for a Hub id, the cached snapshot of the
+    commit the run started on, so a Hub update during the run cannot change the base under the trained LoRA. Only a
+    transformer that does not name its folder is resolved again from ``--pretrained_model_name_or_path``."""
+    loaded_from = getattr(sharded.config, "_name_or_path", None)
+    folder = Path(loaded_from).parent if loaded_from else None
+    if folder is not None and (folder / "model_index.json").is_file():
+        source, revision = str(folder), None
+    else:
+        source, revision = config.pretrained_model_name_or_path, config.revision
+    model = load_base_transformer(source, revision=revision, variant=config.variant, torch_dtype=dtype)
     add_erasure_lora(model, config.lora)
     load_lora_state_dict(model, {name: value.cpu() for name, value in lora_state_dict(sharded).items()})
     return model
