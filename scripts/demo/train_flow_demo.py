@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.training_utils import compute_density_for_timestep_sampling
-from train_demo import _write_metrics, judge_pipeline, load_tokenizer, render_dataset, sample_captions
+from train_demo import SHAPES, _write_metrics, judge_pipeline, load_tokenizer, render_dataset, sample_captions
 from transformers import CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection
 
 from munba_diffusion.demo.judge import DemoJudge
@@ -176,10 +176,13 @@ def train_flow(
     learning_rate: float = 5e-4,
     init_from: Path | None = None,
     logit_mean: float = 0.0,
+    shape_weights: dict[str, float] | None = None,
 ) -> dict:
     """Train ``steps`` steps from scratch, or from the transformer of the flow pipeline folder ``init_from``, with
     timesteps drawn logit-normal around ``logit_mean`` (above 0: more of the noisy steps, where a shape's layout is
-    decided); save the EMA weights as ``out/flow_pipeline`` and return the judge's verdict with the stage's settings."""
+    decided) and each shape's images drawn in proportion to ``shape_weights`` (missing shapes: 1; None: uniformly,
+    the shipped recipe); save the EMA weights as ``out/flow_pipeline`` and return the judge's verdict with the stage's
+    settings."""
     torch.manual_seed(seed)
     if init_from is None:
         transformer = build_transformer()
@@ -198,6 +201,10 @@ def train_flow(
         )
     latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
     del images
+    draw_probability = None
+    if shape_weights:
+        weight = torch.tensor([shape_weights.get(name, 1.0) for name in SHAPES], dtype=torch.float64)[shapes]
+        draw_probability = (weight / weight.sum()).numpy()
     logger.info("transformer parameters: %.2fM", sum(p.numel() for p in transformer.parameters()) / 1e6)
     cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -219,7 +226,10 @@ def train_flow(
     judge = DemoJudge.load(out / "judge")
     start = time.time()
     for step in range(steps):
-        idx = torch.from_numpy(rng.integers(len(latents), size=batch))
+        if draw_probability is None:
+            idx = torch.from_numpy(rng.integers(len(latents), size=batch))
+        else:
+            idx = torch.from_numpy(rng.choice(len(latents), size=batch, p=draw_probability))
         texts, _, _ = sample_captions(rng, shapes[idx], colours[idx], p_drop=0.1)
         context, pooled = encode(texts)
         x0 = latents[idx]
@@ -258,6 +268,7 @@ def train_flow(
         learning_rate=learning_rate,
         init_from=None if init_from is None else str(init_from),
         logit_mean=logit_mean,
+        shape_weights=shape_weights or {},
         train_seconds=round(time.time() - start),
         threads=torch.get_num_threads(),
         parameters=sum(p.numel() for p in ema.parameters()),
@@ -301,8 +312,24 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="centre of the logit-normal timestep density of every stage (0: SD3's; above 0: noisier steps)",
     )
+    parser.add_argument(
+        "--oversample",
+        nargs="+",
+        default=[],
+        metavar="SHAPE=FACTOR",
+        help="draw this shape's images FACTOR times as often as the others' (e.g. cross=2; default: all alike)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    shape_weights = {}
+    for entry in args.oversample:
+        name, _, factor = entry.partition("=")
+        try:
+            shape_weights[name] = float(factor)
+        except ValueError:
+            parser.error(f"--oversample takes SHAPE=FACTOR, e.g. cross=2; got {entry!r}")
+        if name not in SHAPES or not shape_weights[name] > 0:
+            parser.error(f"--oversample {entry!r}: the shape must be one of {', '.join(SHAPES)} and the factor above 0")
     if len(args.steps) != len(args.learning_rate):
         parser.error(
             f"give one --learning_rate per stage of --steps ({len(args.steps)}), got {len(args.learning_rate)}"
@@ -320,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
                 learning_rate=learning_rate,
                 init_from=init_from,
                 logit_mean=args.logit_mean,
+                shape_weights=shape_weights,
             )
         )
         init_from = args.output_dir / "flow_pipeline"
