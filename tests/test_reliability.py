@@ -177,6 +177,43 @@ def test_a_log_torn_by_a_kill_is_truncated_cleanly(tmp_path):
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
+def test_a_hub_base_records_its_commit_and_a_resume_after_main_moved_is_refused(tmp_path, monkeypatch):
+    """A run on a Hub id records the commit it trained on (erasure_config.json, the model card, each checkpoint).
+    When the id's main has moved to another commit by the time of a resume, the resume stops in one line naming
+    --revision; with that --revision it resumes."""
+    import huggingface_hub.constants as constants
+
+    repo = tmp_path / "hub" / "models--someone--tiny-demo"
+    started_on, pushed_later = "a" * 40, "b" * 40
+    for commit in (started_on, pushed_later):
+        shutil.copytree(resolve_model_path(DEMO_MODEL), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(started_on)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "erased"
+    argv = ["--pretrained_model_name_or_path", "someone/tiny-demo", "--concept", "circle", "--output_dir", str(out)]
+    argv += ["--max_train_steps", "3", "--checkpointing_steps", "2", *FAST]
+    train_erase.main(argv)
+    assert json.loads((out / "erasure_config.json").read_text())["run"]["base_commit"] == started_on
+    assert f"(commit `{started_on}`)" in (out / "README.md").read_text()
+    assert json.loads((out / "checkpoints" / "checkpoint-2" / "step.json").read_text())["base_commit"] == started_on
+
+    (repo / "refs" / "main").write_text(pushed_later)
+    resume = [*argv, "--resume_from_checkpoint", "checkpoint-2"]
+    before = _files(out)
+    with pytest.raises(SystemExit) as exit_info:
+        train_erase.main(resume)
+    message = str(exit_info.value.code)
+    assert "\n" not in message and f"trained on someone/tiny-demo at commit {started_on}" in message
+    assert f"resolves to {pushed_later}; resume with --revision {started_on}" in message
+    assert _files(out) == before
+    train_erase.main([*resume, "--revision", started_on])
+    assert json.loads((out / "erasure_config.json").read_text())["run"]["base_commit"] == started_on
+
+
 def test_offline_hub_id_in_the_local_cache_loads(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     snapshot = cache / "models--someone--tiny-demo" / "snapshots" / ("0" * 40)

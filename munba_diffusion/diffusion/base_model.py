@@ -92,6 +92,14 @@ def load_base_pipeline(
     return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
 
 
+def base_commit(denoiser: torch.nn.Module) -> str | None:
+    """The Hub commit a loaded base came from: the name of the cached snapshot folder its ``denoiser`` (UNet or
+    transformer) was read from; None for a local folder or a bundled model."""
+    loaded_from = getattr(denoiser.config, "_name_or_path", None)
+    snapshot = Path(loaded_from).parent if loaded_from else None
+    return snapshot.name if snapshot is not None and snapshot.parent.name == "snapshots" else None
+
+
 def load_base_transformer(
     name_or_path: str,
     *,

@@ -50,6 +50,7 @@ RESUMABLE_CHANGES = frozenset(
         "gradient_checkpointing",
         "shard_base",
         "enable_xformers_memory_efficient_attention",
+        "revision",  # what it resolves to is checked after the load (check_same_base)
     }
 )
 
@@ -142,6 +143,17 @@ def check_same_run(config: ErasureTrainingConfig, checkpoint: Path) -> None:
         raise ValueError(f"{checkpoint.name} is at step {step}, past --max_train_steps {config.max_train_steps}")
 
 
+def check_same_base(config: ErasureTrainingConfig, checkpoint: Path, commit: str | None) -> None:
+    """Refuse to resume ``checkpoint`` on a base of another Hub commit than the one it trained on (the id's main
+    moved since, or another ``--revision``); a local folder or a checkpoint from before commits were saved passes."""
+    saved = _read_json(checkpoint / STEP_FILE, "its step").get("base_commit")
+    if saved and commit and saved != commit:
+        raise ValueError(
+            f"{checkpoint.name} trained on {config.pretrained_model_name_or_path} at commit {saved}, which now "
+            f"resolves to {commit}; resume with --revision {saved} or start over with --overwrite_output_dir"
+        )
+
+
 def _short(value: object) -> str:
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -162,10 +174,12 @@ def save_checkpoint(
     config: ErasureTrainingConfig,
     step: int,
     extra: dict[str, dict[str, torch.Tensor]] | None = None,
+    base_commit: str | None = None,
 ) -> None:
     """Write ``checkpoint-<step>`` with the run's settings (all processes call it; the main process writes).
     ``models``: the models carrying the LoRA by component name (``unet``, ``text_encoder``); ``extra``
-    maps file names to more tensors the run needs to resume exactly (e.g. the robust mode's prefixes)."""
+    maps file names to more tensors the run needs to resume exactly (e.g. the robust mode's prefixes);
+    ``base_commit``: the Hub commit of the base (:func:`.base_model.base_commit`), checked at resume."""
     output_dir = config.output_dir
     if accelerator.is_main_process:
         prune_checkpoints(output_dir, config.checkpoints_total_limit)
@@ -182,7 +196,7 @@ def save_checkpoint(
             save_file(state, str(tmp / LORA_CHECKPOINT_NAMES[component]))
         for name, tensors in (extra or {}).items():
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
-        write_json_atomic(tmp / STEP_FILE, {"global_step": step})
+        write_json_atomic(tmp / STEP_FILE, {"global_step": step, "base_commit": base_commit})
         write_json_atomic(tmp / RUN_CONFIG_FILE, config.record())
         _replace_dir(tmp, final)
     accelerator.wait_for_everyone()

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .base_model import base_commit
 from .config import ErasureTrainingConfig
 from .export import (
     check_output_dir,
@@ -154,6 +155,7 @@ def finish_erasure(
         target_modules=_target_modules(denoiser(pipe)),
         text_encoder_target_modules=_target_modules(pipe.text_encoder),
         family=family_of_pipeline(pipe).describe(pipe),
+        base_commit=base_commit(denoiser(pipe)),
         train_seconds=train_seconds,
         pool_seconds=pool_seconds,
         resolution=resolution,

@@ -28,8 +28,9 @@ from ..bargaining import get_combiner
 from ..step import BargainedUpdate
 from .adversary import CHECKPOINT_NAME as ADVERSARY_CHECKPOINT
 from .adversary import Adversary, AdversarySettings
-from .base_model import base_model_family, load_base_pipeline
+from .base_model import base_commit, base_model_family, load_base_pipeline
 from .checkpoints import (
+    check_same_base,
     checkpoint_dir,
     checkpoint_to_resume,
     load_checkpoint,
@@ -238,6 +239,9 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     pipe.set_progress_bar_config(disable=True)
     _prepare_denoiser(config, pipe, device)
     unet = denoiser(pipe)  # the UNet, or SD3's / FLUX's transformer
+    commit = base_commit(unet)
+    if resume_path is not None:
+        check_same_base(config, resume_path, commit)
     resolution = _resolution(config, pipe)
     latent_shape = family.latent_shape(pipe, resolution)
 
@@ -350,7 +354,9 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
             and step + 1 < config.max_train_steps
         ):
             extra = {ADVERSARY_CHECKPOINT: adversary.state_dict()} if adversary is not None else None
-            save_checkpoint(accelerator, lora_models(pipe, config.lora), config, step + 1, extra=extra)
+            save_checkpoint(
+                accelerator, lora_models(pipe, config.lora), config, step + 1, extra=extra, base_commit=commit
+            )
     train_seconds = time.time() - t0
 
     accelerator.wait_for_everyone()
@@ -359,7 +365,8 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     drawn_grid = None
     if config.shard_base:  # the sharded transformer's forwards are collective: every process draws the grid
         if start_step < config.max_train_steps:  # what the export's reload of the base may not lose
-            save_checkpoint(accelerator, lora_models(pipe, config.lora), config, config.max_train_steps)
+            models = lora_models(pipe, config.lora)
+            save_checkpoint(accelerator, models, config, config.max_train_steps, base_commit=commit)
         drawn_grid = validation_grid(config, pipe)
         if accelerator.is_main_process:
             pipe.transformer = _reloaded_for_export(config, unet, dtype)

@@ -22,6 +22,7 @@ def run_record(
     target_modules: list[str],
     text_encoder_target_modules: list[str] = (),
     family: str | None = None,
+    base_commit: str | None = None,
     train_seconds: float,
     pool_seconds: float,
     resolution: int,
@@ -33,6 +34,7 @@ def run_record(
         "run": {
             "players": players,
             "family": family,  # e.g. "Stable Diffusion 2.x (v-prediction, 768 px)"
+            "base_commit": base_commit,  # the Hub commit of the base; None for a local folder
             "resolution": resolution,
             "target_modules": sorted(target_modules),  # the UNet's adapted modules
             "text_encoder_target_modules": sorted(text_encoder_target_modules),
