@@ -170,6 +170,19 @@ def test_a_checkpoint_past_the_runs_last_step_is_refused_before_the_model_loads(
     assert _files(out) == before
 
 
+def test_a_checkpoint_without_its_base_commit_refuses_another_revision(checkpointed_run, tmp_path):
+    """A checkpoint written before commits were saved cannot check what --revision resolves to, so a changed
+    --revision is refused as any other setting is (it could load another base)."""
+    out = shutil.copytree(checkpointed_run[0], tmp_path / "erased")
+    (out / "checkpoints" / "checkpoint-2" / "step.json").write_text('{"global_step": 2}')
+    argv = ["--pretrained_model_name_or_path", DEMO_MODEL, "--concept", "circle", "--output_dir", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        train_erase.main(
+            [*argv, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", *FAST, "--revision", "v2"]
+        )
+    assert 'trained with revision=null, this run asks for "v2"' in exit_info.value.code
+
+
 def test_a_log_torn_by_a_kill_is_truncated_cleanly(tmp_path):
     log = tmp_path / "train_log.jsonl"
     log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
@@ -210,8 +223,33 @@ def test_a_hub_base_records_its_commit_and_a_resume_after_main_moved_is_refused(
     assert "\n" not in message and f"trained on someone/tiny-demo at commit {started_on}" in message
     assert f"resolves to {pushed_later}; resume with --revision {started_on}" in message
     assert _files(out) == before
+    (tmp_path / "someone").mkdir()  # the same name is now a local folder (a download with --local-dir here)
+    shutil.copytree(repo / "snapshots" / pushed_later, tmp_path / "someone" / "tiny-demo")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train_erase.main(resume)
+    assert "someone/tiny-demo is now a local folder: move it away and resume with --revision" in exit_info.value.code
+    shutil.rmtree(tmp_path / "someone")
     train_erase.main([*resume, "--revision", started_on])
     assert json.loads((out / "erasure_config.json").read_text())["run"]["base_commit"] == started_on
+
+
+@pytest.mark.parametrize(
+    "loaded_from,commit",
+    [
+        (f"/cache/models--owner--name/snapshots/{'0123abcd' * 5}/transformer", "0123abcd" * 5),
+        ("/home/me/snapshots/sd15/unet", None),  # a local folder that happens to sit in a "snapshots" folder
+        (f"/home/me/snapshots/{'0123abcd' * 5}/unet", None),
+        ("/cache/models--owner--name/snapshots/main/unet", None),
+        ("", None),
+    ],
+)
+def test_the_base_commit_is_read_only_from_a_hub_cache_snapshot(loaded_from, commit):
+    from types import SimpleNamespace
+
+    from munba_diffusion.diffusion.base_model import base_commit
+
+    assert base_commit(SimpleNamespace(config=SimpleNamespace(_name_or_path=loaded_from))) == commit
 
 
 def test_offline_hub_id_in_the_local_cache_loads(tmp_path, monkeypatch):

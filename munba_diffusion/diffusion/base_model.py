@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -96,8 +97,11 @@ def base_commit(denoiser: torch.nn.Module) -> str | None:
     """The Hub commit a loaded base came from: the name of the cached snapshot folder its ``denoiser`` (UNet or
     transformer) was read from; None for a local folder or a bundled model."""
     loaded_from = getattr(denoiser.config, "_name_or_path", None)
-    snapshot = Path(loaded_from).parent if loaded_from else None
-    return snapshot.name if snapshot is not None and snapshot.parent.name == "snapshots" else None
+    if not loaded_from:
+        return None
+    snapshot = Path(loaded_from).parent  # <cache>/models--owner--name/snapshots/<commit>/<component>
+    in_cache = snapshot.parent.name == "snapshots" and snapshot.parent.parent.name.startswith("models--")
+    return snapshot.name if in_cache and re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else None
 
 
 def load_base_transformer(

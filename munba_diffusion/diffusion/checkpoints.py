@@ -128,13 +128,16 @@ def _read_json(path: Path, what: str) -> dict:
 def check_same_run(config: ErasureTrainingConfig, checkpoint: Path) -> None:
     """Refuse to resume ``checkpoint`` with settings that change what is trained, naming the first that differs."""
     saved = _read_json(checkpoint / RUN_CONFIG_FILE, "the settings of the run that wrote it")
-    step = int(_read_json(checkpoint / STEP_FILE, "its step")["global_step"])
+    step_record = _read_json(checkpoint / STEP_FILE, "its step")
+    step = int(step_record["global_step"])
+    # --revision may change where check_same_base compares what it resolves to: checkpoints that saved the commit
+    resumable = RESUMABLE_CHANGES if "base_commit" in step_record else RESUMABLE_CHANGES - {"revision"}
     current = config.record()
     defaults = {field.name: field.default for field in dataclasses.fields(config)}
     for name in sorted(set(saved) | set(current)):
         if name not in saved and current.get(name) == defaults.get(name):
             continue  # an option added since that checkpoint, at its default: what that run did
-        if name not in RESUMABLE_CHANGES and saved.get(name) != current.get(name):
+        if name not in resumable and saved.get(name) != current.get(name):
             raise ValueError(
                 f"{checkpoint.name} was trained with {name}={_short(saved.get(name))}, this run asks for "
                 f"{_short(current.get(name))}; resume with the same --{name} or start over with --overwrite_output_dir"
@@ -144,14 +147,22 @@ def check_same_run(config: ErasureTrainingConfig, checkpoint: Path) -> None:
 
 
 def check_same_base(config: ErasureTrainingConfig, checkpoint: Path, commit: str | None) -> None:
-    """Refuse to resume ``checkpoint`` on a base of another Hub commit than the one it trained on (the id's main
-    moved since, or another ``--revision``); a local folder or a checkpoint from before commits were saved passes."""
+    """Refuse to resume ``checkpoint``, which trained on a Hub base at one commit, on a base ``commit`` that is another
+    one (the id's main moved since, another ``--revision``) or none (the name is now a local folder). A run on a local
+    folder saved no commit and is not checked here."""
     saved = _read_json(checkpoint / STEP_FILE, "its step").get("base_commit")
-    if saved and commit and saved != commit:
+    if not saved or saved == commit:
+        return
+    name = config.pretrained_model_name_or_path
+    if commit is None:
         raise ValueError(
-            f"{checkpoint.name} trained on {config.pretrained_model_name_or_path} at commit {saved}, which now "
-            f"resolves to {commit}; resume with --revision {saved} or start over with --overwrite_output_dir"
+            f"{checkpoint.name} trained on the Hub's {name} at commit {saved}, and {name} is now a local folder: "
+            f"move it away and resume with --revision {saved}, or start over with --overwrite_output_dir"
         )
+    raise ValueError(
+        f"{checkpoint.name} trained on {name} at commit {saved}, which now resolves to {commit}; resume with "
+        f"--revision {saved} or start over with --overwrite_output_dir"
+    )
 
 
 def _short(value: object) -> str:

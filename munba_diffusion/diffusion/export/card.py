@@ -208,7 +208,8 @@ def erased_model_card(
     )
     base_line = f"`{base}`" + (f" (revision `{record['revision']}`)" if record.get("revision") else "")
     base_line += f" (variant `{record['variant']}`)" if record.get("variant") else ""
-    base_line += f" (commit `{record['run']['base_commit']}`)" if record["run"].get("base_commit") else ""
+    commit = record["run"].get("base_commit")
+    base_line += f" (commit `{commit}`)" if commit and commit != record.get("revision") else ""
     alpha = float(record["lora_alpha"] or record["rank"])
     versions = ", ".join(f"{name} {version}" for name, version in record.get("versions", {}).items())
     family = str(record["run"].get("family") or "")
