@@ -401,16 +401,21 @@ def reloaded_transformer(*args, **kwargs):
 train.add_erasure_loras, train.erasure_players = add_erasure_loras, erasure_players
 if os.environ.get("FAIL_EXPORT_RELOAD"):  # the base cannot be reloaded for the export of a --shard_base run
     train.reloaded_transformer = reloaded_transformer
+if os.environ.get("COMMIT_BY_RANK"):  # each process found the Hub id at another commit
+    train.base_commit = lambda denoiser: str(rank) * 40
 train_erase.main(sys.argv[2:])
 trained = [p.detach().clone() for p in params]
 torch.save({"initial": initial, "trained": trained, "rows": rows}, os.path.join(folder, f"rank{rank}.pt"))
 """
 
 
-def _two_processes(base: Path, out: Path, ranks: Path, *extra: str, fail_export_reload: bool = False) -> str:
-    """train_erase.py on ``base`` (a tiny FLUX or SD3) as README's CPU multi-process command launches it (two gloo processes), each
-    rank's LoRA weights and rows saved under ``ranks``; returns the launch's output. ``fail_export_reload``: the
-    export cannot reload the base, and the launch must fail."""
+def _two_processes(
+    base: Path, out: Path, ranks: Path, *extra: str, recorder_env: dict[str, str] | None = None, fails: bool = False
+) -> str:
+    """train_erase.py on ``base`` (a tiny FLUX or SD3) as README's CPU multi-process command launches it (two gloo
+    processes), each rank's LoRA weights and rows saved under ``ranks``; returns the launch's output.
+    ``recorder_env``: switches of the rank recorder (FAIL_EXPORT_RELOAD, COMMIT_BY_RANK); ``fails``: the launch must
+    fail."""
     ranks.mkdir()
     recorder = ranks / "record_ranks.py"
     recorder.write_text(_RANK_RECORDER)
@@ -420,15 +425,13 @@ def _two_processes(base: Path, out: Path, ranks: Path, *extra: str, fail_export_
         *("--learning_rate", "5e-3", "--sampler_steps", "2", "--pool_trajectories", "1"),
         *("--validation_inference_steps", "1", "--validation_seeds", "1", "--no_evaluation", *extra),
     ]
-    env = {**_env(), "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
-    if fail_export_reload:
-        env["FAIL_EXPORT_RELOAD"] = "1"
+    env = {**_env(), "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), **(recorder_env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
         [*cmd, str(recorder), str(ranks), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     output = proc.stdout + proc.stderr
-    assert (proc.returncode != 0) == fail_export_reload, _first_failure(output)
+    assert (proc.returncode != 0) == fails, _first_failure(output)
     for checkpoint in (out / "checkpoints").glob("*"):  # each rank's random state in it, though rank 1 saved late
         assert checkpoint.name.startswith("checkpoint-") and checkpoint.name[11:].isdigit(), checkpoint.name
         assert {f"random_states_{r}.pkl" for r in range(2)} <= {f.name for f in checkpoint.iterdir()}, checkpoint
@@ -484,7 +487,8 @@ def test_a_sharded_base_trains_as_data_parallel_does_and_resumes_exactly(tmp_pat
     plain, sharded = tmp_path / "plain", tmp_path / "sharded"
     shard = ("--shard_base", "--checkpointing_steps", "2")
     _two_processes(base, plain, tmp_path / "plain_ranks")
-    output = _two_processes(base, sharded, tmp_path / "sharded_ranks", *shard, fail_export_reload=True)
+    cannot_reload = {"FAIL_EXPORT_RELOAD": "1"}
+    output = _two_processes(base, sharded, tmp_path / "sharded_ranks", *shard, recorder_env=cannot_reload, fails=True)
 
     held = [tuple(map(int, m)) for m in re.findall(r"this process holds (\d+) of the base transformer's (\d+)", output)]
     assert len(held) == 2 and held[0][1] == held[1][1] == held[0][0] + held[1][0], held
@@ -535,6 +539,18 @@ def test_a_sharded_sd3_in_bf16_with_gradient_checkpointing_takes_the_same_steps_
     assert all(torch.equal(a, b) for a, b in zip(first["trained"], second["trained"]))
     assert any(not torch.equal(a, b) for a, b in zip(first["initial"], first["trained"]))
     assert (tmp_path / "erased" / "erasure_config.json").is_file()
+
+
+def test_processes_that_loaded_different_commits_of_the_base_stop_before_training(tmp_path):
+    """Each process of a launch downloads the Hub id itself; if its main moved in between, the processes would
+    train on different bases under one averaged gradient. They stop in one line naming the commits, before a step."""
+    from tests.tiny_flow import build_tiny_flux_pipeline
+
+    base, out, ranks = tmp_path / "flux", tmp_path / "erased", tmp_path / "ranks"
+    build_tiny_flux_pipeline(0).save_pretrained(base)
+    output = _two_processes(base, out, ranks, recorder_env={"COMMIT_BY_RANK": "1"}, fails=True)
+    assert f"the processes loaded {base} at different commits ({'0' * 40}, {'1' * 40}); rerun with --revision" in output
+    assert not (out / "logs" / "train_log.jsonl").exists() and not (ranks / "rank0.pt").exists()
 
 
 def test_the_multi_gpu_config_launches_data_parallel_and_documents_sharding():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradScalerKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import GradScalerKwargs, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -240,6 +240,12 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     _prepare_denoiser(config, pipe, device)
     unet = denoiser(pipe)  # the UNet, or SD3's / FLUX's transformer
     commit = base_commit(unet)
+    loaded = sorted(set(gather_object([commit])), key=str)
+    if len(loaded) > 1:  # each process resolved the Hub id itself, and its main moved in between
+        raise ValueError(
+            f"the processes loaded {config.pretrained_model_name_or_path} at different commits "
+            f"({', '.join(map(str, loaded))}); rerun with --revision set to one of them"
+        )
     if resume_path is not None:
         check_same_base(config, resume_path, commit)
     resolution = _resolution(config, pipe)
