@@ -193,7 +193,7 @@ def test_a_log_torn_by_a_kill_is_truncated_cleanly(tmp_path):
 def test_a_hub_base_records_its_commit_and_a_resume_after_main_moved_is_refused(tmp_path, monkeypatch):
     """A run on a Hub id records the commit it trained on (erasure_config.json, the model card, each checkpoint).
     When the id's main has moved to another commit by the time of a resume, the resume stops in one line naming
-    --revision; with that --revision it resumes."""
+    --revision, before the model loads; with that --revision it resumes."""
     import huggingface_hub.constants as constants
 
     repo = tmp_path / "hub" / "models--someone--tiny-demo"
@@ -211,13 +211,16 @@ def test_a_hub_base_records_its_commit_and_a_resume_after_main_moved_is_refused(
     argv += ["--max_train_steps", "3", "--checkpointing_steps", "2", *FAST]
     train_erase.main(argv)
     assert json.loads((out / "erasure_config.json").read_text())["run"]["base_commit"] == started_on
-    assert f"(commit `{started_on}`)" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert f"(commit `{started_on}`)" in card
+    assert card.count(f'.from_pretrained("someone/tiny-demo", revision="{started_on}")') == 2  # the base + LoRA way
     assert json.loads((out / "checkpoints" / "checkpoint-2" / "step.json").read_text())["base_commit"] == started_on
 
     (repo / "refs" / "main").write_text(pushed_later)
     resume = [*argv, "--resume_from_checkpoint", "checkpoint-2"]
     before = _files(out)
-    with pytest.raises(SystemExit) as exit_info:
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as exit_info:
+        patch.setattr(train, "load_base_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
         train_erase.main(resume)
     message = str(exit_info.value.code)
     assert "\n" not in message and f"trained on someone/tiny-demo at commit {started_on}" in message

@@ -104,6 +104,23 @@ def base_commit(denoiser: torch.nn.Module) -> str | None:
     return snapshot.name if in_cache and re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else None
 
 
+def hub_commit(name_or_path: str, *, revision: str | None = None) -> str | None:
+    """The Hub commit ``name_or_path`` at ``revision`` resolves to now, read with its ``model_index.json`` before any
+    weight loads; None for a local folder or a bundled model, or when it cannot be resolved (the load says why)."""
+    path = resolve_model_path(name_or_path)
+    if is_local_path(path):
+        return None
+    try:
+        with warnings.catch_warnings():  # huggingface_hub's deprecation notices about diffusers' own arguments
+            warnings.simplefilter("ignore")
+            _, commit = DiffusionPipeline.load_config(
+                path, revision=revision, local_files_only=is_offline(), return_commit_hash=True
+            )
+    except (OSError, ValueError):
+        return None
+    return commit
+
+
 def load_base_transformer(
     name_or_path: str,
     *,

@@ -28,7 +28,7 @@ from ..bargaining import get_combiner
 from ..step import BargainedUpdate
 from .adversary import CHECKPOINT_NAME as ADVERSARY_CHECKPOINT
 from .adversary import Adversary, AdversarySettings
-from .base_model import base_commit, base_model_family, load_base_pipeline
+from .base_model import base_commit, base_model_family, hub_commit, load_base_pipeline
 from .checkpoints import (
     check_same_base,
     checkpoint_dir,
@@ -221,6 +221,8 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     resume_path = checkpoint_to_resume(config)
     family = base_model_family(config.pretrained_model_name_or_path, revision=config.revision)  # before anything slow
     check_family_options(config, family)
+    if resume_path is not None and (now := hub_commit(config.pretrained_model_name_or_path, revision=config.revision)):
+        check_same_base(config, resume_path, now)  # before minutes of loading; checked again on what loaded
     output_dir = config.output_dir
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,

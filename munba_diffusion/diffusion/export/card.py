@@ -236,7 +236,7 @@ def erased_model_card(
         f"- Created {record.get('created', '')} with {versions}",
         f"## Evaluation\n\n{evaluation_markdown.strip()}" if evaluation_markdown else "",
         _files_section(family),
-        _how_to_load(base, names[0], model_id, family),
+        _how_to_load(base, names[0], model_id, family, base_revision=commit or record.get("revision")),
         _app_section(model_id),
         "## Limitations\n\nErasure lowers how often the concept appears; it is not a guarantee. Adversarial "
         "prompts may still recover it, and nearby concepts can change too. Check the evaluation above before "
@@ -314,8 +314,10 @@ apart. Strength 1 is the erased model, 0 the original; the LoRA touches the UNet
 (see "How it was erased")."""
 
 
-def _how_to_load(base: str, concept: str, model_id: str, family: str = "") -> str:
+def _how_to_load(base: str, concept: str, model_id: str, family: str = "", *, base_revision: str | None = None) -> str:
+    """The card's loading section; ``base_revision`` pins the base of option 3 (the commit the LoRA trained on)."""
     munba, stock, _ = _layout(family)
+    pinned = f', revision="{base_revision}"' if base_revision else ""
     no_t5 = ""
     if stock == "StableDiffusion3Pipeline":
         no_t5 = f"""
@@ -363,12 +365,12 @@ remote code.
 ```python
 from munba_diffusion import {munba}
 
-pipe = {munba}.from_pretrained("{base}").load_erasure("{model_id}")
+pipe = {munba}.from_pretrained("{base}"{pinned}).load_erasure("{model_id}")
 
 # or with diffusers and peft only:
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("{base}")
+pipe = DiffusionPipeline.from_pretrained("{base}"{pinned})
 pipe.load_lora_weights("{model_id}", weight_name="{LORA_WEIGHT_NAME}")
 ```"""
 
