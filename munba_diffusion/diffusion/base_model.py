@@ -93,13 +93,19 @@ def load_base_pipeline(
     return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
 
 
+def loaded_folder(component: torch.nn.Module) -> Path | None:
+    """The pipeline folder a loaded component was read from (for a Hub id, the cached snapshot of one commit:
+    ``<cache>/models--owner--name/snapshots/<commit>``); None when its config does not name one."""
+    loaded_from = getattr(component.config, "_name_or_path", None)
+    return Path(loaded_from).parent if loaded_from else None
+
+
 def base_commit(denoiser: torch.nn.Module) -> str | None:
     """The Hub commit a loaded base came from: the name of the cached snapshot folder its ``denoiser`` (UNet or
     transformer) was read from; None for a local folder or a bundled model."""
-    loaded_from = getattr(denoiser.config, "_name_or_path", None)
-    if not loaded_from:
+    snapshot = loaded_folder(denoiser)
+    if snapshot is None:
         return None
-    snapshot = Path(loaded_from).parent  # <cache>/models--owner--name/snapshots/<commit>/<component>
     in_cache = snapshot.parent.name == "snapshots" and snapshot.parent.parent.name.startswith("models--")
     return snapshot.name if in_cache and re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else None
 

@@ -50,7 +50,7 @@ RESUMABLE_CHANGES = frozenset(
         "gradient_checkpointing",
         "shard_base",
         "enable_xformers_memory_efficient_attention",
-        "revision",  # what it resolves to is checked after the load (check_same_base)
+        "revision",  # what it resolves to is checked instead (check_same_base), where the checkpoint saved a commit
     }
 )
 

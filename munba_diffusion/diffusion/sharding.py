@@ -23,13 +23,12 @@ exports again.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from .base_model import load_base_transformer
+from .base_model import load_base_transformer, loaded_folder
 from .lora import add_erasure_lora, load_lora_state_dict, lora_state_dict
 
 
@@ -71,8 +70,7 @@ def reloaded_transformer(config, sharded: nn.Module, dtype: torch.dtype) -> nn.M
     The base is read from the pipeline folder ``sharded`` was loaded from: for a Hub id, the cached snapshot of the
     commit the run started on, so a Hub update during the run cannot change the base under the trained LoRA. Only a
     transformer that does not name its folder is resolved again from ``--pretrained_model_name_or_path``."""
-    loaded_from = getattr(sharded.config, "_name_or_path", None)
-    folder = Path(loaded_from).parent if loaded_from else None
+    folder = loaded_folder(sharded)
     if folder is not None and (folder / "model_index.json").is_file():
         source, revision = str(folder), None
     else:
