@@ -153,3 +153,43 @@ def test_per_caption_judgement_reports_each_caption_with_its_interval_and_the_ba
     fresh = measure_demo.per_caption_judgement(pipe, SimpleNamespace(classify=classify), 2, 2, 7.0, first_seed=8200)
     assert seeds == [[8200 + i for i in range(16)], [8300 + i for i in range(16)]]
     assert fresh["seeds"].startswith("8200 + 100 k") and fresh["guidance_scale"] == 7.0
+
+
+def test_deepening_the_flow_demo_changes_nothing_until_its_gates_train(monkeypatch):
+    """train_flow_demo's --num_layers on a saved model: the added blocks are zero-gated copies, so the deeper model
+    predicts exactly what the shallower one did, the last block stays last, and opening a gate changes the output."""
+    import copy
+    import importlib
+    from pathlib import Path
+
+    from diffusers import SD3Transformer2DModel
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts" / "demo"))
+    train_flow_demo = importlib.import_module("train_flow_demo")
+    torch.manual_seed(0)
+    shallow = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
+        pos_embed_max_size=8,
+    ).eval()  # fmt: skip
+    with torch.no_grad():  # random gates: a fresh model's zero-initialised ones would hide a block that is not copied
+        for p in shallow.parameters():
+            p.normal_(0, 0.3)
+    inputs = (torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16), torch.randn(2, 8), torch.tensor([200.0, 700.0]))
+    deep = train_flow_demo.deepen(copy.deepcopy(shallow), 5)
+    assert deep.config.num_layers == len(deep.transformer_blocks) == 5
+    assert deep.transformer_blocks[-1].context_pre_only and not deep.transformer_blocks[-2].context_pre_only
+    with torch.no_grad():
+        assert torch.equal(deep(*inputs).sample, shallow(*inputs).sample)
+        gates = [
+            torch.cat(
+                [b.norm1.linear.bias.view(6, -1)[[2, 5]].flatten(), b.norm1.linear.weight.view(6, -1)[[2, 5]].flatten()]
+            )
+            for b in deep.transformer_blocks
+        ]
+        assert [bool(g.abs().sum() == 0) for g in gates] == [False, True, False, True, False]  # blocks 0 and 1 copied
+        assert torch.equal(deep.transformer_blocks[1].attn.to_q.weight, deep.transformer_blocks[0].attn.to_q.weight)
+        deep.transformer_blocks[1].norm1.linear.bias.fill_(0.5)
+        assert not torch.allclose(deep(*inputs).sample, shallow(*inputs).sample)
+    with pytest.raises(ValueError, match="grows by 0 to 2"):
+        train_flow_demo.deepen(copy.deepcopy(shallow), 6)

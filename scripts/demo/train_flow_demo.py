@@ -31,7 +31,9 @@ Training runs in stages, each a fresh OneCycle schedule (``--steps`` and ``--lea
 stage) that starts from the previous stage's saved EMA transformer, on a fresh render of the world (stage i uses
 seed ``--seed + i``): the shipped model is 9,000 steps from scratch at 5e-4, then 5,000 at 3e-4, then 3,000 at
 2e-4 (85, 30 and 31 minutes; the second stage on two threads, the others on one). ``--init_from FOLDER`` starts
-the first stage from a saved flow pipeline's transformer instead of from scratch.
+the first stage from a saved flow pipeline's transformer instead of from scratch, and ``--num_layers`` with it
+deepens that model first by zero-gated copies of its middle blocks (:func:`deepen`), which change nothing until
+trained.
 
 This script builds the demo; it is not part of the installed package (which only loads what it made).
 """
@@ -88,13 +90,13 @@ class RepeatedLastRowAttention:
         return attn.to_out[0](image), text
 
 
-def build_transformer() -> SD3Transformer2DModel:
+def build_transformer(num_layers: int = 6) -> SD3Transformer2DModel:
     return SD3Transformer2DModel(
         sample_size=16,
         patch_size=1,
         in_channels=4,
         out_channels=4,
-        num_layers=6,
+        num_layers=num_layers,
         attention_head_dim=16,
         num_attention_heads=4,
         joint_attention_dim=128,  # the two CLIP slots' penultimate states side by side (64 + 64)
@@ -102,6 +104,38 @@ def build_transformer() -> SD3Transformer2DModel:
         pooled_projection_dim=128,  # the two CLIP slots' pooled projections (64 + 64)
         pos_embed_max_size=16,
     )
+
+
+def deepen(transformer: SD3Transformer2DModel, num_layers: int) -> SD3Transformer2DModel:
+    """The same model with ``num_layers`` joint blocks: each added block is a copy of an earlier one inserted after it,
+    with the gates of its adaLN-Zero modulation zeroed (``gate_msa`` and ``gate_mlp``, chunks 2 and 5 of the six the
+    modulation's linear layer gives, on both streams), so it adds nothing to either stream and the deeper model
+    computes exactly what the shallower one did until training opens the gates. The copied blocks are the middle
+    ones of those before the last (which sees the text stream for the last time and stays last): blocks 2 and 3 of
+    6 for 8."""
+    blocks = list(transformer.transformer_blocks)
+    extra = num_layers - len(blocks)
+    if not 0 <= extra < len(blocks):
+        raise ValueError(
+            f"num_layers {num_layers}: a model of {len(blocks)} blocks grows by 0 to {len(blocks) - 1} at once"
+        )
+    first = (len(blocks) - extra) // 2
+    copied = range(first, first + extra)
+    grown = []
+    for index, block in enumerate(blocks):
+        grown.append(block)
+        if index in copied:
+            twin = copy.deepcopy(block)
+            for norm in (twin.norm1, twin.norm1_context):
+                width = norm.linear.out_features // 6
+                with torch.no_grad():
+                    for chunk in (2, 5):
+                        norm.linear.weight[chunk * width : (chunk + 1) * width] = 0
+                        norm.linear.bias[chunk * width : (chunk + 1) * width] = 0
+            grown.append(twin)
+    transformer.transformer_blocks = torch.nn.ModuleList(grown)
+    transformer.register_to_config(num_layers=num_layers)
+    return transformer
 
 
 def flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
@@ -177,17 +211,20 @@ def train_flow(
     init_from: Path | None = None,
     logit_mean: float = 0.0,
     shape_weights: dict[str, float] | None = None,
+    num_layers: int | None = None,
 ) -> dict:
     """Train ``steps`` steps from scratch, or from the transformer of the flow pipeline folder ``init_from``, with
     timesteps drawn logit-normal around ``logit_mean`` (above 0: more of the noisy steps, where a shape's layout is
     decided) and each shape's images drawn in proportion to ``shape_weights`` (missing shapes: 1; None: uniformly,
-    the shipped recipe); save the EMA weights as ``out/flow_pipeline`` and return the judge's verdict with the stage's
+    the shipped recipe), deepened to ``num_layers`` blocks first if given (:func:`deepen`); save the EMA weights as ``out/flow_pipeline`` and return the judge's verdict with the stage's
     settings."""
     torch.manual_seed(seed)
     if init_from is None:
-        transformer = build_transformer()
+        transformer = build_transformer(num_layers or 6)
     else:
         transformer = SD3Transformer2DModel.from_pretrained(init_from / "transformer", torch_dtype=torch.float32)
+    if num_layers is not None and num_layers != transformer.config.num_layers:
+        transformer = deepen(transformer, num_layers)
     transformer.set_attn_processor(RepeatedLastRowAttention(ZERO_ROWS))
     pipe = assemble_pipeline(out, transformer)
     gap = check_repeated_row_attention(transformer, pipe)
@@ -269,6 +306,7 @@ def train_flow(
         init_from=None if init_from is None else str(init_from),
         logit_mean=logit_mean,
         shape_weights=shape_weights or {},
+        num_layers=transformer.config.num_layers,
         train_seconds=round(time.time() - start),
         threads=torch.get_num_threads(),
         parameters=sum(p.numel() for p in ema.parameters()),
@@ -319,6 +357,14 @@ def main(argv: list[str] | None = None) -> None:
         metavar="SHAPE=FACTOR",
         help="draw this shape's images FACTOR times as often as the others' (e.g. cross=2; default: all alike)",
     )
+    parser.add_argument(
+        "--num_layers",
+        "--num-layers",
+        type=int,
+        default=None,
+        help="joint blocks of the first stage's model: from scratch, its depth (default 6); with --init_from, the "
+        "saved model deepened to this many by zero-gated copies of its blocks, which change nothing until trained",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     shape_weights = {}
@@ -348,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
                 init_from=init_from,
                 logit_mean=args.logit_mean,
                 shape_weights=shape_weights,
+                num_layers=args.num_layers if index == 0 else None,
             )
         )
         init_from = args.output_dir / "flow_pipeline"
