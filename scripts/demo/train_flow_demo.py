@@ -216,8 +216,8 @@ def train_flow(
     """Train ``steps`` steps from scratch, or from the transformer of the flow pipeline folder ``init_from``, with
     timesteps drawn logit-normal around ``logit_mean`` (above 0: more of the noisy steps, where a shape's layout is
     decided) and each shape's images drawn in proportion to ``shape_weights`` (missing shapes: 1; None: uniformly,
-    the shipped recipe), deepened to ``num_layers`` blocks first if given (:func:`deepen`); save the EMA weights as ``out/flow_pipeline`` and return the judge's verdict with the stage's
-    settings."""
+    the shipped recipe), deepened to ``num_layers`` blocks first if given (:func:`deepen`); save the EMA weights as
+    ``out/flow_pipeline`` and return the judge's verdict with the stage's settings."""
     torch.manual_seed(seed)
     if init_from is None:
         transformer = build_transformer(num_layers or 6)
