@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from munba_diffusion.config import check_options, option
-from munba_diffusion.diffusion.base_model import base_model_family
+from munba_diffusion.diffusion.base_model import base_model_family, hub_commit
 from munba_diffusion.diffusion.family import FlowFamily
 from munba_diffusion.diffusion.lora import TARGET_SETS, TRANSFORMER_TARGET_SETS_REVISION
 from munba_diffusion.io import atomic_write, check_results_dir, machine_record, write_json_atomic, write_text_atomic
-from munba_diffusion.models import DEMO_MODEL
+from munba_diffusion.models import DEMO_MODEL, model_folder_sha256
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
@@ -490,9 +490,22 @@ class DemoBenchmarkOptions(ErasureSettings):
         """What results record as ``settings`` and what resumed runs must share (:func:`check_run_settings`); on an
         SD3 / FLUX model also the revision of the transformer target sets (what ``--lora_target`` names there)."""
         erasure = self.erasure_record()
+        erasure["model_content"] = model_content(self.model)
         if isinstance(base_model_family(self.model), FlowFamily):  # SD3 and FLUX
             erasure["transformer_target_sets"] = TRANSFORMER_TARGET_SETS_REVISION
         return {"erasure": erasure, "evaluation": dataclasses.asdict(self.evaluation)}
+
+
+def model_content(model: str) -> str | None:
+    """What names ``model``'s content: ``sha256:<hex>`` of a local or bundled folder's files
+    (:func:`~munba_diffusion.models.model_folder_sha256`), else the Hub commit its id resolves to (``commit:<hex>``;
+    None when it cannot be resolved), so that a resumable benchmark refuses to continue runs made on other weights
+    under the same name (:func:`check_run_settings`): the bundled demos are retrained between releases."""
+    digest = model_folder_sha256(model)
+    if digest is not None:
+        return f"sha256:{digest}"
+    commit = hub_commit(model)
+    return None if commit is None else f"commit:{commit}"
 
 
 def run_erasure(
@@ -685,7 +698,7 @@ def check_run_settings(
         if changed and any(run != path for run in runs.glob("*.json")):
             raise ValueError(
                 f"{runs} holds runs made with other settings ({'; '.join(changed)}); "
-                "use those settings, or pass a new output folder"
+                f"use those settings, pass a new output folder, or delete {runs} to make them again"
             )
     write_json_atomic(path, settings)
 

@@ -16,10 +16,14 @@ Example::
     resolve_model_path("munba-demo-flow")            # '.../munba_diffusion/demo/weights/flow_pipeline' (SD3-style)
     resolve_model_path("CompVis/stable-diffusion-v1-4")  # unchanged
     model_license("munba-demo")                      # 'apache-2.0' (from the folder's README.md model card)
+    model_folder_sha256("munba-demo")                # sha256 of its weights, configs and tokenizer files
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
 from huggingface_hub import ModelCard, try_to_load_from_cache
@@ -32,6 +36,7 @@ __all__ = [
     "MODEL_KINDS",
     "bundled_model_names",
     "is_bundled_model",
+    "model_folder_sha256",
     "model_license",
     "resolve_model_path",
     "same_world",
@@ -88,6 +93,40 @@ def resolve_model_path(name_or_path: str | Path, kind: str = "pipeline") -> str:
             f"{', '.join(bundled_model_names(kind)) or 'none'}"
         )
     return str(bundled_folder(folders[kind]))
+
+
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
+"""The files of a model folder its outputs depend on: weights (only safetensors are ever loaded), configs, tokenizer
+vocabularies and merges."""
+
+
+def model_folder_sha256(name_or_path: str | Path) -> str | None:
+    """sha256 over the relative path, size and bytes of every weight, config and tokenizer file
+    (:data:`MODEL_FILE_SUFFIXES`) of a local model folder or a bundled model's: for a pipeline folder, its
+    ``model_index.json`` and the folders of the components it names (not single-file checkpoints beside them), else
+    the whole folder; symlinked folders followed. None for a Hub id (its commit names its content). What names the
+    content of a model whose name stays when its files change: a folder retrained in place, a bundled demo retrained
+    between releases. Reads every byte it hashes (a few seconds per GB)."""
+    folder = Path(resolve_model_path(name_or_path)).expanduser()
+    if not folder.is_dir():
+        return None
+    index = folder / "model_index.json"
+    try:
+        components = [name for name in json.loads(index.read_text()) if not name.startswith("_")]
+    except (OSError, ValueError, TypeError):  # not a pipeline folder (or a broken index, which the load names)
+        components = None
+    roots = [folder] if components is None else [folder / name for name in components if (folder / name).is_dir()]
+    files = [] if components is None else [index]
+    for root in roots:
+        for directory, _, names in os.walk(root, followlinks=True):
+            files += [Path(directory) / name for name in names if name.endswith(MODEL_FILE_SUFFIXES)]
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0".encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def model_license(folder_or_id: str | Path, revision: str | None = None) -> str | None:

@@ -29,7 +29,14 @@ from benchmarks import (
     specificity,
     tradeoff,
 )
-from benchmarks._common import STEP_VARIANTS, build_unet, check_run_settings, erasure_gradients, random_erasure_batch
+from benchmarks._common import (
+    STEP_VARIANTS,
+    build_unet,
+    check_run_settings,
+    erasure_gradients,
+    model_content,
+    random_erasure_batch,
+)
 from munba_diffusion.config import build_parser, parse_config
 from munba_diffusion.diffusion.base_model import load_base_pipeline
 from munba_diffusion.diffusion.lora import TRANSFORMER_TARGET_SETS_REVISION, ErasureLoraConfig, add_erasure_lora
@@ -241,6 +248,31 @@ def test_run_settings_refuse_runs_made_with_other_settings(tmp_path):
     assert json.loads(record.read_text()) == changed  # refused: the record is kept
     check_run_settings(record, settings, replace=True)
     assert json.loads(record.read_text()) == settings
+
+
+def test_runs_made_on_other_weights_under_the_same_name_are_refused(tmp_path, tiny_sd):
+    """A bundled demo retrained between releases keeps its name: the settings record the model folder's content, so
+    runs made on the old weights are not continued (or reported) as the new model's."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd, model)
+    settings = specificity.SpecificityConfig(model=str(model)).run_settings()
+    assert settings["erasure"]["model_content"] == model_content(str(model))
+    assert model_content(str(model)).startswith("sha256:")
+    assert model_content("munba-demo-flow") != model_content("munba-demo")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    check_run_settings(runs / "settings.json", settings)
+    (runs / "red-seed0.json").write_text("{}")
+    weights = next(model.glob("unet/*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    retrained = specificity.SpecificityConfig(model=str(model)).run_settings()
+    with pytest.raises(ValueError, match=r"other settings \(erasure.model_content: 'sha256:[0-9a-f]{64}' there"):
+        check_run_settings(runs / "settings.json", retrained)
+    (model / "unet" / "notes.md").write_text("a card is not a weight")
+    (model / "single-file.safetensors").write_bytes(b"a checkpoint beside the components, which the pipeline ignores")
+    assert model_content(str(model)) == retrained["erasure"]["model_content"]
 
 
 def test_runs_on_a_transformer_record_the_meaning_of_its_target_sets(tmp_path, tiny_sd):

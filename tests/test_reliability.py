@@ -13,6 +13,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import munba_diffusion.diffusion.preflight as preflight
 import munba_diffusion.diffusion.train as train
@@ -168,6 +169,73 @@ def test_a_checkpoint_past_the_runs_last_step_is_refused_before_the_model_loads(
     message = str(exit_info.value.code)
     assert "\n" not in message and "checkpoint-2 is at step 7, past --max_train_steps 3" in message
     assert _files(out) == before
+
+
+def test_a_checkpoint_refuses_a_local_base_whose_files_changed(checkpointed_run, tmp_path, monkeypatch):
+    """A local or bundled base has no commit: each checkpoint (and the exported record) keeps its files' sha256, and a
+    resume on other files under the same name (a folder retrained in place, a newer bundled demo) stops in one line
+    before the model loads, with nothing changed; on the same files it resumes exactly."""
+    from munba_diffusion.models import model_folder_sha256
+
+    out = shutil.copytree(checkpointed_run[0], tmp_path / "erased")
+    step_file = out / "checkpoints" / "checkpoint-2" / "step.json"
+    record = json.loads(step_file.read_text())
+    assert record["base_sha256"] == model_folder_sha256(DEMO_MODEL) and record["base_commit"] is None
+    step_file.write_text(json.dumps({**record, "base_sha256": "0" * 64}))  # trained on other files
+    before = _files(out)
+    argv = ["--pretrained_model_name_or_path", DEMO_MODEL, "--concept", "circle", "--output_dir", str(out)]
+    resume = [*argv, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", *FAST]
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as exit_info:
+        patch.setattr(train, "load_base_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+        train_erase.main(resume)
+    message = str(exit_info.value.code)
+    assert "\n" not in message and f"trained on the bundled {DEMO_MODEL} (files' sha256 000000000000)" in message
+    assert f"has other files now (sha256 {record['base_sha256'][:12]})" in message
+    assert "resume with the munba-diffusion version it trained with" in message
+    assert _files(out) == before
+    step_file.write_text(json.dumps(record))
+    train_erase.main(resume)  # the same files: step 3 again, exactly as the run that wrote the checkpoint took it
+    resumed, original = (
+        load_file(folder / "pytorch_lora_weights.safetensors") for folder in (out, checkpointed_run[0])
+    )
+    assert resumed.keys() == original.keys() and all(torch.equal(resumed[k], original[k]) for k in original)
+    assert json.loads((out / "erasure_config.json").read_text())["run"]["base_sha256"] == record["base_sha256"]
+
+
+C, D, X, Y = "c" * 40, "d" * 40, "1" * 64, "2" * 64
+
+
+@pytest.mark.parametrize(
+    "saved,now,refusal",
+    [
+        ((None, X), (None, X), None),  # the same local files
+        ((None, X), (None, Y), "which has other files now (sha256 222222222222): put back the files it trained on"),
+        ((C, X), (C, None), None),  # trained on a Hub snapshot given as a path, resumed by its id at that commit
+        ((C, None), (C, Y), None),  # trained by id, resumed with the snapshot's path
+        ((C, X), (C, Y), "which has other files now"),  # the snapshot's files changed in place
+        ((None, X), (D, None), "which is no longer a local folder: put it back"),  # the folder is gone: now a Hub id
+        ((C, None), (D, None), f"at commit {C}, which now resolves to {D}; resume with --revision {C}"),
+        ((C, None), (None, Y), f"at commit {C}, and base is now a local folder"),
+        ((None, None), (D, Y), None),  # a checkpoint from before either was recorded
+    ],
+)
+def test_the_base_a_checkpoint_trained_on_decides_the_resume(tmp_path, saved, now, refusal):
+    """check_same_base on every pairing of what a checkpoint recorded (Hub commit, files' sha256) and what the base
+    is now: the files decide where both sides know them, else the commit; a local base that is gone is refused."""
+    from types import SimpleNamespace
+
+    from munba_diffusion.diffusion.checkpoints import check_same_base
+
+    (tmp_path / "step.json").write_text(
+        json.dumps({"global_step": 2, "base_commit": saved[0], "base_sha256": saved[1]})
+    )
+    config = SimpleNamespace(pretrained_model_name_or_path="base")
+    if refusal is None:
+        check_same_base(config, tmp_path, *now)
+    else:
+        with pytest.raises(ValueError) as error:
+            check_same_base(config, tmp_path, *now)
+        assert refusal in str(error.value) and "\n" not in str(error.value)
 
 
 def test_a_checkpoint_without_its_base_commit_refuses_another_revision(checkpointed_run, tmp_path):

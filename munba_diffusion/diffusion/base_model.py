@@ -103,9 +103,15 @@ def loaded_folder(component: torch.nn.Module) -> Path | None:
 def base_commit(denoiser: torch.nn.Module) -> str | None:
     """The Hub commit a loaded base came from: the name of the cached snapshot folder its ``denoiser`` (UNet or
     transformer) was read from; None for a local folder or a bundled model."""
-    snapshot = loaded_folder(denoiser)
-    if snapshot is None:
+    return snapshot_commit(loaded_folder(denoiser))
+
+
+def snapshot_commit(folder: str | Path | None) -> str | None:
+    """The commit a Hub cache snapshot folder (``<cache>/models--owner--name/snapshots/<commit>``) holds; None for
+    any other folder."""
+    if folder is None:
         return None
+    snapshot = Path(folder)
     in_cache = snapshot.parent.name == "snapshots" and snapshot.parent.parent.name.startswith("models--")
     return snapshot.name if in_cache and re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else None
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..io import write_json_atomic, write_text_atomic
+from ..models import is_bundled_model
 from .config import CHECKPOINTS_DIR, ErasureTrainingConfig
 from .lora import StaleLoraTargetsError, load_lora_state_dict, lora_state_dict
 
@@ -146,23 +147,44 @@ def check_same_run(config: ErasureTrainingConfig, checkpoint: Path) -> None:
         raise ValueError(f"{checkpoint.name} is at step {step}, past --max_train_steps {config.max_train_steps}")
 
 
-def check_same_base(config: ErasureTrainingConfig, checkpoint: Path, commit: str | None) -> None:
-    """Refuse to resume ``checkpoint``, which trained on a Hub base at one commit, on a base ``commit`` that is another
-    one (the id's main moved since, another ``--revision``) or none (the name is now a local folder). A run on a local
-    folder saved no commit and is not checked here."""
-    saved = _read_json(checkpoint / STEP_FILE, "its step").get("base_commit")
-    if not saved or saved == commit:
-        return
+def check_same_base(config: ErasureTrainingConfig, checkpoint: Path, commit: str | None, content: str | None) -> None:
+    """Refuse to resume ``checkpoint`` on another base than it trained on. Where the checkpoint and this run both know
+    the base's files (``content``, :func:`~munba_diffusion.models.model_folder_sha256`: a local or bundled folder, a
+    Hub cache snapshot given as a path), those decide: other files under the same name (a folder retrained in place,
+    a newer bundled demo) are refused. Otherwise a Hub base must be at the same ``commit`` (not another one: the id's
+    main moved since, another ``--revision``; nor none: the name is now a local folder), and a local base must still
+    be one. Checkpoints from before a record was kept are not checked for it."""
+    record = _read_json(checkpoint / STEP_FILE, "its step")
+    saved, saved_content = record.get("base_commit"), record.get("base_sha256")
     name = config.pretrained_model_name_or_path
-    if commit is None:
+    if saved_content and content:
+        if saved_content != content:
+            where = f"the bundled {name}" if is_bundled_model(name) else f"the folder {name}"
+            fix = (
+                "resume with the munba-diffusion version it trained with"
+                if is_bundled_model(name)
+                else ("put back the files it trained on")
+            )
+            raise ValueError(
+                f"{checkpoint.name} trained on {where} (files' sha256 {saved_content[:12]}), which has other files "
+                f"now (sha256 {content[:12]}): {fix}, or start over with --overwrite_output_dir"
+            )
+        return
+    if saved and saved != commit:
+        if commit is None:
+            raise ValueError(
+                f"{checkpoint.name} trained on the Hub's {name} at commit {saved}, and {name} is now a local folder: "
+                f"move it away and resume with --revision {saved}, or start over with --overwrite_output_dir"
+            )
         raise ValueError(
-            f"{checkpoint.name} trained on the Hub's {name} at commit {saved}, and {name} is now a local folder: "
-            f"move it away and resume with --revision {saved}, or start over with --overwrite_output_dir"
+            f"{checkpoint.name} trained on {name} at commit {saved}, which now resolves to {commit}; resume with "
+            f"--revision {saved} or start over with --overwrite_output_dir"
         )
-    raise ValueError(
-        f"{checkpoint.name} trained on {name} at commit {saved}, which now resolves to {commit}; resume with "
-        f"--revision {saved} or start over with --overwrite_output_dir"
-    )
+    if saved_content and not saved:
+        raise ValueError(
+            f"{checkpoint.name} trained on the folder {name} (files' sha256 {saved_content[:12]}), which is no longer "
+            "a local folder: put it back, or start over with --overwrite_output_dir"
+        )
 
 
 def _short(value: object) -> str:
@@ -186,11 +208,13 @@ def save_checkpoint(
     step: int,
     extra: dict[str, dict[str, torch.Tensor]] | None = None,
     base_commit: str | None = None,
+    base_sha256: str | None = None,
 ) -> None:
     """Write ``checkpoint-<step>`` with the run's settings (all processes call it; the main process writes).
     ``models``: the models carrying the LoRA by component name (``unet``, ``text_encoder``); ``extra``
     maps file names to more tensors the run needs to resume exactly (e.g. the robust mode's prefixes);
-    ``base_commit``: the Hub commit of the base (:func:`.base_model.base_commit`), checked at resume."""
+    ``base_commit``: the Hub commit of the base (:func:`.base_model.base_commit`); ``base_sha256``: a local base's
+    files (:func:`~munba_diffusion.models.model_folder_sha256`); both checked at resume (:func:`check_same_base`)."""
     output_dir = config.output_dir
     if accelerator.is_main_process:
         prune_checkpoints(output_dir, config.checkpoints_total_limit)
@@ -207,7 +231,8 @@ def save_checkpoint(
             save_file(state, str(tmp / LORA_CHECKPOINT_NAMES[component]))
         for name, tensors in (extra or {}).items():
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
-        write_json_atomic(tmp / STEP_FILE, {"global_step": step, "base_commit": base_commit})
+        step_record = {"global_step": step, "base_commit": base_commit, "base_sha256": base_sha256}
+        write_json_atomic(tmp / STEP_FILE, step_record)
         write_json_atomic(tmp / RUN_CONFIG_FILE, config.record())
         _replace_dir(tmp, final)
     accelerator.wait_for_everyone()

@@ -133,12 +133,14 @@ def finish_erasure(
     pool_seconds: float,
     resolution: int,
     steps_skipped: int = 0,
+    base_sha256: str | None = None,
     evaluate: Callable[[ErasureTrainingConfig, Path], str | None] | None = None,
 ) -> Image.Image:
     """Grid; then model, record, images, evaluation and model card into a staging folder swapped in once; upload.
 
     Returns the before/after grid (the trainer logs it to the trackers); ``drawn_grid``: one :func:`validation_grid`
-    already drew (with ``--shard_base`` every process draws it together).
+    already drew (with ``--shard_base`` every process draws it together); ``base_sha256``: a local base's files
+    (:func:`~munba_diffusion.models.model_folder_sha256`), recorded beside the Hub commit a Hub base has.
 
     ``evaluate(config, erased_folder)`` writes its reports under ``erased_folder/evaluation`` and returns the
     Markdown for the model card; the numbers of its ``evaluation/<concept>/report.json`` become the card's
@@ -156,6 +158,7 @@ def finish_erasure(
         text_encoder_target_modules=_target_modules(pipe.text_encoder),
         family=family_of_pipeline(pipe).describe(pipe),
         base_commit=base_commit(denoiser(pipe)),
+        base_sha256=base_sha256,
         train_seconds=train_seconds,
         pool_seconds=pool_seconds,
         resolution=resolution,

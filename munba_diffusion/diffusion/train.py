@@ -25,10 +25,11 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..bargaining import get_combiner
+from ..models import model_folder_sha256, resolve_model_path
 from ..step import BargainedUpdate
 from .adversary import CHECKPOINT_NAME as ADVERSARY_CHECKPOINT
 from .adversary import Adversary, AdversarySettings
-from .base_model import base_commit, base_model_family, hub_commit, load_base_pipeline
+from .base_model import base_commit, base_model_family, hub_commit, load_base_pipeline, snapshot_commit
 from .checkpoints import (
     check_same_base,
     checkpoint_dir,
@@ -221,8 +222,13 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     resume_path = checkpoint_to_resume(config)
     family = base_model_family(config.pretrained_model_name_or_path, revision=config.revision)  # before anything slow
     check_family_options(config, family)
-    if resume_path is not None and (now := hub_commit(config.pretrained_model_name_or_path, revision=config.revision)):
-        check_same_base(config, resume_path, now)  # before minutes of loading; checked again on what loaded
+    # a local or bundled base's files (read once: a few seconds per GB); None for a Hub id
+    content = model_folder_sha256(config.pretrained_model_name_or_path)
+    if resume_path is not None:  # before minutes of loading; checked again on what loaded
+        name = config.pretrained_model_name_or_path
+        now = snapshot_commit(resolve_model_path(name)) if content else hub_commit(name, revision=config.revision)
+        if content or now:
+            check_same_base(config, resume_path, now, content)
     output_dir = config.output_dir
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
@@ -242,14 +248,20 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     _prepare_denoiser(config, pipe, device)
     unet = denoiser(pipe)  # the UNet, or SD3's / FLUX's transformer
     commit = base_commit(unet)
-    loaded = sorted(set(gather_object([commit])), key=str)
-    if len(loaded) > 1:  # each process resolved the Hub id itself, and its main moved in between
+    loaded = gather_object([(commit, content)])
+    commits, contents = sorted({c for c, _ in loaded}, key=str), sorted({f for _, f in loaded}, key=str)
+    if len(commits) > 1:  # each process resolved the Hub id itself, and its main moved in between
         raise ValueError(
             f"the processes loaded {config.pretrained_model_name_or_path} at different commits "
-            f"({', '.join(map(str, loaded))}); rerun with --revision set to one of them"
+            f"({', '.join(map(str, commits))}); rerun with --revision set to one of them"
+        )
+    if len(contents) > 1:  # each machine has its own copy of a local folder
+        raise ValueError(
+            f"the processes read different files as {config.pretrained_model_name_or_path} (sha256 "
+            f"{', '.join(str(f)[:12] for f in contents)}); give every machine the same folder"
         )
     if resume_path is not None:
-        check_same_base(config, resume_path, commit)
+        check_same_base(config, resume_path, commit, content)
     resolution = _resolution(config, pipe)
     latent_shape = family.latent_shape(pipe, resolution)
 
@@ -363,7 +375,13 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
         ):
             extra = {ADVERSARY_CHECKPOINT: adversary.state_dict()} if adversary is not None else None
             save_checkpoint(
-                accelerator, lora_models(pipe, config.lora), config, step + 1, extra=extra, base_commit=commit
+                accelerator,
+                lora_models(pipe, config.lora),
+                config,
+                step + 1,
+                extra=extra,
+                base_commit=commit,
+                base_sha256=content,
             )
     train_seconds = time.time() - t0
 
@@ -374,7 +392,9 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     if config.shard_base:  # the sharded transformer's forwards are collective: every process draws the grid
         if start_step < config.max_train_steps:  # what the export's reload of the base may not lose
             models = lora_models(pipe, config.lora)
-            save_checkpoint(accelerator, models, config, config.max_train_steps, base_commit=commit)
+            save_checkpoint(
+                accelerator, models, config, config.max_train_steps, base_commit=commit, base_sha256=content
+            )
         drawn_grid = validation_grid(config, pipe)
         if accelerator.is_main_process:
             pipe.transformer = _reloaded_for_export(config, unet, dtype)
@@ -388,6 +408,7 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
             pool_seconds=pool_seconds,
             resolution=resolution,
             steps_skipped=skipped_steps,
+            base_sha256=content,
             evaluate=evaluate,
         )
         log_images(accelerator, {"validation/before_after": grid}, step=config.max_train_steps)

@@ -23,6 +23,7 @@ def run_record(
     text_encoder_target_modules: list[str] = (),
     family: str | None = None,
     base_commit: str | None = None,
+    base_sha256: str | None = None,
     train_seconds: float,
     pool_seconds: float,
     resolution: int,
@@ -35,6 +36,7 @@ def run_record(
             "players": players,
             "family": family,  # e.g. "Stable Diffusion 2.x (v-prediction, 768 px)"
             "base_commit": base_commit,  # the Hub commit of the base; None for a local folder
+            "base_sha256": base_sha256,  # a local or bundled base's files (model_folder_sha256); None: a Hub id
             "resolution": resolution,
             "target_modules": sorted(target_modules),  # the UNet's adapted modules
             "text_encoder_target_modules": sorted(text_encoder_target_modules),
