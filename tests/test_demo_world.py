@@ -193,3 +193,28 @@ def test_deepening_the_flow_demo_changes_nothing_until_its_gates_train(monkeypat
         assert not torch.allclose(deep(*inputs).sample, shallow(*inputs).sample)
     with pytest.raises(ValueError, match="grows by 0 to 2"):
         train_flow_demo.deepen(copy.deepcopy(shallow), 6)
+
+
+def test_the_flow_demo_recipe_reads_one_value_per_stage_or_one_for_all(monkeypatch):
+    """train_flow_demo's stages: by default the shipped recipe (the fourth stage deepens to 8 blocks); given --steps,
+    each other flag takes one value per stage or one for all, and a count that fits neither is refused."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts" / "demo"))
+    stage_settings = importlib.import_module("train_flow_demo").stage_settings
+    shipped = stage_settings(None, None, None, None)
+    assert [(steps, seed, layers) for steps, _, seed, layers in shipped] == [
+        (9000, 0, 6), (5000, 1, 6), (3000, 2, 6), (7000, 4, 8), (3000, 5, 8)
+    ]  # fmt: skip
+    assert sum(steps for steps, *_ in shipped) == 27000
+    assert stage_settings(None, None, [0], None) == shipped  # the rebuild command of earlier releases
+    assert [seed for _, _, seed, _ in stage_settings(None, None, [7], None)] == [7, 8, 9, 11, 12]
+    assert stage_settings([7000, 3000], [3e-4, 2e-4], [4], [8]) == [(7000, 3e-4, 4, 8), (3000, 2e-4, 5, 8)]
+    assert stage_settings([3000], [2e-4], None, None) == [(3000, 2e-4, 0, None)]  # the saved model's own depth
+    with pytest.raises(
+        ValueError, match="give one --num_layers per stage of the shipped recipe \\(5\\) or one for all, got 2"
+    ):
+        stage_settings(None, None, None, [6, 8])
+    with pytest.raises(ValueError, match="give --learning_rate"):
+        stage_settings([1000, 1000], None, None, None)

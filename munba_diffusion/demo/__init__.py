@@ -18,7 +18,7 @@ from .world import COLOUR_NAMES, COLOURS, SHAPE_NAMES, SHAPES, canonical_caption
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 REBUILD_COMMAND = "python scripts/demo/train_demo.py --output_dir munba_diffusion/demo/weights --seed 0 --stage all"
-REBUILD_FLOW_COMMAND = "python scripts/demo/train_flow_demo.py --output_dir munba_diffusion/demo/weights --seed 0"
+REBUILD_FLOW_COMMAND = "python scripts/demo/train_flow_demo.py --output_dir munba_diffusion/demo/weights"
 
 __all__ = [
     "COLOURS",
