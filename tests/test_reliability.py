@@ -51,6 +51,16 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _refusal_before_loading(monkeypatch, argv: list[str]) -> str:
+    """The one-line message ``train_erase`` stops with on ``argv``, failing the test if the base model loads first."""
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as exit_info:
+        patch.setattr(train, "load_base_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+        train_erase.main(argv)
+    message = str(exit_info.value.code)
+    assert "\n" not in message
+    return message
+
+
 @pytest.fixture(scope="module")
 def checkpointed_run(tmp_path_factory):
     """A 3-step demo run with a checkpoint at step 2; the trackers' configuration is captured."""
@@ -162,12 +172,11 @@ def test_a_checkpoint_past_the_runs_last_step_is_refused_before_the_model_loads(
     out = shutil.copytree(checkpointed_run[0], tmp_path / "erased")
     (out / "checkpoints" / "checkpoint-2" / "step.json").write_text('{"global_step": 7}')
     before = _files(out)
-    monkeypatch.setattr(train, "load_base_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
     argv = ["--pretrained_model_name_or_path", DEMO_MODEL, "--concept", "circle", "--output_dir", str(out)]
-    with pytest.raises(SystemExit) as exit_info:
-        train_erase.main([*argv, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", *FAST])
-    message = str(exit_info.value.code)
-    assert "\n" not in message and "checkpoint-2 is at step 7, past --max_train_steps 3" in message
+    message = _refusal_before_loading(
+        monkeypatch, [*argv, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", *FAST]
+    )
+    assert "checkpoint-2 is at step 7, past --max_train_steps 3" in message
     assert _files(out) == before
 
 
@@ -185,11 +194,8 @@ def test_a_checkpoint_refuses_a_local_base_whose_files_changed(checkpointed_run,
     before = _files(out)
     argv = ["--pretrained_model_name_or_path", DEMO_MODEL, "--concept", "circle", "--output_dir", str(out)]
     resume = [*argv, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", *FAST]
-    with monkeypatch.context() as patch, pytest.raises(SystemExit) as exit_info:
-        patch.setattr(train, "load_base_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
-        train_erase.main(resume)
-    message = str(exit_info.value.code)
-    assert "\n" not in message and f"trained on the bundled {DEMO_MODEL} (files' sha256 000000000000)" in message
+    message = _refusal_before_loading(monkeypatch, resume)
+    assert f"trained on the bundled {DEMO_MODEL} (files' sha256 000000000000)" in message
     assert f"has other files now (sha256 {record['base_sha256'][:12]})" in message
     assert "resume with the munba-diffusion version it trained with" in message
     assert _files(out) == before
@@ -287,11 +293,8 @@ def test_a_hub_base_records_its_commit_and_a_resume_after_main_moved_is_refused(
     (repo / "refs" / "main").write_text(pushed_later)
     resume = [*argv, "--resume_from_checkpoint", "checkpoint-2"]
     before = _files(out)
-    with monkeypatch.context() as patch, pytest.raises(SystemExit) as exit_info:
-        patch.setattr(train, "load_base_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
-        train_erase.main(resume)
-    message = str(exit_info.value.code)
-    assert "\n" not in message and f"trained on someone/tiny-demo at commit {started_on}" in message
+    message = _refusal_before_loading(monkeypatch, resume)
+    assert f"trained on someone/tiny-demo at commit {started_on}" in message
     assert f"resolves to {pushed_later}; resume with --revision {started_on}" in message
     assert _files(out) == before
     (tmp_path / "someone").mkdir()  # the same name is now a local folder (a download with --local-dir here)
