@@ -11,17 +11,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 import train_erase
 from munba_diffusion.diffusion.family import (
     FLUX,
+    GUIDANCE_ATTRIBUTE,
     STABLE_DIFFUSION_3,
     denoise,
     family_of_pipeline,
     pack_flux_latents,
     unpack_flux_latents,
 )
-from munba_diffusion.diffusion.latents import LatentBatch, SamplerSettings, ddim_trajectory
+from munba_diffusion.diffusion.latents import FreshTrajectories, LatentBatch, SamplerSettings, ddim_trajectory
 from munba_diffusion.diffusion.lora import (
     ErasureLoraConfig,
     add_erasure_lora,
@@ -83,6 +85,7 @@ def test_the_pool_sampler_is_the_pipelines_own_sampling(name):
         "a red circle",
         num_inference_steps=steps,
         guidance_scale=guidance if not packed else 3.5,
+        **({"max_sequence_length": 256} if name == "flux-schnell" else {}),  # as schnell's model card runs it
         height=32,
         width=32,
         latents=pack_flux_latents(noise) if packed else noise,
@@ -133,6 +136,109 @@ def test_velocity_targets_are_formed_from_the_transformers_own_velocities(name):
     )
 
 
+@pytest.mark.parametrize(("name", "tokens"), [("flux-dev", 512), ("flux-schnell", 256)])
+def test_flux_prompts_have_the_t5_length_each_model_takes(name, tokens):
+    """FLUX-dev's prompts are T5-encoded to 512 tokens, as FluxPipeline pads them; FLUX-schnell's to 256, the most
+    it takes; the empty prompt alike (then the packed pooled row)."""
+    pipe = BUILDERS[name]()
+    family = family_of_pipeline(pipe)
+    assert family.encode_prompts(pipe, ["a red circle"], CPU).shape[1] == tokens + 1
+    assert family.null_conditioning(pipe, CPU).shape[1] == tokens + 1
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("sd3", torch.float32), ("flux-dev", torch.bfloat16)])
+def test_the_transformer_gets_its_pipelines_timestep_dtype(name, dtype):
+    """StableDiffusion3Pipeline passes float32 timesteps to a bf16 transformer (in bf16, t = 985.73 would be 984 or
+    988: another sigma than x_t's); FluxPipeline casts them to the latents' dtype."""
+    pipe = BUILDERS[name]().to(dtype=torch.bfloat16)
+    family = family_of_pipeline(pipe)
+    seen = {}
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    cond = family.encode_prompts(pipe, ["a red circle"], CPU).to(torch.bfloat16)
+    x_t = torch.randn(1, *family.latent_shape(pipe, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        denoise(pipe.transformer, x_t.to(torch.bfloat16), torch.tensor([985.73]), cond)
+    assert seen["timestep"].dtype == dtype
+    if dtype == torch.float32:
+        assert seen["timestep"].item() == pytest.approx(985.73, abs=1e-3)
+
+
+def test_fresh_trajectories_keep_the_flow_timesteps_of_their_x_t():
+    """``--latent_source fresh`` on a flow model: each x_t comes with the sampler's own timestep (sigma x 1000, not
+    an integer), as the pool's do."""
+    pipe = BUILDERS["sd3"]()
+    family = family_of_pipeline(pipe)
+    shape = family.latent_shape(pipe, 32)
+    scheduler, kwargs = family.trajectory_scheduler(pipe, shape, 3)
+    source = FreshTrajectories(
+        lambda x, t, c: denoise(pipe.transformer, x, t, c),
+        scheduler,
+        family.encode_prompts(pipe, ["a red circle"], CPU),
+        family.null_conditioning(pipe, CPU),
+        SamplerSettings(3, 3.0, shape, kwargs),
+        CPU,
+        torch.float32,
+    )
+    with torch.no_grad():
+        batch = source.sample(2, torch.Generator().manual_seed(4))
+    assert batch.timesteps.is_floating_point() and (batch.timesteps != batch.timesteps.round()).all()
+    assert torch.isin(batch.timesteps, scheduler.timesteps).all()
+
+
+def test_image_folders_are_noised_at_the_timesteps_each_training_script_draws():
+    """diffusers' SD3 script draws logit-normal positions in the training schedule (its default weighting scheme),
+    the FLUX script uniform ones (``none``): of 4,000 draws, about 20% fall in the schedule's outer fifth for FLUX
+    and under 3% for SD3 (a logit-normal position is there with probability 2.8%)."""
+    x0 = torch.zeros(4000, 4, 2, 2)
+    outer = {}
+    for name in ("sd3", "flux-dev"):
+        pipe = BUILDERS[name]()
+        _, t = family_of_pipeline(pipe).forward_process(pipe)(x0, torch.Generator().manual_seed(0))
+        schedule = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config).timesteps
+        position = (schedule[None, :] == t[:, None]).float().argmax(dim=1) / len(schedule)
+        outer[name] = float(((position < 0.1) | (position >= 0.9)).float().mean())
+    assert outer["sd3"] < 0.05 and 0.17 < outer["flux-dev"] < 0.23
+
+
+def test_flux_dev_guidance_zero_is_a_guidance_and_schnell_validates_without_one():
+    """``--flux_guidance 0`` is the input 0, not the default 3.5; FLUX-dev's validation images use the guidance it
+    is erased at, FLUX-schnell's none."""
+    pipe = BUILDERS["flux-dev"]()
+    width = pipe.transformer.config.pooled_projection_dim
+    for value, expected in ((None, 3.5), (0.0, 0.0), (2.0, 2.0)):
+        setattr(pipe, GUIDANCE_ATTRIBUTE, value)
+        assert FLUX.encode_prompts(pipe, ["a red circle"], CPU)[0, -1, width].item() == expected
+        assert FLUX.validation_guidance(pipe) == expected
+    assert FLUX.validation_guidance(BUILDERS["flux-schnell"]()) == 0.0
+    assert STABLE_DIFFUSION_3.validation_guidance(BUILDERS["sd3"]()) == 7.5
+
+
+def test_the_image_sets_reach_sd35_mediums_second_attention():
+    """SD3.5 Medium's ``dual_attention_layers`` hold a second image self-attention (``attn2``): ``image`` and
+    ``attn`` adapt its projections as the first's; ``xattn`` does not."""
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        out_channels=4,
+        dual_attention_layers=(0,),
+    )
+    second = {f"transformer_blocks.0.attn2.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    assert second <= set(transformer_module_names(transformer, "image"))
+    assert second <= set(transformer_module_names(transformer, "attn"))
+    assert not second & set(transformer_module_names(transformer, "xattn"))
+    add_erasure_lora(transformer, ErasureLoraConfig(rank=2, target="attn"))
+    before = {k: v for k, v in lora_state_dict(transformer).items() if ".attn2." not in k}  # a checkpoint made before
+    with pytest.raises(ValueError, match="^checkpoint LoRA has no weights for SD3.5 Medium's second attention"):
+        load_lora_state_dict(transformer, before)
+
+
 def _erase(base, out, *extra):
     train_erase.main(
         [
@@ -164,6 +270,7 @@ def test_flow_erasure_lowers_the_forget_loss_and_keeps_preservation_near_zero(tm
     family = family_of_pipeline(base_pipe)
     record = json.loads((tmp_path / "nash" / "erasure_config.json").read_text())
     assert record["run"]["family"] == family.describe(base_pipe)
+    assert record["validation_guidance_scale"] == {"sd3": 7.5, "flux-dev": 3.5, "flux-schnell": 0.0}[name]
     scheduler, kwargs = family.trajectory_scheduler(base_pipe, (4, 16, 16), 3)
     scheduler.set_timesteps(3, **kwargs)
     x_t = torch.randn(6, 4, 16, 16, generator=torch.Generator().manual_seed(3))

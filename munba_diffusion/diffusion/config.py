@@ -171,7 +171,12 @@ class ErasureTrainingConfig:
         repeat=True,
     )
     validation_seeds: int = option(2, "seeds per validation prompt", low=1)
-    validation_guidance_scale: float = option(7.5, "guidance scale of the validation images and evaluation", low=0.0)
+    validation_guidance_scale: float | None = option(
+        None,
+        "guidance scale of the validation images and evaluation (default 7.5; FLUX-dev: the embedded guidance it "
+        "trains at, --flux_guidance)",
+        low=0.0,
+    )
     validation_inference_steps: int = option(25, "sampler steps of the validation images and evaluation", low=1)
     evaluate: bool = option(True, "skip the end-of-run evaluation", flag="no_evaluation")
     push_to_hub: bool = option(False, "upload the output folder to the Hub at the end")

@@ -35,10 +35,11 @@ SD3 / 3.5 (``StableDiffusion3Pipeline``, :class:`FlowFamily`) and FLUX.1 (``Flux
 are MMDiT transformers trained with rectified flow: the denoiser is ``pipe.transformer``, the prediction space is
 the velocity (``flow``), the latent pool samples with the pipeline's own FlowMatch Euler scheduler (its shift; FLUX's
 resolution-dependent ``mu`` and sigmas as FluxPipeline sets them), image folders are noised as diffusers' SD3 / FLUX
-training scripts do (logit-normal timesteps, unweighted loss), and the conditioning is the pipeline's own prompt
-encoding with one packed row (the pooled CLIP vector; FLUX-dev's guidance input after it). FLUX latents stay
-(C, H, W) in the trainer; :func:`denoise` packs them into 2x2-patch tokens with their position ids and unpacks the
-velocity. Soft prompt prefixes (``--robust``, the white-box attack, a text-encoder LoRA) are not available there yet.
+training scripts do by default (logit-normal timesteps for SD3, uniform ones for FLUX; the loss unweighted), and the
+conditioning is the pipeline's own prompt encoding (FLUX-schnell's at 256 T5 tokens, the most it takes) with one
+packed row (the pooled CLIP vector; FLUX-dev's guidance input after it). FLUX latents stay (C, H, W) in the
+trainer; :func:`denoise` packs them into 2x2-patch tokens with their position ids and unpacks the velocity. Soft
+prompt prefixes (``--robust``, the white-box attack, a text-encoder LoRA) are not available there yet.
 """
 
 from __future__ import annotations
@@ -109,14 +110,15 @@ def _denoise_transformer(model, latents, timesteps, conditioning) -> torch.Tenso
     """An SD3 / FLUX transformer's velocity for ``x_t`` at ``t`` (the flow schedulers' timesteps, sigma x 1000)."""
     pooled_width = int(model.config.pooled_projection_dim)
     tokens, extra = conditioning[:, :-1], conditioning[:, -1]
-    timesteps = timesteps.to(latents.dtype).expand(len(latents))
-    if isinstance(model, SD3Transformer2DModel):
+    if isinstance(model, SD3Transformer2DModel):  # float32 timesteps, as StableDiffusion3Pipeline passes them
+        timesteps = timesteps.to(latents.device, torch.float32).expand(len(latents))
         return model(
             hidden_states=latents,
             encoder_hidden_states=tokens,
             pooled_projections=extra[:, :pooled_width],
             timestep=timesteps,
         ).sample
+    timesteps = timesteps.to(latents.dtype).expand(len(latents))  # FluxPipeline casts them to the latents' dtype
     height, width = latents.shape[-2:]
     guidance = extra[:, pooled_width].float() if model.config.guidance_embeds else None
     out = model(
@@ -133,6 +135,9 @@ def _denoise_transformer(model, latents, timesteps, conditioning) -> torch.Tenso
 
 def _pooled_width(unet) -> int:
     return int(unet.config.projection_class_embeddings_input_dim) - TIME_IDS * int(unet.config.addition_time_embed_dim)
+
+
+VALIDATION_GUIDANCE = 7.5  # the validation images' guidance scale unless --validation_guidance_scale (FLUX: its own)
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,10 @@ class ModelFamily:
             return scheduler.add_noise(x0, noise, t), t
 
         return noised
+
+    def validation_guidance(self, pipe) -> float:
+        """The guidance scale of the validation images and the end-of-run evaluation when the run sets none."""
+        return VALIDATION_GUIDANCE
 
     def covers(self, pipe) -> bool:
         """Whether ``pipe`` is one of this family's pipelines (subclasses such as MunbaPipeline included)."""
@@ -354,6 +363,7 @@ class StableDiffusionXLFamily(ModelFamily):
 
 
 FLUX_GUIDANCE = 3.5  # FluxPipeline's default guidance: the embedded guidance a FLUX-dev erasure trains at
+FLUX_DEV_TOKENS, FLUX_SCHNELL_TOKENS = 512, 256  # T5 tokens per prompt: schnell takes at most 256 (FluxPipeline docs)
 GUIDANCE_ATTRIBUTE = "erasure_guidance"  # set on a FLUX-dev pipeline by the trainer (--flux_guidance)
 
 
@@ -370,6 +380,7 @@ class FlowFamily(ModelFamily):
     target_sets: tuple[str, ...] = ("xattn", "noxattn", "attn", "full", "image")
     prompt_prefixes: bool = False
     shard_blocks: tuple[str, ...] = ("transformer_blocks",)
+    weighting_scheme: str = "logit_normal"  # the default --weighting_scheme of diffusers' training script
 
     def describe(self, pipe) -> str:
         return f"{self.title} (flow matching, {self.native_resolution(pipe)} px)"
@@ -413,15 +424,16 @@ class FlowFamily(ModelFamily):
         return config.base_shift + slope * (tokens - config.base_image_seq_len)
 
     def forward_process(self, pipe):
-        r"""As diffusers' SD3 / FLUX training scripts: timesteps from the scheduler's training schedule at
-        logit-normal positions (mean 0, std 1), :math:`x_t = (1 - \sigma) x_0 + \sigma \epsilon`; the loss is not
-        weighted (their default weighting scheme, ``none``)."""
+        r"""As diffusers' SD3 / FLUX training scripts with their default ``--weighting_scheme``
+        (:attr:`weighting_scheme`): timesteps from the scheduler's training schedule at positions
+        :math:`u \in [0, 1)` drawn logit-normal (mean 0, std 1; SD3's ``logit_normal``) or uniform (FLUX's
+        ``none``), :math:`x_t = (1 - \sigma) x_0 + \sigma \epsilon`; the loss is unweighted under both."""
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         steps = scheduler.config.num_train_timesteps
 
         def noised(x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
             u = compute_density_for_timestep_sampling(
-                "logit_normal", len(x0), logit_mean=0.0, logit_std=1.0, generator=generator
+                self.weighting_scheme, len(x0), logit_mean=0.0, logit_std=1.0, generator=generator
             )
             t = scheduler.timesteps[(u * steps).long().clamp(max=steps - 1)]
             sigma = (t / steps).view(-1, *([1] * (x0.dim() - 1)))
@@ -496,6 +508,7 @@ class FluxFamily(FlowFamily):
     title: str = "FLUX.1"
     target_sets: tuple[str, ...] = ("xattn", "noxattn", "attn", "full", "image", "single")
     classifier_free_guidance: bool = False
+    weighting_scheme: str = "none"  # uniform timesteps: train_dreambooth_lora_flux.py's default
     shard_blocks: tuple[str, ...] = ("transformer_blocks", "single_transformer_blocks")
 
     def describe(self, pipe) -> str:
@@ -516,13 +529,26 @@ class FluxFamily(FlowFamily):
         return (int(self.denoiser(pipe).config.in_channels) // 4, side, side)
 
     def _encode(self, pipe, prompts: list[str], device):
-        embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=device)
+        tokens = FLUX_DEV_TOKENS if self.denoiser(pipe).config.guidance_embeds else FLUX_SCHNELL_TOKENS
+        embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=device, max_sequence_length=tokens)
         return embeds, pooled
+
+    @staticmethod
+    def embedded_guidance(pipe) -> float:
+        """FLUX-dev's guidance input of targets, trajectories and validation images: ``--flux_guidance``, else
+        :data:`FLUX_GUIDANCE`."""
+        guidance = getattr(pipe, GUIDANCE_ATTRIBUTE, None)
+        return FLUX_GUIDANCE if guidance is None else float(guidance)
+
+    def validation_guidance(self, pipe) -> float:
+        """FLUX-dev draws at the guidance it was erased at (its ``guidance_scale`` is the embedded input);
+        FLUX-schnell takes none (0, as its model card samples)."""
+        return self.embedded_guidance(pipe) if self.denoiser(pipe).config.guidance_embeds else 0.0
 
     def _extra_row(self, pipe, pooled: torch.Tensor) -> torch.Tensor:
         if not self.denoiser(pipe).config.guidance_embeds:
             return pooled.float()
-        guidance = float(getattr(pipe, GUIDANCE_ATTRIBUTE, None) or FLUX_GUIDANCE)
+        guidance = self.embedded_guidance(pipe)
         return torch.cat([pooled.float(), torch.full((len(pooled), 1), guidance, device=pooled.device)], dim=1)
 
     def generate(self, pipe, conditioning: torch.Tensor, null: torch.Tensor, *, seed: int, **settings):

@@ -116,11 +116,13 @@ def _evaluate(evaluate, config: ErasureTrainingConfig, staging: Path) -> str | N
 
 
 def validation_grid(config: ErasureTrainingConfig, pipe) -> tuple[Image.Image, list]:
-    """:func:`before_after_grid` of the run's validation prompts, seeds, sampler steps and guidance."""
+    """:func:`before_after_grid` of the run's validation prompts, seeds, sampler steps and guidance (the family's
+    when the run sets none)."""
     prompts = config.validation_prompts or default_validation_prompts(config.concepts)
-    return before_after_grid(
-        pipe, prompts, config.validation_seeds, config.validation_inference_steps, config.validation_guidance_scale
-    )
+    guidance = config.validation_guidance_scale
+    if guidance is None:
+        guidance = family_of_pipeline(pipe).validation_guidance(pipe)
+    return before_after_grid(pipe, prompts, config.validation_seeds, config.validation_inference_steps, guidance)
 
 
 def finish_erasure(

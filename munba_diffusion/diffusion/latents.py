@@ -186,7 +186,7 @@ class FreshTrajectories:
             self.settings,
             stop_after=depth,
         )
-        return LatentBatch(prompt, traj[-1].float(), torch.full((batch_size,), int(times[-1])))
+        return LatentBatch(prompt, traj[-1].float(), times[-1].repeat(batch_size))  # flow timesteps stay floats
 
 
 ForwardProcess = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # x0 -> (x_t, t)

@@ -25,7 +25,8 @@ no separate cross-attention):
   demo it alone decides colour and shape (tokens of "a red circle" with the pooled vector of "a blue circle" draw
   blue circles: ``benchmarks/prompt_channels.py``), and a LoRA on the text stream alone has to fight it
   (BENCHMARKS.md section 10);
-- ``image``:   the image stream's projections in the joint blocks (``attn.to_q/to_k/to_v/to_out.0``);
+- ``image``:   the image stream's projections in the joint blocks (``attn.to_q/to_k/to_v/to_out.0``, and SD3.5
+  Medium's second image self-attention ``attn2`` in its ``dual_attention_layers``);
 - ``single``:  FLUX's single-stream blocks (``attn.to_q/to_k/to_v``, ``proj_mlp``, ``proj_out``; FLUX only);
 - ``attn``:    every attention projection (text stream, image stream, and FLUX's single-stream attention) and,
   as ``xattn``, the prompt's embeddings;
@@ -49,14 +50,16 @@ from torch import nn
 
 TARGET_SETS = ("xattn", "noxattn", "attn", "full", "image", "single")
 # Bumped whenever a transformer target set adapts other layers, so that results made under one meaning of a name
-# are never continued under another. 2 (2026-12-01): xattn and attn gained the prompt's embeddings.
+# are never continued under another. 2 (2026-12-01): xattn and attn gained the prompt's embeddings. Not bumped
+# (2026-12-02) when image and attn gained SD3.5 Medium's second attention (attn2): no other model's layers changed,
+# and a checkpoint made before on SD3.5 Medium is refused by its missing attn2 weights (load_lora_state_dict).
 TRANSFORMER_TARGET_SETS_REVISION = 2
 UNET_TARGET_SETS = ("xattn", "noxattn", "attn", "full")
 _PROMPT_LAYERS = (  # xattn on a transformer: the text stream's projections and the prompt's two embeddings
     r"(attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)"
     r"|^context_embedder|^time_text_embed\.text_embedder\.linear_[12])$"
 )
-_IMAGE_STREAM = r"^transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)$"
+_IMAGE_STREAM = r"^transformer_blocks\.\d+\.attn2?\.(to_q|to_k|to_v|to_out\.0)$"  # attn2: SD3.5-Medium
 _SINGLE_ATTN = r"^single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)$"
 _SINGLE = r"^single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)$"
 LORA_MODULES = ("unet", "text_encoder", "both")
@@ -271,6 +274,13 @@ def load_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
             f"checkpoint LoRA has no weights for the prompt's embeddings ({embeddings[0]}): it was made before xattn "
             f"and attn on SD3 / FLUX reached them (target sets revision {TRANSFORMER_TARGET_SETS_REVISION}) and cannot "
             "be continued; start a new run (a new --output_dir, or --overwrite_output_dir)"
+        )
+    second = [k for k in missing if re.match(r"transformer_blocks\.\d+\.attn2\.", k)]
+    if len(second) == len(missing):  # SD3.5 Medium's second attention, which image and attn reach since 2026-12-02
+        raise StaleLoraTargetsError(
+            f"checkpoint LoRA has no weights for SD3.5 Medium's second attention ({second[0]}): it was made before "
+            "image and attn reached it and cannot be continued; start a new run (a new --output_dir, or "
+            "--overwrite_output_dir)"
         )
     raise ValueError(
         f"checkpoint LoRA is missing {len(missing)} weights (e.g. {missing[0]}); was it made with the same "

@@ -11,6 +11,7 @@ the update owner (:class:`munba_diffusion.step.BargainedUpdate`) -> optimizer st
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -246,6 +247,9 @@ def _train_locked(config: ErasureTrainingConfig, evaluate) -> Path:
     )
     pipe.set_progress_bar_config(disable=True)
     _prepare_denoiser(config, pipe, device)
+    if config.validation_guidance_scale is None:  # the family's: a copy, so the caller's configuration stays as given
+        config = copy.copy(config)
+        config.validation_guidance_scale = family.validation_guidance(pipe)
     unet = denoiser(pipe)  # the UNet, or SD3's / FLUX's transformer
     commit = base_commit(unet)
     loaded = gather_object([(commit, content)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..diffusion.config import ErasureTrainingConfig
+from ..diffusion.family import VALIDATION_GUIDANCE
 from ..models import same_world
 from ..presets import eval_prompts_path
 from .demo import concept_prompt_set
@@ -68,7 +69,9 @@ def evaluate_erasure(config: ErasureTrainingConfig, erased_dir: Path) -> str | N
             metrics=metrics,
             settings=GenerationSettings(
                 num_inference_steps=config.validation_inference_steps,
-                guidance_scale=config.validation_guidance_scale,
+                guidance_scale=VALIDATION_GUIDANCE
+                if config.validation_guidance_scale is None
+                else config.validation_guidance_scale,
                 batch_size=EVALUATION_BATCH_SIZE,
             ),
             options=options,
