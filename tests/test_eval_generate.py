@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from munba_diffusion.evaluation import generate
@@ -18,6 +19,7 @@ from munba_diffusion.evaluation.generate import (
 )
 from munba_diffusion.evaluation.manifest import collect_images, read_manifest
 from munba_diffusion.evaluation.prompt_sets import load_prompt_set
+from tests.tiny_flow import build_tiny_flux_pipeline
 from tests.tiny_sd import build_tiny_sd_pipeline
 
 SETTINGS = GenerationSettings(num_inference_steps=2, guidance_scale=3.0, batch_size=3)
@@ -154,3 +156,22 @@ def test_model_specs():
     )
     with pytest.raises(ValueError, match="BASE::LORA_FILE"):
         ModelSpec.parse("base::")
+
+
+def test_flux_schnell_images_read_the_prompt_as_the_erasure_was_trained(prompt_set, tmp_path):
+    """An evaluation image of FLUX-schnell is the pipeline's image with its 256 T5 tokens, the trainer's encoding
+    (FluxPipeline pads to 512 unless told, which draws another image)."""
+    schnell = build_tiny_flux_pipeline(0, guidance_embeds=False)
+    schnell.set_progress_bar_config(disable=True)
+    settings = GenerationSettings(num_inference_steps=2, guidance_scale=0.0, batch_size=1, resolution=32)
+    manifest = generate_images(schnell, prompt_set, tmp_path / "out", settings, model=MODEL)
+    first = read_manifest(manifest)[0]
+
+    def direct(**extra):
+        generator = [torch.Generator("cpu").manual_seed(first["seed"])]
+        call = {"num_inference_steps": 2, "guidance_scale": 0.0, "height": 32, "width": 32, **extra}
+        return np.asarray(schnell([first["prompt"]], generator=generator, **call).images[0], dtype=np.int16)
+
+    made = pixels(tmp_path / "out" / first["file"])
+    assert np.array_equal(made, direct(max_sequence_length=256))
+    assert not np.array_equal(made, direct())

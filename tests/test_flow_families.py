@@ -14,6 +14,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 import train_erase
+from munba_diffusion.diffusion.config import ErasureTrainingConfig
 from munba_diffusion.diffusion.family import (
     FLUX,
     GUIDANCE_ATTRIBUTE,
@@ -33,6 +34,7 @@ from munba_diffusion.diffusion.lora import (
 )
 from munba_diffusion.diffusion.losses import esd_target
 from munba_diffusion.diffusion.players import ErasureBatch, frozen_targets
+from munba_diffusion.diffusion.train import _prepare_denoiser
 from tests.tiny_flow import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 
 CPU = torch.device("cpu")
@@ -180,9 +182,10 @@ def test_fresh_trajectories_keep_the_flow_timesteps_of_their_x_t():
         torch.float32,
     )
     with torch.no_grad():
-        batch = source.sample(2, torch.Generator().manual_seed(4))
-    assert batch.timesteps.is_floating_point() and (batch.timesteps != batch.timesteps.round()).all()
-    assert torch.isin(batch.timesteps, scheduler.timesteps).all()
+        batches = [source.sample(2, torch.Generator().manual_seed(seed)) for seed in range(6)]
+    times = torch.cat([batch.timesteps for batch in batches])
+    assert times.is_floating_point() and torch.isin(times, scheduler.timesteps).all()
+    assert (times != times.round()).any()  # every step after the first (t = 1000) is at a fractional t
 
 
 def test_image_folders_are_noised_at_the_timesteps_each_training_script_draws():
@@ -200,7 +203,7 @@ def test_image_folders_are_noised_at_the_timesteps_each_training_script_draws():
     assert outer["sd3"] < 0.05 and 0.17 < outer["flux-dev"] < 0.23
 
 
-def test_flux_dev_guidance_zero_is_a_guidance_and_schnell_validates_without_one():
+def test_flux_dev_guidance_zero_is_a_guidance_and_schnell_validates_without_one(tmp_path):
     """``--flux_guidance 0`` is the input 0, not the default 3.5; FLUX-dev's validation images use the guidance it
     is erased at, FLUX-schnell's none."""
     pipe = BUILDERS["flux-dev"]()
@@ -211,6 +214,9 @@ def test_flux_dev_guidance_zero_is_a_guidance_and_schnell_validates_without_one(
         assert FLUX.validation_guidance(pipe) == expected
     assert FLUX.validation_guidance(BUILDERS["flux-schnell"]()) == 0.0
     assert STABLE_DIFFUSION_3.validation_guidance(BUILDERS["sd3"]()) == 7.5
+    config = ErasureTrainingConfig(concepts=["text:a red circle"], output_dir=tmp_path / "out", flux_guidance=0.0)
+    _prepare_denoiser(config, pipe, CPU)  # what --flux_guidance 0 does to the loaded pipeline
+    assert FLUX.embedded_guidance(pipe) == 0.0
 
 
 def test_the_image_sets_reach_sd35_mediums_second_attention():
@@ -237,6 +243,9 @@ def test_the_image_sets_reach_sd35_mediums_second_attention():
     before = {k: v for k, v in lora_state_dict(transformer).items() if ".attn2." not in k}  # a checkpoint made before
     with pytest.raises(ValueError, match="^checkpoint LoRA has no weights for SD3.5 Medium's second attention"):
         load_lora_state_dict(transformer, before)
+    older = {k: v for k, v in before.items() if not k.startswith(("context_embedder.", "time_text_embed."))}
+    with pytest.raises(ValueError, match="^checkpoint LoRA has no weights for the prompt's embeddings"):
+        load_lora_state_dict(transformer, older)  # made before revision 2: the older cause is named
 
 
 def _erase(base, out, *extra):

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
@@ -210,6 +211,25 @@ def test_erasure_scale_zero_is_the_base_model(erased):
     assert max_diff(generate(fused), erased.base) < FUSED_VS_LORA_ATOL
     fused.erasure_scale = 1.0
     assert max_diff(generate(fused), erased.trained) < FUSED_VS_LORA_ATOL
+
+
+def test_compare_reads_the_prompt_as_the_erasure_was_trained(erased):
+    """compare() draws what a direct call draws, and on FLUX-schnell with the trainer's 256 T5 tokens (FluxPipeline
+    pads to 512 unless told, which draws another image)."""
+    pipe = erased.case.munba.from_pretrained(erased.folder)
+    pipe.set_progress_bar_config(disable=True)
+    options = erased.case.family.call_options(pipe)
+    assert options == ({"max_sequence_length": 256} if erased.case.name == "flux-schnell" else {})
+    compared = pipe.compare(PROMPT, seed=0, num_inference_steps=STEPS, height=SIZE, width=SIZE).erased[0]
+
+    def direct(**extra):
+        generator = torch.Generator("cpu").manual_seed(0)
+        call = {"num_inference_steps": STEPS, "height": SIZE, "width": SIZE, "generator": generator, **extra}
+        return np.asarray(pipe(PROMPT, output_type="pil", **call).images[0])
+
+    assert np.array_equal(np.asarray(compared), direct(**options))
+    if options:
+        assert not np.array_equal(np.asarray(compared), direct())
 
 
 def test_the_model_card_names_the_family(erased):

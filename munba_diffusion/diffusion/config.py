@@ -174,7 +174,7 @@ class ErasureTrainingConfig:
     validation_guidance_scale: float | None = option(
         None,
         "guidance scale of the validation images and evaluation (default 7.5; FLUX-dev: the embedded guidance it "
-        "trains at, --flux_guidance)",
+        "trains at, --flux_guidance; FLUX-schnell: 0)",
         low=0.0,
     )
     validation_inference_steps: int = option(25, "sampler steps of the validation images and evaluation", low=1)

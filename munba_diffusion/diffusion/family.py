@@ -181,6 +181,10 @@ class ModelFamily:
         """The guidance scale of the validation images and the end-of-run evaluation when the run sets none."""
         return VALIDATION_GUIDANCE
 
+    def call_options(self, pipe) -> dict:
+        """Keywords of a ``pipe(prompt, ...)`` call that make it read the prompt as the trainer encodes it."""
+        return {}
+
     def covers(self, pipe) -> bool:
         """Whether ``pipe`` is one of this family's pipelines (subclasses such as MunbaPipeline included)."""
         return any(cls.__name__ in self.pipeline_classes for cls in type(pipe).__mro__)
@@ -539,6 +543,10 @@ class FluxFamily(FlowFamily):
         :data:`FLUX_GUIDANCE`."""
         guidance = getattr(pipe, GUIDANCE_ATTRIBUTE, None)
         return FLUX_GUIDANCE if guidance is None else float(guidance)
+
+    def call_options(self, pipe) -> dict:
+        """FLUX-schnell: its 256 T5 tokens (FluxPipeline's call pads to 512 unless told)."""
+        return {} if self.denoiser(pipe).config.guidance_embeds else {"max_sequence_length": FLUX_SCHNELL_TOKENS}
 
     def validation_guidance(self, pipe) -> float:
         """FLUX-dev draws at the guidance it was erased at (its ``guidance_scale`` is the embedded input);

@@ -269,13 +269,13 @@ def load_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
     if not missing:
         return
     embeddings = [k for k in missing if k.startswith(("context_embedder.", "time_text_embed.text_embedder."))]
-    if len(embeddings) == len(missing):  # exactly the weights revision 2 added: a transformer run made before it
+    second = [k for k in missing if re.match(r"transformer_blocks\.\d+\.attn2\.", k)]
+    if embeddings and len(embeddings) + len(second) == len(missing):  # revision 2 added them: a run made before it
         raise StaleLoraTargetsError(
             f"checkpoint LoRA has no weights for the prompt's embeddings ({embeddings[0]}): it was made before xattn "
             f"and attn on SD3 / FLUX reached them (target sets revision {TRANSFORMER_TARGET_SETS_REVISION}) and cannot "
             "be continued; start a new run (a new --output_dir, or --overwrite_output_dir)"
         )
-    second = [k for k in missing if re.match(r"transformer_blocks\.\d+\.attn2\.", k)]
     if len(second) == len(missing):  # SD3.5 Medium's second attention, which image and attn reach since 2026-12-02
         raise StaleLoraTargetsError(
             f"checkpoint LoRA has no weights for SD3.5 Medium's second attention ({second[0]}): it was made before "

@@ -645,6 +645,7 @@ def _make_batch(
         "height": height,
         "width": width,
         "output_type": "pil",
+        **family_of_pipeline(pipe).call_options(pipe),
     }
     seeds = [r.seed for r in records]
     keys = [cache.key(call, seeds, i, settings.dtype) if cache else None for i in range(len(records))]
