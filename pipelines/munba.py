@@ -192,11 +192,14 @@ class MunbaPipeline(StableDiffusionPipeline):
 
         Both runs start from `torch.Generator("cpu").manual_seed(seed)`; `kwargs` go to `__call__`
         (negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, height, width, ...).
-        The pipeline's own erasure_scale is restored afterwards.
+        The pipeline's own erasure_scale is restored afterwards. A FLUX-schnell model (no guidance embedding) reads
+        the prompt's first 256 T5 tokens unless `max_sequence_length` is given: the most it takes, and how it was erased.
         """
         for reserved in ("generator", "output_type", "return_dict"):
             if reserved in kwargs:
                 raise ValueError(f"compare() sets {reserved} itself; pass seed= to choose the noise.")
+        if self.unet.config.get("guidance_embeds") is False:
+            kwargs.setdefault("max_sequence_length", 256)
         previous_scale = self.erasure_scale
         runs = []
         try:
