@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 import train_erase
 from munba_diffusion.diffusion.config import ErasureTrainingConfig
@@ -35,7 +35,7 @@ from munba_diffusion.diffusion.lora import (
 from munba_diffusion.diffusion.losses import esd_target
 from munba_diffusion.diffusion.players import ErasureBatch, frozen_targets
 from munba_diffusion.diffusion.train import _prepare_denoiser
-from tests.tiny_flow import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+from tests.tiny_flow import build_tiny_flux_pipeline, build_tiny_sd3_pipeline, tiny_sd3_transformer
 
 CPU = torch.device("cpu")
 BUILDERS = {
@@ -222,19 +222,7 @@ def test_flux_dev_guidance_zero_is_a_guidance_and_schnell_validates_without_one(
 def test_the_image_sets_reach_sd35_mediums_second_attention():
     """SD3.5 Medium's ``dual_attention_layers`` hold a second image self-attention (``attn2``): ``image`` and
     ``attn`` adapt its projections as the first's; ``xattn`` does not."""
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        caption_projection_dim=16,
-        pooled_projection_dim=32,
-        out_channels=4,
-        dual_attention_layers=(0,),
-    )
+    transformer = tiny_sd3_transformer(dual_attention_layers=(0,))
     second = {f"transformer_blocks.0.attn2.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")}
     assert second <= set(transformer_module_names(transformer, "image"))
     assert second <= set(transformer_module_names(transformer, "attn"))

@@ -92,13 +92,11 @@ def _clip_config(tokenizer, projection_dim: int = CLIP_WIDTH) -> CLIPTextConfig:
     )
 
 
-def build_tiny_sd3_pipeline(seed: int = 0, t5: bool = True) -> StableDiffusion3Pipeline:
-    """A StableDiffusion3Pipeline with tiny random weights: a two-layer MMDiT over 16x16x4 latents (patch 2), two
-    CLIP encoders with projections (32 + 32 wide, pooled 64) and a one-layer T5 (64 wide), or none (``t5=False``,
-    SD3's documented mode without T5: zero rows stand in for its states)."""
-    tokenizer = build_tiny_tokenizer()
+def tiny_sd3_transformer(seed: int = 0, dual_attention_layers: tuple[int, ...] = ()) -> SD3Transformer2DModel:
+    """A two-layer MMDiT over 16x16x4 latents (patch 2); ``dual_attention_layers`` as SD3.5 Medium's (a second image
+    self-attention, ``attn2``, in those blocks)."""
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
+    return SD3Transformer2DModel(
         sample_size=IMAGE_SIZE // 2,
         patch_size=2,
         in_channels=4,
@@ -110,7 +108,16 @@ def build_tiny_sd3_pipeline(seed: int = 0, t5: bool = True) -> StableDiffusion3P
         caption_projection_dim=32,
         pooled_projection_dim=2 * CLIP_WIDTH,
         pos_embed_max_size=16,
+        dual_attention_layers=dual_attention_layers,
     )
+
+
+def build_tiny_sd3_pipeline(seed: int = 0, t5: bool = True) -> StableDiffusion3Pipeline:
+    """A StableDiffusion3Pipeline with tiny random weights: :func:`tiny_sd3_transformer`, two CLIP encoders with
+    projections (32 + 32 wide, pooled 64) and a one-layer T5 (64 wide), or none (``t5=False``, SD3's documented mode
+    without T5: zero rows stand in for its states)."""
+    tokenizer = build_tiny_tokenizer()
+    transformer = tiny_sd3_transformer(seed)
     torch.manual_seed(seed + 1)
     vae = _tiny_vae()
     vae.register_to_config(shift_factor=0.0609)
